@@ -1,0 +1,37 @@
+"""`performer <subcommand>`: the project's one command-line tool.
+
+Each area owns its subcommands and registers them here through an ``add_parser(subparsers)``
+function, so this file stays a table of contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module that owns it). The module exposes add_parser(subparsers); the parser it
+# adds sets `func`, called with the parsed arguments and returning an exit code.
+SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
+    ("data", "data.cli"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="performer",
+        description="Pretrain, export and sample encoder-decoder Performer transformers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _name, module_name in SUBCOMMAND_OWNERS:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
