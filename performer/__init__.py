@@ -1,0 +1,22 @@
+"""Encoder-decoder Performer transformers: the user's guide API, FAVOR+ attention, pretraining models.
+
+The model library knows nothing of DeepSpeed, YAML or ranks.
+"""
+
+from performer.activations import ActivationFunctions
+from performer.transformer import (
+    DecodingCache,
+    EncoderDecoderTransformer,
+    PerformerDecoder,
+    PerformerEncoder,
+    PerformerLayer,
+)
+
+__all__ = [
+    "ActivationFunctions",
+    "DecodingCache",
+    "EncoderDecoderTransformer",
+    "PerformerDecoder",
+    "PerformerEncoder",
+    "PerformerLayer",
+]

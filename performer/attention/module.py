@@ -1,0 +1,209 @@
+"""Multi-head attention with a softmax or a FAVOR+ kernel, for self- or cross-attention.
+
+Axis legend: B batch, H heads, Lq queries, Lk keys, D head dim, E model width, M random features.
+
+Parameter names do not depend on the kernel, so the same weights load into the softmax and the
+FAVOR+ variant (only FAVOR+ has the ``projection*`` buffers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from performer.attention.favor import (
+    DEFAULT_CHUNK_SIZE,
+    CausalLinearState,
+    attend_to_summary,
+    causal_linear_attention,
+    causal_linear_attention_step,
+    linear_attention,
+    mask_keys,
+    summarise_keys,
+)
+from performer.attention.masks import KeyMasks, reduce_to_key_masks
+from performer.attention.softmax import softmax_attention
+from performer.feature_maps import default_nb_features, derive_seed, favor_features, gaussian_orthogonal_projection
+from performer.rotary import apply_rotary
+
+Kernel = Literal["softmax", "favor"]
+
+# Buffers that only FAVOR+ attention has; everything else is shared with the softmax twin.
+PROJECTION_BUFFER_NAMES = ("projection", "projection_draw", "projection_fixed")
+
+
+class Attention(nn.Module):
+    """softmax or FAVOR+ attention; ``context_dim`` set = cross-attention over another sequence."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        kernel: Kernel,
+        nb_features: int | None = None,
+        context_dim: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        if kernel not in ("softmax", "favor"):
+            raise ValueError(f"unknown attention kernel {kernel!r}")
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.kernel = kernel
+        self.chunk_size = chunk_size
+        self.is_cross = context_dim is not None
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(context_dim or d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(context_dim or d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        if kernel == "favor":
+            self.nb_features = nb_features or default_nb_features(self.head_dim)
+            # Set for real by the owning stack (see performer.redraw); zeros until then.
+            self.projection_id = 0
+            self.register_buffer("projection", torch.zeros(self.nb_features, self.head_dim))
+            # (base seed, projection id, redraw step) the projection was drawn from.
+            self.register_buffer("projection_draw", torch.zeros(3, dtype=torch.long))
+            self.register_buffer("projection_fixed", torch.zeros((), dtype=torch.bool))
+
+    # ------------------------------------------------------------------ projections
+
+    @property
+    def uses_favor(self) -> bool:
+        return self.kernel == "favor"
+
+    def draw_projection_(self, base_seed: int, step: int) -> None:
+        """Draw the projection for (base seed, this module's id, step); pure function of those."""
+        seed = derive_seed(base_seed, self.projection_id, step)
+        projection = gaussian_orthogonal_projection(self.nb_features, self.head_dim, seed)
+        with torch.no_grad():
+            self.projection.copy_(projection.to(self.projection.device))
+            self.projection_draw.copy_(torch.tensor([base_seed, self.projection_id, step]))
+
+    def _apply(self, fn, recurse=True):
+        # Mixed-precision casts (model.half(), DeepSpeed bf16) must not round the projection: the
+        # features are computed in float32 from it. Device moves still apply.
+        projection = self._buffers.get("projection")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("projection")
+        if projection is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["projection"] = projection.to(device=moved.device, dtype=torch.float32)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b l (h d) -> b h l d", h=self.num_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
+        """x (B, Lq, E); context (B, Lk, E_ctx) for cross-attention -> (B, Lq, E).
+
+        mask: bool (B, Lk) or (B, Lq, Lk), True = attend (see performer.attention.masks).
+        rotary: (cos, sin) each (Lq, D), applied to q and k of self-attention.
+        cache: a dict owned by the caller for incremental decoding; this module keeps its keys
+        (softmax), its running FAVOR+ state, or its once-per-sequence cross-attention summary.
+        """
+        q = self._split_heads(self.q_proj(x))  # (B, H, Lq, D)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs the encoder output as context")
+            out = self._cross(q, context, mask, cache)
+        else:
+            out = self._self(q, x, mask, causal, rotary, cache)
+        return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+    def _keys_values(self, source: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._split_heads(self.k_proj(source))  # (B, H, Lk, D)
+        v = self._split_heads(self.v_proj(source))
+        if rotary is not None:
+            k = apply_rotary(k, *rotary)
+        return k, v
+
+    def _self(self, q, x, mask, causal, rotary, cache) -> torch.Tensor:
+        k, v = self._keys_values(x, rotary)
+        if cache is None:
+            return self._attend(q, k, v, mask, causal)
+        if mask is not None:
+            raise ValueError("incremental decoding takes no self-attention mask: feed unpadded prompts")
+        if not causal:
+            raise ValueError("incremental decoding needs causal self-attention")
+        if self.kernel == "softmax":
+            if "key" in cache:
+                k = torch.cat([cache["key"], k], dim=2)
+                v = torch.cat([cache["value"], v], dim=2)
+            cache["key"], cache["value"] = k, v
+            return softmax_attention(q, k, v, causal=True)
+        with _fp32_region(q):
+            phi_q, phi_k = self._features(q, k)
+            state = CausalLinearState(cache["key_value"], cache["key_sum"]) if "key_value" in cache else (
+                CausalLinearState.empty(q.shape[0], self.num_heads, self.nb_features, self.head_dim, q.device)
+            )
+            out, state = causal_linear_attention_step(phi_q, phi_k, v, state)
+        cache["key_value"], cache["key_sum"] = state.key_value, state.key_sum
+        return out
+
+    def _cross(self, q, context, mask, cache) -> torch.Tensor:
+        if cache is None:
+            k, v = self._keys_values(context)
+            return self._attend(q, k, v, mask, causal=False)
+        if self.kernel == "softmax":
+            if "key" not in cache:
+                cache["key"], cache["value"] = self._keys_values(context)
+                # Batch-first like every cached tensor, so beam search can reorder it.
+                cache["mask"] = None if mask is None else mask.expand(q.shape[0], *mask.shape[1:])
+            return softmax_attention(q, cache["key"], cache["value"], cache["mask"])
+        with _fp32_region(q):
+            if "key_value" not in cache:
+                # Summarise the encoder output once: S = sum phi(k) v^T, z = sum phi(k).
+                k, v = self._keys_values(context)
+                key_masks = self._key_masks(mask, causal=False)
+                phi_k = self._features_of(k, is_query=False)
+                cache["key_value"], cache["key_sum"] = summarise_keys(*mask_keys(phi_k, v, key_masks.key_padding))
+            phi_q = self._features_of(q, is_query=True)
+            return attend_to_summary(phi_q, cache["key_value"], cache["key_sum"], q.dtype)
+
+    def _attend(self, q, k, v, mask, causal) -> torch.Tensor:
+        if self.kernel == "softmax":
+            return softmax_attention(q, k, v, mask, causal)
+        key_masks = self._key_masks(mask, causal)
+        with _fp32_region(q):
+            phi_q, phi_k = self._features(q, k)
+            phi_k, v = mask_keys(phi_k, v, key_masks.key_padding)
+            if causal:
+                out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size)
+            else:
+                out = linear_attention(phi_q, phi_k, v)
+        if key_masks.query_valid is not None:
+            out = torch.where(key_masks.query_valid[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
+        return out
+
+    @staticmethod
+    def _key_masks(mask: torch.Tensor | None, causal: bool) -> KeyMasks:
+        if mask is None:
+            return KeyMasks(None, None)
+        return reduce_to_key_masks(mask, causal)
+
+    def _features_of(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        return favor_features(x, self.projection, is_query=is_query)
+
+    def _features(self, q, k) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._features_of(q, is_query=True), self._features_of(k, is_query=False)
+
+
+def _fp32_region(like: torch.Tensor) -> torch.autocast:
+    """Autocast off: FAVOR+ features and sums stay float32 under bf16/fp16 autocast."""
+    return torch.autocast(device_type=like.device.type, enabled=False)

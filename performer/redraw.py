@@ -1,0 +1,128 @@
+"""When and how FAVOR+ projections are (re)drawn.
+
+Rules (see DESIGN.md, "Redraw"):
+* A projection is a pure function of (base seed, projection id, redraw step): two processes with the
+  same base seed hold bitwise-equal projections, so a trainer only has to agree on one integer.
+* Projection ids are assigned by the outermost module at construction, in ``modules()`` order,
+  so they depend on the architecture alone.
+* Redraws happen between forwards, never inside one: activation-checkpoint recompute and gradient
+  accumulation then always see the features of the forward they belong to. Standalone users get
+  ``feature_redraw_interval`` + ``auto_check_redraw``, counted once per training-mode call of the
+  outermost module; a trainer calls ``redraw_projection_matrices_(seed=..., step=...)`` at
+  optimizer-step boundaries instead.
+* ``fix_projection_matrices_()`` freezes projections for good (stored in ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from performer.attention.module import Attention
+
+_depth = threading.local()
+
+
+@contextmanager
+def inside_forward() -> Iterator[None]:
+    """Marks code that runs inside a forward (or its checkpoint recompute)."""
+    _depth.value = getattr(_depth, "value", 0) + 1
+    try:
+        yield
+    finally:
+        _depth.value -= 1
+
+
+def is_outermost_call() -> bool:
+    return getattr(_depth, "value", 0) == 0
+
+
+def projection_forward(forward: Callable) -> Callable:
+    """Decorator for the forward of every ``ProjectionOwner``: the outermost call ticks redraws."""
+
+    @functools.wraps(forward)
+    def wrapper(self: "ProjectionOwner", *args, **kwargs):
+        if is_outermost_call() and self.training:
+            self.tick_auto_redraw()
+        with inside_forward():
+            return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class ProjectionOwner(nn.Module):
+    """Base of the guide's modules: owns the FAVOR+ projections of every attention below it."""
+
+    feature_redraw_interval: int | None = None
+    auto_check_redraw: bool = False
+    forwards_since_redraw: int = 0
+
+    def _setup_redraw(self, feature_redraw_interval: int | None, auto_check_redraw: bool) -> None:
+        if feature_redraw_interval is not None and feature_redraw_interval < 1:
+            raise ValueError(f"feature_redraw_interval must be >= 1 or None, got {feature_redraw_interval}")
+        self.feature_redraw_interval = feature_redraw_interval
+        self.auto_check_redraw = auto_check_redraw
+        self.forwards_since_redraw = 0
+
+    def favor_attentions(self) -> list[Attention]:
+        return [module for module in self.modules() if isinstance(module, Attention) and module.uses_favor]
+
+    def init_projections_(self, projection_seed: int | None) -> None:
+        """Number every FAVOR+ attention below this module and draw step 0.
+
+        ``projection_seed=None`` takes the base seed from torch's global generator, so
+        ``torch.manual_seed`` makes the whole model reproducible, projections included.
+        """
+        if projection_seed is None:
+            projection_seed = int(torch.randint(0, 2**62, ()).item())
+        for projection_id, attention in enumerate(self.favor_attentions()):
+            attention.projection_id = projection_id
+        self.redraw_projection_matrices_(seed=projection_seed, step=0)
+
+    def projection_state(self) -> tuple[int, int] | None:
+        """(base seed, redraw step) of the current projections; None without FAVOR+ attention."""
+        attentions = self.favor_attentions()
+        if not attentions:
+            return None
+        seed, _, step = attentions[0].projection_draw.tolist()
+        return int(seed), int(step)
+
+    @torch.no_grad()
+    def redraw_projection_matrices_(self, seed: int | None = None, step: int | None = None) -> None:
+        """Draw the projection of every non-fixed FAVOR+ attention for (seed, its id, step).
+
+        seed: base seed (default: the current one). step: redraw step (default: current + 1); a
+        trainer passes its optimizer step so the projections are a function of the step alone.
+        """
+        state = self.projection_state()
+        if state is None:
+            return
+        seed = state[0] if seed is None else int(seed)
+        step = state[1] + 1 if step is None else int(step)
+        for attention in self.favor_attentions():
+            if not bool(attention.projection_fixed):
+                attention.draw_projection_(seed, step)
+        self.forwards_since_redraw = 0
+
+    @torch.no_grad()
+    def fix_projection_matrices_(self) -> None:
+        """Freeze the current projections: no automatic or explicit redraw changes them again."""
+        for attention in self.favor_attentions():
+            attention.projection_fixed.fill_(True)
+        for module in self.modules():
+            if isinstance(module, ProjectionOwner):
+                module.auto_check_redraw = False
+
+    def tick_auto_redraw(self) -> None:
+        """Count one training forward for every owner below with automatic redraw on."""
+        for module in self.modules():
+            if not (isinstance(module, ProjectionOwner) and module.auto_check_redraw and module.feature_redraw_interval):
+                continue
+            if module.forwards_since_redraw >= module.feature_redraw_interval:
+                module.redraw_projection_matrices_()
+            module.forwards_since_redraw += 1
