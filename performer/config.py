@@ -1,0 +1,131 @@
+"""``ModelConfig``: the typed description of a pretraining model, and the named presets.
+
+Plain data: no YAML, no DeepSpeed. ``ModelConfig.from_dict`` rejects unknown keys, so a typo in a
+config file fails loudly instead of silently training the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from performer.activations import ActivationFunctions
+
+ATTENTION_KINDS = ("favor", "softmax")
+NORMS = ("layernorm", "rezero", "scalenorm")
+POSITIONS = ("rotary", "absolute")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    "Token vocabulary size, special tokens and span-corruption sentinels included."
+    d_model: int = 512
+    "Model width."
+    num_heads: int = 8
+    "Attention heads; d_model must be divisible by it."
+    num_encoder_layers: int = 6
+    "Encoder depth (seq2seq and encoder-only models)."
+    num_decoder_layers: int = 6
+    "Decoder depth (seq2seq and decoder-only models)."
+    d_ff: float = 4
+    "Feed-forward hidden size as a multiple of d_model (GLU variants use 2/3 of it)."
+    dropout: float = 0.0
+    "Dropout on residual branches and feed-forward hidden layers (0 is usual for pretraining)."
+    attention_type: str = "favor"
+    "favor: FAVOR+ (bidirectional in the encoder, causal in the decoder); softmax: exact attention."
+    nb_features: int | None = None
+    "FAVOR+ random features per head; None = round(D ln D) with D the head dim."
+    activation: str = "swiglu"
+    "Feed-forward activation: swiglu, geglu, reglu, gelu or relu."
+    norm: str = "layernorm"
+    "Normalisation: layernorm (pre-norm), rezero or scalenorm (pre-ScaleNorm)."
+    position: str = "rotary"
+    "Positions: rotary (relative, extrapolates past the training length) or absolute (learned table)."
+    max_positions: int = 2048
+    "Length of the learned position table (position=absolute only)."
+    tie_embeddings: bool = True
+    "Output head shares the token embedding matrix."
+    pad_id: int = 0
+    "Padding token id (its embedding row gets no gradient)."
+    feature_redraw_interval: int | None = 1000
+    "Redraw FAVOR+ projections every N training forwards (standalone use); None = never."
+    auto_check_redraw: bool = True
+    "Let the model redraw on its own; a trainer turns this off and redraws at optimizer steps."
+    gradient_checkpointing: bool = False
+    "Recompute each layer's activations in backward (non-reentrant torch.utils.checkpoint)."
+    chunk_size: int = 64
+    "Chunk length of causal FAVOR+ (memory/speed trade-off; results do not depend on it)."
+    projection_seed: int | None = None
+    "Base seed of the FAVOR+ projections; None = drawn from torch's global generator."
+    num_classes: int | None = None
+    "Encoder-only models: size of a classification head on the first token (None = MLM head only)."
+
+    def __post_init__(self) -> None:
+        if self.attention_type not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention_type={self.attention_type!r}; choose one of {ATTENTION_KINDS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm={self.norm!r}; choose one of {NORMS}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"model.position={self.position!r}; choose one of {POSITIONS}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
+        ActivationFunctions.parse(self.activation)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config key(s) {unknown}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def stack_params(self, role: str) -> dict[str, Any]:
+        """Keyword arguments of PerformerEncoder (role="encoder") or PerformerDecoder ("decoder"/"lm")."""
+        favor = self.attention_type == "favor"
+        params: dict[str, Any] = dict(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            dropout=self.dropout,
+            activation=self.activation,
+            nb_features=self.nb_features,
+            use_rezero=self.norm == "rezero",
+            use_scalenorm=self.norm == "scalenorm",
+            feature_redraw_interval=self.feature_redraw_interval,
+            auto_check_redraw=self.auto_check_redraw,
+            use_rotary=self.position == "rotary",
+            gradient_checkpointing=self.gradient_checkpointing,
+            chunk_size=self.chunk_size,
+        )
+        if role == "encoder":
+            params.update(num_layers=self.num_encoder_layers, attention_type="linear" if favor else "softmax")
+        else:
+            params.update(
+                num_layers=self.num_decoder_layers,
+                attention_type="causal_linear" if favor else "softmax",
+                use_cross_attention=role == "decoder",
+            )
+        return params
+
+
+# The guide's recommended sizes, plus a CPU-sized one for tests and the laptop job.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=4),
+    "small": dict(d_model=256, num_heads=4, num_encoder_layers=4, num_decoder_layers=4, d_ff=4),
+    "medium": dict(d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ff=4),
+    "large": dict(d_model=1024, num_heads=16, num_encoder_layers=12, num_decoder_layers=12, d_ff=4),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset with some fields overridden: ``preset("tiny", vocab_size=8000)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})
