@@ -1,0 +1,431 @@
+"""Shards -> one rank's fixed-shape batches, exactly once per epoch, resumable.
+
+Public API::
+
+    stream = TokenStream(StreamConfig(manifest="out/train"), rank=None, world_size=None)
+    for batch in stream: ...            # forever (or config.max_epochs), epoch after epoch
+    for batch in stream.iter_epoch(): ...  # the rest of the current epoch only
+    stream.steps_per_epoch              # batches per epoch on every rank (same for all ranks)
+    state = stream.state_dict()         # identical on every rank: save it from any one
+    stream.load_state_dict(state)       # before iterating; any world size or batch size
+
+`rank`/`world_size` default to the RANK / WORLD_SIZE environment variables (0 / 1 if unset).
+
+Batches (torch tensors; B = batch_size, L = input_length):
+- span_corruption: input_ids (B, L) int64, attention_mask (B, L) bool, decoder_input_ids
+  (B, T) int64, labels (B, T) int64, with T = span_corruption_lengths(L)[1] (114 for 512).
+  decoder_input_ids = [bos] + labels[:-1]: bos is the decoder start token (not pad, so a
+  key-padding mask computed as `ids != pad` never hides it). labels end with eos.
+- causal_lm: input_ids (B, L), attention_mask (B, L) bool, labels (B, L) already shifted.
+- masked_lm: input_ids (B, L), attention_mask (B, L) bool, labels (B, L) (-100 = not chosen).
+Rows are packed, so attention masks are all True and labels hold -100 only where an objective
+says so; the keys are there so that consumers never special-case packing.
+
+How the guarantees are met:
+1. Plan. At construction every shard is verified against the manifest (size, sha256, tar
+   structure, sample and token counts; `data.shards.verify_shard`). Bad shards are reported by
+   name, counted (`bad_shards`) and left out of the plan; every rank verifies the same files
+   and so leaves out the same shards. No good shard at all is an error.
+2. Order. Epoch e's document order is a pure function of (seed, e): a permutation of the good
+   shards, then a bounded shuffle buffer over their documents. Documents are concatenated with
+   eos after each and cut into rows of `raw_length` tokens (568 for span corruption at 512):
+   row k is tokens [k*raw, (k+1)*raw) of that stream. Every token count comes from the verified
+   tar headers, so the plan is computed without reading any token.
+3. Cursor. The state is (epoch, cursor) where cursor = rows of the epoch consumed by all ranks
+   together. After the cursor, consecutive groups of `batch_size` rows are dealt round-robin:
+   batch i of rank r holds rows cursor + (i*W + r)*B ... + B-1. Each rank yields exactly
+   floor((rows - cursor) / (W*B)) batches per epoch; the last < W*B rows of an epoch are
+   dropped (the defined remainder; at most W*B-1 rows). Equal counts whatever the shard sizes,
+   shards per rank or workers.
+4. Workers. DataLoader worker w of N builds batches i = w, w+N, ... of its rank; the DataLoader
+   returns them in order i = 0, 1, 2, ..., so a batch does not depend on the number of
+   workers. Reading, packing, the objective and batching all happen inside workers; a worker
+   reads only the documents overlapping its rows (seek + read of one tar member each).
+5. Randomness. The objective's RNG for row k of epoch e is seeded with (seed, e, k), so a row
+   is corrupted the same way whoever builds it.
+Resuming with the same world size therefore replays exactly the batches an uninterrupted run
+would have produced; with a different world size (or batch size) the rows after the global
+cursor are dealt anew: none repeated, none skipped. A batch counts as consumed once it has
+been yielded: take state_dict() after the step that used it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data import objectives
+from data.shards import Manifest, ShardIndex, read_shard_bytes, verify_manifest
+
+STATE_VERSION = 1
+_REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    manifest: str  # manifest.json of a split, or the directory that holds it
+    objective: str = "span_corruption"  # one of data.objectives.OBJECTIVES
+    input_length: int = 512  # tokens per model input row (encoder input for span corruption)
+    batch_size: int = 32  # rows per batch on each rank
+    noise_density: float = 0.15  # span corruption: share of tokens replaced
+    mean_noise_span_length: float = 3.0  # span corruption: mean span length
+    mlm_probability: float = 0.15  # masked LM: share of ordinary tokens chosen
+    seed: int = 0  # order and objective randomness; the same on every rank
+    shuffle_shards: bool = True  # permute shards each epoch
+    shuffle_buffer: int = 1000  # documents in the bounded shuffle buffer; <= 1 keeps shard order
+    num_workers: int = 0  # DataLoader worker processes per rank
+    prefetch_factor: int = 4  # batches prefetched per worker (ignored without workers)
+    pin_memory: bool = False  # page-locked batches for fast host-to-GPU copies
+    verify_sha256: bool = True  # hash every shard at start (size and structure are always checked)
+    allow_remote: bool = False  # accept http(s)://, s3://, gs://, hf:// shard URLs
+    allow_pipe: bool = False  # accept "pipe:" shard commands (they run a shell command)
+    max_epochs: int | None = None  # `for batch in stream` stops after this many epochs; None = never
+
+    def __post_init__(self) -> None:
+        if self.objective not in objectives.OBJECTIVES:
+            raise ValueError(f"stream.objective={self.objective!r}: choose one of {objectives.OBJECTIVES}")
+        if self.input_length < 3 or self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("stream.input_length >= 3, stream.batch_size >= 1, stream.num_workers >= 0")
+
+    @property
+    def raw_length(self) -> int:
+        """Tokens per packed row before the objective."""
+        if self.objective == "span_corruption":
+            return objectives.span_corruption_lengths(
+                self.input_length, self.noise_density, self.mean_noise_span_length
+            )[0]
+        if self.objective == "causal_lm":
+            return self.input_length + 1
+        return self.input_length
+
+    @property
+    def target_length(self) -> int:
+        """Decoder length for span corruption; input_length otherwise."""
+        if self.objective == "span_corruption":
+            return objectives.span_corruption_lengths(
+                self.input_length, self.noise_density, self.mean_noise_span_length
+            )[1]
+        return self.input_length
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values win; otherwise RANK / WORLD_SIZE from the environment; otherwise 0 / 1."""
+    world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
+    rank = int(rank if rank is not None else os.environ.get("RANK", 0))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of size {world}")
+    return rank, world
+
+
+# ------------------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """Documents of one epoch in stream order, and where each starts in the packed token stream."""
+
+    shard: np.ndarray  # int64 (D,): position of the document's shard in the manifest
+    member: np.ndarray  # int64 (D,): index of the document in its shard
+    start: np.ndarray  # int64 (D,): offset of its first token in the epoch's token stream
+    length: np.ndarray  # int64 (D,): its tokens (eos not counted)
+    rows: int  # full rows of raw_length tokens in the epoch
+
+
+def buffered_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Order produced by a shuffle buffer of `buffer_size` over items 0..n-1 (webdataset-style):
+    fill the buffer, emit a random slot, refill it with the next item. Displacement is bounded."""
+    if buffer_size <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    picks = rng.random(n)
+    buffer = list(range(min(buffer_size, n)))
+    upcoming = len(buffer)
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        slot = int(picks[i] * len(buffer))
+        out[i] = buffer[slot]
+        if upcoming < n:
+            buffer[slot] = upcoming
+            upcoming += 1
+        else:
+            buffer[slot] = buffer[-1]
+            buffer.pop()
+    return out
+
+
+def plan_epoch(
+    indices: dict[int, ShardIndex], epoch: int, config: StreamConfig
+) -> EpochPlan:
+    """The epoch's document order: a pure function of (config.seed, epoch) and the good shards."""
+    rng = np.random.default_rng([config.seed, epoch, 0x5EED])
+    positions = np.array(sorted(indices), dtype=np.int64)
+    if config.shuffle_shards:
+        positions = rng.permutation(positions)
+    shard = np.concatenate([np.full(len(indices[p].lengths), p, dtype=np.int64) for p in positions])
+    member = np.concatenate([np.arange(len(indices[p].lengths), dtype=np.int64) for p in positions])
+    length = np.concatenate([indices[p].lengths for p in positions])
+    order = buffered_shuffle(len(shard), config.shuffle_buffer, rng)
+    shard, member, length = shard[order], member[order], length[order]
+    start = np.concatenate(([0], np.cumsum(length + 1)[:-1])).astype(np.int64)  # +1: eos
+    total = int(length.sum()) + len(length)
+    return EpochPlan(shard=shard, member=member, start=start, length=length, rows=total // config.raw_length)
+
+
+# ---------------------------------------------------------------------------------- the workers
+
+
+class _ShardReader:
+    """Reads one document's tokens by (shard, member) through the verified offsets.
+
+    Local shards: seek + read on a small pool of open files. Allowed remote or pipe: shards are
+    fetched whole through webdataset's opener and the last few are kept in memory.
+    """
+
+    def __init__(self, manifest: Manifest, indices: dict[int, ShardIndex], max_open: int = 8):
+        self.manifest, self.indices, self.max_open = manifest, indices, max_open
+        self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self._open: OrderedDict[int, object] = OrderedDict()
+
+    def _handle(self, shard: int):
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        url = self.manifest.shard_url(self.manifest.shards[shard])
+        local = "://" not in url and not url.startswith("pipe:")
+        handle = open(url, "rb") if local else memoryview(read_shard_bytes(url))
+        self._open[shard] = handle
+        if len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            if hasattr(old, "close"):
+                old.close()
+        return handle
+
+    def read(self, shard: int, member: int) -> np.ndarray:
+        index = self.indices[shard]
+        offset, count = int(index.offsets[member]), int(index.lengths[member])
+        nbytes = count * self.dtype.itemsize
+        handle = self._handle(shard)
+        if isinstance(handle, memoryview):
+            data = handle[offset : offset + nbytes]
+        else:
+            handle.seek(offset)
+            data = handle.read(nbytes)
+        if len(data) != nbytes:
+            raise OSError(
+                f"shard {self.manifest.shards[shard].path} changed after verification "
+                f"(short read of member {member}); restart the job to re-verify"
+            )
+        return np.frombuffer(data, dtype=self.dtype).astype(np.int64)
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            if hasattr(handle, "close"):
+                handle.close()
+        self._open.clear()
+
+
+def read_rows(plan: EpochPlan, reader: _ShardReader, first_row: int, num_rows: int, raw_length: int,
+              eos_id: int) -> np.ndarray:
+    """Rows [first_row, first_row + num_rows) of the epoch's packed token stream: (num_rows, raw)."""
+    begin, end = first_row * raw_length, (first_row + num_rows) * raw_length
+    # Documents overlapping [begin, end): the last one starting at or before `begin`, up to the
+    # last one starting before `end`.
+    lo = int(np.searchsorted(plan.start, begin, side="right")) - 1
+    hi = int(np.searchsorted(plan.start, end, side="left"))
+    eos = np.array([eos_id], dtype=np.int64)
+    pieces = []
+    for d in range(lo, hi):
+        pieces.append(reader.read(int(plan.shard[d]), int(plan.member[d])))
+        pieces.append(eos)
+    stream = np.concatenate(pieces)
+    offset = begin - int(plan.start[lo])
+    return stream[offset : offset + num_rows * raw_length].reshape(num_rows, raw_length)
+
+
+def make_batch(rows: np.ndarray, row_ids: np.ndarray, epoch: int, config: StreamConfig,
+               special) -> dict[str, torch.Tensor]:
+    """Apply the objective to each packed row; row k's RNG is seeded with (seed, epoch, k)."""
+    batch_size = len(rows)
+    if config.objective == "causal_lm":
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+            "attention_mask": torch.ones(inputs.shape, dtype=torch.bool),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+        }
+    rngs = [np.random.default_rng([config.seed, epoch, int(k), 0x0B7]) for k in row_ids]
+    if config.objective == "masked_lm":
+        pairs = [objectives.masked_lm(row, special, rng, config.mlm_probability) for row, rng in zip(rows, rngs)]
+        inputs = np.stack([p[0] for p in pairs])
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "attention_mask": torch.ones(inputs.shape, dtype=torch.bool),
+            "labels": torch.from_numpy(np.stack([p[1] for p in pairs])),
+        }
+    pairs = [
+        objectives.span_corruption(row, special, rng, config.noise_density, config.mean_noise_span_length)
+        for row, rng in zip(rows, rngs)
+    ]
+    inputs = np.stack([p[0] for p in pairs])
+    targets = np.stack([p[1] for p in pairs])
+    decoder_inputs = np.empty_like(targets)
+    decoder_inputs[:, 0] = special.bos_id
+    decoder_inputs[:, 1:] = targets[:, :-1]
+    assert inputs.shape == (batch_size, config.input_length), inputs.shape
+    return {
+        "input_ids": torch.from_numpy(inputs),
+        "attention_mask": torch.ones(inputs.shape, dtype=torch.bool),
+        "decoder_input_ids": torch.from_numpy(decoder_inputs),
+        "labels": torch.from_numpy(targets),
+    }
+
+
+class _RankEpoch(IterableDataset):
+    """Batches [0, steps) of one rank for one epoch segment; worker w builds i = w, w+N, ..."""
+
+    def __init__(self, manifest, indices, plan, config, epoch, cursor, steps, rank, world):
+        super().__init__()
+        self.manifest, self.indices, self.plan, self.config = manifest, indices, plan, config
+        self.epoch, self.cursor, self.steps, self.rank, self.world = epoch, cursor, steps, rank, world
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = _ShardReader(self.manifest, self.indices)
+        size = self.config.batch_size
+        try:
+            for i in range(worker, self.steps, workers):
+                first = self.cursor + (i * self.world + self.rank) * size
+                rows = read_rows(self.plan, reader, first, size, self.config.raw_length,
+                                 self.manifest.special.eos_id)
+                row_ids = np.arange(first, first + size)
+                yield make_batch(rows, row_ids, self.epoch, self.config, self.manifest.special)
+        finally:
+            reader.close()
+
+
+# ----------------------------------------------------------------------------------- the stream
+
+
+class TokenStream:
+    """One rank's view of a sharded split: fixed-shape batches, exact resume (module docstring)."""
+
+    def __init__(self, config: StreamConfig, *, rank: int | None = None, world_size: int | None = None):
+        self.config = config
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.manifest = Manifest.load(config.manifest)
+        self._check_urls()
+        self.indices, self.bad_shards = verify_manifest(self.manifest, check_sha256=config.verify_sha256)
+        for path, reason in sorted(self.bad_shards.items()):
+            warnings.warn(f"skipping corrupt shard {path}: {reason}", RuntimeWarning, stacklevel=2)
+        if not self.indices:
+            raise RuntimeError(
+                f"all {len(self.manifest.shards)} shards of {config.manifest} failed verification "
+                f"(first: {next(iter(self.bad_shards.items()))}); rebuild them with `performer data shards`"
+            )
+        if config.objective == "span_corruption":
+            spans = objectives._noise_counts(config.raw_length, config.noise_density, config.mean_noise_span_length)[1]
+            if spans > self.manifest.special.num_sentinels:
+                raise ValueError(
+                    f"input_length {config.input_length} needs {spans} sentinels but the tokenizer has "
+                    f"{self.manifest.special.num_sentinels}; train one with more sentinels"
+                )
+        self.epoch = 0  # current epoch
+        self.cursor = 0  # rows of the current epoch consumed by all ranks together
+        self._plan_cache: tuple[int, EpochPlan] | None = None
+
+    def _check_urls(self) -> None:
+        for shard in self.manifest.shards:
+            if shard.path.startswith("pipe:") and not self.config.allow_pipe:
+                raise ValueError(f"shard {shard.path!r} is a pipe: command; set stream.allow_pipe=true to run it")
+            if shard.path.startswith(_REMOTE_PREFIXES) and not self.config.allow_remote:
+                raise ValueError(f"shard {shard.path!r} is remote; set stream.allow_remote=true to fetch it")
+            if "://" in shard.path and not shard.path.startswith(_REMOTE_PREFIXES):
+                raise ValueError(f"shard {shard.path!r}: unsupported URL scheme")
+
+    # --- sizes -------------------------------------------------------------------------------
+    def plan(self, epoch: int) -> EpochPlan:
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            self._plan_cache = (epoch, plan_epoch(self.indices, epoch, self.config))
+        return self._plan_cache[1]
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Packed rows per epoch (the same every epoch: the order changes, the tokens do not)."""
+        return self.plan(self.epoch).rows
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches every rank yields in a whole epoch at this world size."""
+        return self.rows_per_epoch // (self.world_size * self.config.batch_size)
+
+    @property
+    def steps_left_in_epoch(self) -> int:
+        return (self.rows_per_epoch - self.cursor) // (self.world_size * self.config.batch_size)
+
+    # --- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while self.config.max_epochs is None or self.epoch < self.config.max_epochs:
+            yield from self.iter_epoch()
+
+    def iter_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The remaining batches of the current epoch; afterwards the stream is at the next epoch."""
+        epoch, start, steps = self.epoch, self.cursor, self.steps_left_in_epoch
+        rows_per_step = self.world_size * self.config.batch_size
+        dataset = _RankEpoch(self.manifest, self.indices, self.plan(epoch), self.config, epoch, start,
+                             steps, self.rank, self.world_size)
+        workers = self.config.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,  # workers yield whole batches
+            num_workers=workers,
+            prefetch_factor=self.config.prefetch_factor if workers else None,
+            pin_memory=self.config.pin_memory,
+        )
+        for i, batch in enumerate(loader):
+            self.cursor = start + (i + 1) * rows_per_step
+            yield batch
+        self.epoch, self.cursor = epoch + 1, 0
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where the stream stands; the same on every rank. JSON-serialisable."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.config.seed,
+            "raw_length": self.config.raw_length,
+            "shuffle_shards": self.config.shuffle_shards,
+            "shuffle_buffer": self.config.shuffle_buffer,
+            "manifest_fingerprint": self.manifest.fingerprint,
+            "skipped_shards": sorted(self.bad_shards),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from any rank, any world size). Raises if it belongs to other data
+        or another order: resuming then would silently repeat or skip samples."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "raw_length", "shuffle_shards", "shuffle_buffer", "manifest_fingerprint"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"stream state has {key}={state[key]!r} but this stream has {mine[key]!r}; "
+                    "resume with the config and shards the state was saved with"
+                )
+        if state["skipped_shards"] != mine["skipped_shards"]:
+            warnings.warn(
+                f"shards skipped when the state was saved {state['skipped_shards']} differ from now "
+                f"{mine['skipped_shards']}; the epoch's order has changed", RuntimeWarning, stacklevel=2
+            )
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        if epoch < 0 or not 0 <= cursor <= self.plan(epoch).rows:
+            raise ValueError(f"stream state cursor {cursor} is outside epoch {epoch}'s {self.plan(epoch).rows} rows")
+        self.epoch, self.cursor = epoch, cursor
