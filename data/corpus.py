@@ -45,7 +45,7 @@ class CorpusConfig:
     paths: tuple[str, ...] = ()  # files, directories or glob patterns (for "files" and "jsonl")
     text_field: str = "text"  # JSONL field holding the document text
     extensions: tuple[str, ...] = (".txt", ".md", ".py")  # files picked from directories
-    heldout_fraction: float = 0.01  # share of documents held out for evaluation, by content hash
+    heldout_fraction: float = 0.03  # share of documents held out for evaluation, by content hash
     split_salt: str = "performer-heldout-v1"  # change it to draw a different held-out split
     max_documents: int | None = None  # keep only the first N documents (after sorting): smoke runs
     min_chars: int = 1  # skip documents shorter than this (after stripping whitespace)

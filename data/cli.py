@@ -1,0 +1,189 @@
+"""`performer data ...`: build and check the data the trainer streams.
+
+    performer data tokenizer --out DIR [corpus options] [--vocab-size 8000 ...]
+    performer data shards    --tokenizer DIR --out DIR [--split train] [corpus options]
+    performer data prepare   --source stdlib --out DIR     # tokenizer + train/heldout shards
+    performer data verify    DIR                           # every shard against its manifest
+    performer data inspect   DIR [--tokenizer DIR]         # manifest summary + decoded samples
+
+Each subcommand is a plain function of its parsed arguments returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from data.corpus import SOURCES, CorpusConfig, iter_documents
+from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
+from data.tokenizer import MODEL_TYPES, Tokenizer, TokenizerConfig, train_tokenizer
+
+
+def add_parser(subparsers) -> None:
+    data = subparsers.add_parser("data", help="corpora, tokenizer, shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    tok = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a corpus sample")
+    _corpus_options(tok)
+    _tokenizer_options(tok)
+    tok.add_argument("--out", required=True, help="directory for tokenizer.model + tokenizer.json")
+    tok.set_defaults(func=cmd_tokenizer)
+
+    shards = commands.add_parser("shards", help="tokenize a corpus into webdataset shards + manifest")
+    _corpus_options(shards)
+    _shard_options(shards)
+    shards.add_argument("--tokenizer", required=True, help="directory written by `performer data tokenizer`")
+    shards.add_argument("--split", choices=("train", "heldout", "all"), default="train",
+                        help="which documents to write (the held-out split is by content hash)")
+    shards.add_argument("--out", required=True, help="directory for the shards and manifest.json")
+    shards.set_defaults(func=cmd_shards)
+
+    prep = commands.add_parser("prepare", help="corpus -> tokenizer -> train/heldout shards in one go")
+    _corpus_options(prep)
+    _tokenizer_options(prep)
+    _shard_options(prep)
+    prep.add_argument("--out", required=True, help="writes OUT/tokenizer, OUT/train, OUT/heldout")
+    prep.set_defaults(func=cmd_prepare)
+
+    verify = commands.add_parser("verify", help="check every shard against its manifest")
+    verify.add_argument("manifest", help="manifest.json or its directory")
+    verify.add_argument("--no-sha256", action="store_true", help="skip hashing (size/structure/counts only)")
+    verify.set_defaults(func=cmd_verify)
+
+    inspect = commands.add_parser("inspect", help="summarise a manifest and decode a few documents")
+    inspect.add_argument("manifest", help="manifest.json or its directory")
+    inspect.add_argument("--tokenizer", help="tokenizer directory, to print text (default: ../tokenizer)")
+    inspect.add_argument("--documents", type=int, default=1, help="documents to show")
+    inspect.add_argument("--chars", type=int, default=400, help="characters of each to print")
+    inspect.set_defaults(func=cmd_inspect)
+
+
+def _corpus_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("corpus")
+    group.add_argument("--source", choices=SOURCES, default="stdlib",
+                       help="stdlib = this Python's standard library sources (no download)")
+    group.add_argument("--paths", nargs="*", default=(), help="files, directories or globs (files/jsonl)")
+    group.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    group.add_argument("--heldout-fraction", type=float, default=CorpusConfig.heldout_fraction)
+    group.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
+
+
+def _tokenizer_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--vocab-size", type=int, default=TokenizerConfig.vocab_size)
+    group.add_argument("--model-type", choices=MODEL_TYPES, default=TokenizerConfig.model_type)
+    group.add_argument("--num-sentinels", type=int, default=TokenizerConfig.num_sentinels)
+    group.add_argument("--sample-lines", type=int, default=TokenizerConfig.sample_lines,
+                       help="corpus lines sampled for training")
+    group.add_argument("--seed", type=int, default=TokenizerConfig.seed)
+
+
+def _shard_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("shards")
+    group.add_argument("--max-samples-per-shard", type=int, default=ShardConfig.max_samples_per_shard)
+    group.add_argument("--max-bytes-per-shard", type=int, default=ShardConfig.max_bytes_per_shard)
+    group.add_argument("--workers", type=int, default=ShardConfig.num_workers,
+                       help="tokenizer processes (0 = one per CPU)")
+
+
+def _corpus_config(args) -> CorpusConfig:
+    return CorpusConfig(source=args.source, paths=tuple(args.paths), text_field=args.text_field,
+                        heldout_fraction=args.heldout_fraction, max_documents=args.max_documents)
+
+
+def _tokenizer_config(args) -> TokenizerConfig:
+    return TokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type,
+                           num_sentinels=args.num_sentinels, sample_lines=args.sample_lines, seed=args.seed)
+
+
+def _shard_config(args) -> ShardConfig:
+    return ShardConfig(max_samples_per_shard=args.max_samples_per_shard,
+                       max_bytes_per_shard=args.max_bytes_per_shard, num_workers=args.workers)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def _train(corpus: CorpusConfig, config: TokenizerConfig, out: Path, split: str | None) -> Tokenizer:
+    started = time.perf_counter()
+    texts = (doc.text for doc in iter_documents(corpus, split))
+    tokenizer = train_tokenizer(texts, config, out)
+    print(f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
+          f"trained in {time.perf_counter() - started:.1f}s -> {out}")
+    return tokenizer
+
+
+def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out: Path, split: str) -> Manifest:
+    texts = (doc.text for doc in iter_documents(corpus, None if split == "all" else split))
+    arrays = tokenize_texts(texts, tokenizer, num_workers=config.num_workers,
+                            documents_per_task=config.documents_per_task, description=f"{split} shards")
+    manifest = write_shards(arrays, out, split=split, special=tokenizer.special, config=config,
+                            tokenizer_fingerprint=tokenizer.fingerprint,
+                            source={"corpus": {k: v for k, v in vars(corpus).items()}})
+    size = sum(s.bytes for s in manifest.shards)
+    print(f"{split}: {manifest.samples} documents, {manifest.tokens:,} tokens in {len(manifest.shards)} "
+          f"shard(s), {size:,} bytes ({size / max(manifest.tokens, 1):.2f} bytes/token) -> {out}")
+    return manifest
+
+
+def cmd_tokenizer(args) -> int:
+    _train(_corpus_config(args), _tokenizer_config(args), Path(args.out), split="train")
+    return 0
+
+
+def cmd_shards(args) -> int:
+    tokenizer = Tokenizer.load(args.tokenizer)
+    _write(_corpus_config(args), tokenizer, _shard_config(args), Path(args.out), args.split)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    out = Path(args.out)
+    corpus = _corpus_config(args)
+    # The tokenizer sees only training documents, so held-out text stays unseen.
+    tokenizer = _train(corpus, _tokenizer_config(args), out / "tokenizer", split="train")
+    for split in ("train", "heldout"):
+        _write(corpus, tokenizer, _shard_config(args), out / split, split)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    manifest = Manifest.load(args.manifest)
+    good, bad = verify_manifest(manifest, check_sha256=not args.no_sha256)
+    for path, reason in sorted(bad.items()):
+        print(f"BAD  {path}: {reason}")
+    print(f"{len(good)} of {len(manifest.shards)} shards match the manifest")
+    return 1 if bad else 0
+
+
+def cmd_inspect(args) -> int:
+    manifest = Manifest.load(args.manifest)
+    summary = {k: v for k, v in manifest.to_json().items() if k != "shards"}
+    summary["shards"] = len(manifest.shards)
+    summary["bytes"] = sum(s.bytes for s in manifest.shards)
+    print(json.dumps(summary, indent=2))
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else manifest.root.parent / "tokenizer"
+    if args.documents <= 0 or not (tokenizer_dir / "tokenizer.model").is_file():
+        return 0
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
+        print(f"warning: {tokenizer_dir} is not the tokenizer these shards were written with")
+    good, _ = verify_manifest(manifest, check_sha256=False)
+    from data.stream import _ShardReader  # the stream's reader: inspect shows what training reads
+
+    reader = _ShardReader(manifest, good)
+    shown = 0
+    for position, index in sorted(good.items()):
+        for member in range(len(index.lengths)):
+            if shown == args.documents:
+                reader.close()
+                return 0
+            ids = reader.read(position, member)
+            print(f"--- {manifest.shards[position].path} document {member}: {len(ids)} tokens")
+            print(tokenizer.decode(ids.tolist())[: args.chars])
+            shown += 1
+    reader.close()
+    return 0
