@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_SIZE = 64
+# Normalisers this small only arise from underflowed features (see _normalise).
+DENOMINATOR_FLOOR = 1e-30
 
 
 def mask_keys(
@@ -40,9 +42,18 @@ def mask_keys(
 
 
 def _normalise(numerator: torch.Tensor, denominator: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """numerator (..., D) / denominator (...), 0 where the denominator is 0 (no key)."""
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return (numerator / safe.unsqueeze(-1)).to(dtype)
+    """numerator (..., D) / denominator (...), 0 where there is no key.
+
+    Divided as (numerator / s) / (denominator / s) with s = denominator, detached: the value is
+    the same, but the backward never squares a tiny denominator (1e-30 ** 2 underflows to 0 and
+    turns the gradient into NaN). Below DENOMINATOR_FLOOR every visible key's features have
+    underflowed (keys far larger than any query sees in a normalised model): such a query is
+    treated as seeing no key rather than dividing noise by noise.
+    """
+    has_key = denominator > DENOMINATOR_FLOOR
+    scale = torch.where(has_key, denominator, torch.ones_like(denominator)).detach()
+    unit = torch.where(has_key, denominator, scale) / scale  # == 1, carries the gradient
+    return (numerator / scale.unsqueeze(-1) / unit.unsqueeze(-1)).to(dtype)
 
 
 def summarise_keys(phi_k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,4 @@
-"""Fixtures for the data-pipeline tests: tiny synthetic shard sets and a tiny tokenizer.
-
-Synthetic documents hold globally unique token ids (10, 11, 12, ...), so every row a stream
-yields tells exactly which tokens it carries: exactly-once checks are set arithmetic.
-"""
+"""Fixtures for the data-pipeline tests: a synthetic shard set and a tiny tokenizer."""
 
 from __future__ import annotations
 
@@ -10,31 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import write_synthetic
 
 from data.corpus import CorpusConfig, iter_documents
-from data.shards import ShardConfig, write_shards
-from data.stream import StreamConfig
-from data.tokenizer import SpecialTokens, TokenizerConfig, train_tokenizer
-
-FIRST_TOKEN = 10
-# Large enough for unique ids (uint32 shards); sentinels sit far above every document token.
-SYNTHETIC_SPECIAL = SpecialTokens(vocab_size=2**20, num_sentinels=100)
-
-
-def synthetic_documents(lengths) -> list[np.ndarray]:
-    """Documents with consecutive unique ids, of the given lengths."""
-    docs, nxt = [], FIRST_TOKEN
-    for n in lengths:
-        docs.append(np.arange(nxt, nxt + n, dtype=np.int64))
-        nxt += n
-    return docs
-
-
-def write_synthetic(out: Path, lengths, samples_per_shard: int) -> list[np.ndarray]:
-    docs = synthetic_documents(lengths)
-    write_shards(docs, out, split="train", special=SYNTHETIC_SPECIAL,
-                 config=ShardConfig(max_samples_per_shard=samples_per_shard))
-    return docs
+from data.tokenizer import TokenizerConfig, train_tokenizer
 
 
 @pytest.fixture
@@ -42,19 +17,6 @@ def synthetic_shards(tmp_path) -> tuple[Path, list[np.ndarray]]:
     """60 documents of 5..300 tokens in 6 shards of 10."""
     lengths = np.random.default_rng(7).integers(5, 300, size=60)
     return tmp_path, write_synthetic(tmp_path, lengths, samples_per_shard=10)
-
-
-def causal_config(manifest: Path, **overrides) -> StreamConfig:
-    """Causal LM rows of 16 (+1) tokens: a row is input_ids plus the last label."""
-    values = dict(manifest=str(manifest), objective="causal_lm", input_length=16, batch_size=4,
-                  shuffle_buffer=16, seed=3)
-    values.update(overrides)
-    return StreamConfig(**values)
-
-
-def batch_rows(batch) -> np.ndarray:
-    """The packed raw rows of a causal-LM batch, (B, L + 1)."""
-    return np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], axis=1)
 
 
 @pytest.fixture(scope="session")

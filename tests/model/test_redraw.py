@@ -1,0 +1,133 @@
+"""Projection redraws: seeded, identical across processes, at step boundaries only, freezable."""
+
+import subprocess
+import sys
+
+import torch
+
+from performer import EncoderDecoderTransformer, PerformerDecoder, PerformerEncoder, PerformerLayer
+from performer.config import preset
+from performer.models import PerformerSeq2Seq
+
+SMALL = dict(d_model=16, num_heads=2, num_layers=2, dropout=0.0)
+
+_PROCESS_SCRIPT = """
+import hashlib, torch
+from performer import EncoderDecoderTransformer
+model = EncoderDecoderTransformer(encoder_params=dict(d_model=16, num_heads=2, num_layers=2),
+                                  decoder_params=dict(d_model=16, num_heads=2, num_layers=2))
+model.redraw_projection_matrices_(seed=1234, step=17)
+digest = hashlib.sha256()
+for name, buffer in sorted(model.state_dict().items()):
+    if name.endswith(".projection"):
+        digest.update(name.encode()); digest.update(buffer.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _projections(module):
+    return {n: b.clone() for n, b in module.state_dict().items() if n.endswith(".projection")}
+
+
+def test_same_seed_gives_bitwise_equal_projections_in_two_processes():
+    # Different global torch seeds per process: only the explicit seed may matter.
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", f"import torch; torch.manual_seed({global_seed})\n" + _PROCESS_SCRIPT],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for global_seed in (1, 2)
+    }  # fmt: skip
+    assert len(digests) == 1
+
+
+def test_every_attention_gets_its_own_projection_and_steps_change_them():
+    model = EncoderDecoderTransformer(encoder_params=SMALL, decoder_params=SMALL)
+    model.redraw_projection_matrices_(seed=5, step=1)
+    first = _projections(model)
+    assert len(first) == 2 + 4  # encoder self x2, decoder self + cross x2
+    tensors = list(first.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(tensors) for b in tensors[i + 1 :])
+    model.redraw_projection_matrices_(seed=5, step=2)
+    assert all(not torch.equal(first[n], p) for n, p in _projections(model).items())
+    model.redraw_projection_matrices_(seed=5, step=1)
+    assert all(torch.equal(first[n], p) for n, p in _projections(model).items())
+    assert model.projection_state() == (5, 1)
+    # A sub-module redraws its attentions exactly as the whole model would.
+    model.encoder.redraw_projection_matrices_(seed=5, step=1)
+    assert all(torch.equal(first[n], p) for n, p in _projections(model).items())
+
+
+def test_auto_redraw_counts_outermost_training_forwards_only():
+    encoder = PerformerEncoder(**SMALL, feature_redraw_interval=3)
+    x = torch.randn(1, 4, 16)
+    initial = _projections(encoder)
+    for _ in range(3):
+        encoder(x)
+    assert all(torch.equal(initial[n], p) for n, p in _projections(encoder).items())
+    encoder(x)  # the fourth training forward redraws first
+    assert all(not torch.equal(initial[n], p) for n, p in _projections(encoder).items())
+    assert encoder.projection_state()[1] == 1
+    encoder.eval()
+    for _ in range(10):
+        encoder(x)
+    assert encoder.projection_state()[1] == 1
+
+
+def test_auto_redraw_of_nested_stacks_ticks_once_per_outer_call():
+    model = EncoderDecoderTransformer(
+        encoder_params=dict(SMALL, feature_redraw_interval=2), decoder_params=dict(SMALL, feature_redraw_interval=2)
+    )
+    src, tgt = torch.randn(1, 4, 16), torch.randn(1, 3, 16)
+    for _ in range(5):
+        model(src, tgt)
+    assert model.encoder.projection_state()[1] == 2
+    assert model.decoder.projection_state()[1] == 2
+
+
+def test_fix_projection_matrices_stops_every_redraw():
+    decoder = PerformerDecoder(**SMALL, use_cross_attention=False, feature_redraw_interval=1)
+    decoder.fix_projection_matrices_()
+    frozen = _projections(decoder)
+    for _ in range(3):
+        decoder(torch.randn(1, 4, 16))
+    decoder.redraw_projection_matrices_(seed=99, step=7)
+    assert all(torch.equal(frozen[n], p) for n, p in _projections(decoder).items())
+    restored = PerformerDecoder(**SMALL, use_cross_attention=False)
+    restored.load_state_dict(decoder.state_dict())
+    restored.redraw_projection_matrices_(seed=3, step=3)
+    assert all(torch.equal(frozen[n], p) for n, p in _projections(restored).items())
+
+
+def test_projections_are_saved_in_state_dict_and_stay_float32_under_casts():
+    layer = PerformerLayer(d_model=16, num_heads=2, use_cross_attention=True)
+    state = layer.state_dict()
+    assert "self_attention.projection" in state and "cross_attention.projection" in state
+    half = layer.to(torch.float16)
+    assert half.self_attention.projection.dtype == torch.float32
+    assert torch.equal(half.self_attention.projection, state["self_attention.projection"])
+    assert half.self_attention.q_proj.weight.dtype == torch.float16
+
+
+def test_checkpoint_recompute_gives_the_same_gradients_and_never_redraws():
+    config = preset("tiny", vocab_size=64, d_model=32, dropout=0.1, feature_redraw_interval=1)
+    torch.manual_seed(3)
+    plain = PerformerSeq2Seq(config)
+    checkpointed = PerformerSeq2Seq(preset("tiny", vocab_size=64, d_model=32, dropout=0.1,
+                                           feature_redraw_interval=1, gradient_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = dict(
+        input_ids=torch.randint(1, 64, (2, 12)),
+        decoder_input_ids=torch.randint(1, 64, (2, 6)),
+        labels=torch.randint(1, 64, (2, 6)),
+    )
+    gradients = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(11)  # same dropout masks; checkpoint replays the RNG state
+        model(**batch).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        assert torch.allclose(gradients[0][name], gradients[1][name], atol=1e-6), name
+    # One outer forward each: one redraw each (interval 1 redraws before the 2nd forward only).
+    assert plain.encoder.projection_state() == checkpointed.encoder.projection_state()
