@@ -156,18 +156,30 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; sentinels are rendered as <extra_id_i>, pad/bos/eos/mask as nothing."""
-        pieces, run = [], []
+        pieces: list[str] = []
+        run: list[int] = []
         limit = self.special.num_model_pieces
         for token in ids:
             token = int(token)
             if token >= limit:
-                pieces.append(self._sp.decode(run))
+                pieces.append(self._decode_run(run, first=not pieces))
                 run = []
                 pieces.append(SENTINEL_FORMAT.format(self.special.vocab_size - 1 - token))
             else:
                 run.append(token)
-        pieces.append(self._sp.decode(run))
+        pieces.append(self._decode_run(run, first=not pieces))
         return "".join(pieces)
+
+    def _decode_run(self, run: list[int], first: bool) -> str:
+        if first or not run:
+            return self._sp.decode(run)
+        # SentencePiece drops the leading space of a text (its dummy prefix); a run after a
+        # sentinel is mid-text, so decode it behind a one-byte anchor and cut the anchor off.
+        return self._sp.decode([self._anchor_id, *run])[1:]
+
+    @property
+    def _anchor_id(self) -> int:
+        return self._sp.piece_to_id("<0x41>")  # the byte piece of "A" (byte fallback is always on)
 
     def id_to_piece(self, token: int) -> str:
         if token >= self.special.num_model_pieces:
