@@ -1,0 +1,170 @@
+"""The stream's guarantees: exactly once per epoch, equal batch counts, exact resume, seeded order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, write_synthetic
+
+from data._config import from_mapping
+from data.stream import StreamConfig, TokenStream
+
+EOS = SYNTHETIC_SPECIAL.eos_id
+
+
+def rank_batches(config, world, *, state=None, steps=None):
+    """Per rank, the list of its batches' raw rows (after loading `state`), up to `steps` each."""
+    out, states = [], []
+    for rank in range(world):
+        stream = TokenStream(config, rank=rank, world_size=world)
+        if state is not None:
+            stream.load_state_dict(state)
+        rows = []
+        for batch in stream.iter_epoch():
+            rows.append(batch_rows(batch))
+            if steps is not None and len(rows) == steps:
+                break
+        out.append(rows)
+        states.append(stream.state_dict())
+    return out, states
+
+
+def reference_rows(config) -> list[tuple]:
+    """The epoch's rows in global order: one rank, batches of one row."""
+    single = StreamConfig(**{**config.__dict__, "batch_size": 1, "num_workers": 0})
+    return [tuple(r[0]) for r in rank_batches(single, 1)[0][0]]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2], ids=lambda w: f"workers{w}")
+def test_exactly_once_per_epoch_across_two_ranks(synthetic_shards, workers):
+    root, docs = synthetic_shards
+    config = causal_config(root, num_workers=workers)
+    per_rank, _ = rank_batches(config, world=2)
+    assert len(per_rank[0]) == len(per_rank[1]) == TokenStream(config, world_size=2).steps_per_epoch > 0
+    rows = [tuple(r) for rank in per_rank for batch in rank for r in batch]
+    assert len(set(rows)) == len(rows)  # no row twice
+    tokens = np.concatenate([np.array(r) for r in rows])
+    tokens = tokens[tokens != EOS]
+    assert len(np.unique(tokens)) == len(tokens)  # no document token twice
+    # Together the ranks cover the epoch's first steps*W*B rows: only the defined remainder
+    # (< W*B rows + one partial row) is left out.
+    reference = reference_rows(config)
+    assert set(rows) == set(reference[: len(rows)])
+    total = sum(len(d) + 1 for d in docs)
+    assert total - len(rows) * 17 < (2 * 4 + 1) * 17
+    # Batches do not depend on the number of workers.
+    baseline, _ = rank_batches(causal_config(root, num_workers=0), world=2)
+    for got, want in zip(per_rank, baseline):
+        np.testing.assert_array_equal(np.stack(got), np.stack(want))
+
+
+@pytest.mark.parametrize("world,workers", [(3, 2), (4, 1), (2, 2)])
+def test_equal_batch_counts_with_skewed_shards_fewer_than_readers(tmp_path, world, workers):
+    # One huge document, then many tiny ones: 2 shards of very different sizes, fewer shards
+    # than ranks x workers.
+    write_synthetic(tmp_path, [3000] + [3] * 40, samples_per_shard=40)
+    config = causal_config(tmp_path, num_workers=workers, batch_size=2)
+    per_rank, _ = rank_batches(config, world=world)
+    counts = {len(rows) for rows in per_rank}
+    expected = TokenStream(config, world_size=world).steps_per_epoch
+    assert counts == {expected} and expected == TokenStream(config).rows_per_epoch // (world * 2)
+
+
+def test_resume_same_world_size_gives_identical_batches(synthetic_shards):
+    root, _ = synthetic_shards
+    config = causal_config(root, num_workers=1)
+    full, _ = rank_batches(config, world=2)
+    head, states = rank_batches(config, world=2, steps=5)
+    assert states[0] == states[1]  # the state is global: any rank can save it
+    state = json.loads(json.dumps(states[0]))  # and it survives JSON (checkpoint client state)
+    tail, _ = rank_batches(config, world=2, state=state)
+    for rank in range(2):
+        np.testing.assert_array_equal(np.stack(head[rank] + tail[rank]), np.stack(full[rank]))
+
+
+def test_resume_two_to_three_ranks_has_no_repeats_and_no_gaps(synthetic_shards):
+    root, _ = synthetic_shards
+    config = causal_config(root, num_workers=2)
+    head, states = rank_batches(config, world=2, steps=7)
+    tail, end_states = rank_batches(config, world=3, state=states[0])
+    rows = [tuple(r) for part in (head, tail) for rank in part for batch in rank for r in batch]
+    assert len(set(rows)) == len(rows)
+    reference = reference_rows(config)
+    assert set(rows) == set(reference[: len(rows)])  # a contiguous prefix of the epoch: no gap
+    assert len(reference) - len(rows) < 3 * 4  # the remainder at 3 ranks
+    assert end_states[0]["epoch"] == 1 and end_states[0]["cursor"] == 0
+
+
+def test_epochs_and_seeds_change_the_order(synthetic_shards):
+    root, _ = synthetic_shards
+    config = causal_config(root)
+    stream = TokenStream(config)
+    epoch0 = np.concatenate([b["input_ids"].numpy() for b in stream.iter_epoch()])
+    assert stream.epoch == 1
+    epoch1 = np.concatenate([b["input_ids"].numpy() for b in stream.iter_epoch()])
+    again = np.concatenate([b["input_ids"].numpy() for b in TokenStream(config).iter_epoch()])
+    other_seed = np.concatenate(
+        [b["input_ids"].numpy() for b in TokenStream(causal_config(root, seed=4)).iter_epoch()]
+    )
+    np.testing.assert_array_equal(epoch0, again)
+    assert not np.array_equal(epoch0, epoch1) and not np.array_equal(epoch0, other_seed)
+    # Same tokens, different order: an epoch is a permutation, not a resample.
+    assert len(epoch0) == len(epoch1)
+
+
+def test_iterating_runs_over_epochs_until_max_epochs(synthetic_shards):
+    root, _ = synthetic_shards
+    stream = TokenStream(causal_config(root, max_epochs=2))
+    assert sum(1 for _ in stream) == 2 * stream.steps_per_epoch and stream.epoch == 2
+
+
+def test_span_corruption_and_masked_lm_batches(synthetic_shards):
+    root, _ = synthetic_shards
+    special = SYNTHETIC_SPECIAL
+    stream = TokenStream(StreamConfig(manifest=str(root), input_length=64, batch_size=3), world_size=1)
+    batch = next(iter(stream))
+    targets = StreamConfig(manifest=str(root), input_length=64).target_length
+    assert batch["input_ids"].shape == (3, 64) and batch["attention_mask"].dtype == torch.bool
+    assert bool(batch["attention_mask"].all())
+    assert batch["decoder_input_ids"].shape == batch["labels"].shape == (3, targets)
+    assert (batch["decoder_input_ids"][:, 0] == special.bos_id).all()
+    assert (batch["decoder_input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
+    assert (batch["labels"][:, 0] == special.sentinel_id(0)).all() and (batch["labels"][:, -1] == special.eos_id).all()
+    mlm = next(iter(TokenStream(StreamConfig(manifest=str(root), objective="masked_lm", input_length=32,
+                                             batch_size=2))))
+    assert mlm["input_ids"].shape == mlm["labels"].shape == (2, 32)
+    assert ((mlm["labels"] == -100) | (mlm["labels"] >= 10)).all()
+
+
+def test_rank_from_environment_and_state_checks(synthetic_shards, monkeypatch):
+    root, _ = synthetic_shards
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    stream = TokenStream(causal_config(root))
+    assert (stream.rank, stream.world_size) == (1, 3)
+    assert TokenStream(causal_config(root), rank=0, world_size=1).world_size == 1  # explicit wins
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        TokenStream(causal_config(root, seed=99)).load_state_dict(state)
+    with pytest.raises(ValueError, match="cursor"):
+        stream.load_state_dict({**state, "cursor": 10**9})
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValueError, match="rank 3 is not in a world of size 3"):
+        TokenStream(causal_config(root))
+
+
+def test_stream_config_from_mapping_and_url_policy(synthetic_shards):
+    root, _ = synthetic_shards
+    config = from_mapping(StreamConfig, {"manifest": str(root), "batch_size": 8})
+    assert config.batch_size == 8 and config.raw_length == 568
+    with pytest.raises(ValueError, match="unknown key.*batchsize"):
+        from_mapping(StreamConfig, {"manifest": str(root), "batchsize": 8})
+    manifest = json.loads((root / "manifest.json").read_text())
+    for path, flag in (("pipe:cat x.tar", "allow_pipe"), ("https://example.com/x.tar", "allow_remote")):
+        manifest["shards"][0]["path"] = path
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=flag):
+            TokenStream(causal_config(root))
