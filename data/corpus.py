@@ -27,6 +27,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from data._config import from_mapping
+
 SOURCES = ("stdlib", "files", "jsonl")
 SPLITS = ("train", "heldout")
 
@@ -49,6 +51,11 @@ class CorpusConfig:
     split_salt: str = "performer-heldout-v1"  # change it to draw a different held-out split
     max_documents: int | None = None  # keep only the first N documents (after sorting): smoke runs
     min_chars: int = 1  # skip documents shorter than this (after stripping whitespace)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CorpusConfig":
+        """From a plain mapping (YAML); unknown keys are errors."""
+        return from_mapping(cls, values)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -33,7 +33,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data._config import to_mapping
+from data._config import from_mapping, to_mapping
 from data.tokenizer import SpecialTokens, Tokenizer
 
 MANIFEST_FILE = "manifest.json"
@@ -48,6 +48,11 @@ class ShardConfig:
     max_bytes_per_shard: int = 64 * 2**20  # token bytes per shard at most (tar headers come on top)
     num_workers: int = 0  # tokenizer processes; 0 = one per CPU, 1 = in this process
     documents_per_task: int = 8  # documents sent to a tokenizer process at a time
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ShardConfig":
+        """From a plain mapping (YAML); unknown keys are errors."""
+        return from_mapping(cls, values)
 
     def __post_init__(self) -> None:
         if self.max_samples_per_shard < 1 or self.max_bytes_per_shard < 1:

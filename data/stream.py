@@ -62,6 +62,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import objectives
+from data._config import from_mapping
 from data.shards import Manifest, ShardIndex, read_shard_bytes, verify_manifest
 
 STATE_VERSION = 1
@@ -87,6 +88,11 @@ class StreamConfig:
     allow_remote: bool = False  # accept http(s)://, s3://, gs://, hf:// shard URLs
     allow_pipe: bool = False  # accept "pipe:" shard commands (they run a shell command)
     max_epochs: int | None = None  # `for batch in stream` stops after this many epochs; None = never
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StreamConfig":
+        """From a plain mapping (YAML); unknown keys are errors."""
+        return from_mapping(cls, values)
 
     def __post_init__(self) -> None:
         if self.objective not in objectives.OBJECTIVES:
@@ -371,11 +377,19 @@ class TokenStream:
 
     # --- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.steps_per_epoch == 0:
+            # Otherwise an endless loop of empty epochs.
+            raise ValueError(
+                f"{self.config.manifest} packs into {self.rows_per_epoch} rows per epoch, fewer than one "
+                f"step of {self.world_size} rank(s) x batch_size {self.config.batch_size}; lower the "
+                "batch size or input_length, or use more data"
+            )
         while self.config.max_epochs is None or self.epoch < self.config.max_epochs:
             yield from self.iter_epoch()
 
     def iter_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The remaining batches of the current epoch; afterwards the stream is at the next epoch."""
+        """The remaining batches of the current epoch; afterwards the stream is at the next epoch.
+        Use one iterator at a time: each advances the stream's cursor."""
         epoch, start, steps = self.epoch, self.cursor, self.steps_left_in_epoch
         rows_per_step = self.world_size * self.config.batch_size
         dataset = _RankEpoch(self.manifest, self.indices, self.plan(epoch), self.config, epoch, start,

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from data._config import to_mapping
+from data._config import from_mapping, to_mapping
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "tokenizer.json"
@@ -91,6 +91,11 @@ class TokenizerConfig:
     max_line_chars: int = 2048  # longer lines are cut (SentencePiece drops over-long sentences)
     seed: int = 0  # sampling seed (and SentencePiece's shuffle)
     num_threads: int = 0  # SentencePiece threads; 0 = all CPUs
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TokenizerConfig":
+        """From a plain mapping (YAML); unknown keys are errors."""
+        return from_mapping(cls, values)
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:

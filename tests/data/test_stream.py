@@ -9,7 +9,6 @@ import pytest
 import torch
 from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, write_synthetic
 
-from data._config import from_mapping
 from data.stream import StreamConfig, TokenStream
 
 EOS = SYNTHETIC_SPECIAL.eos_id
@@ -158,13 +157,21 @@ def test_rank_from_environment_and_state_checks(synthetic_shards, monkeypatch):
 
 def test_stream_config_from_mapping_and_url_policy(synthetic_shards):
     root, _ = synthetic_shards
-    config = from_mapping(StreamConfig, {"manifest": str(root), "batch_size": 8})
+    config = StreamConfig.from_dict({"manifest": str(root), "batch_size": 8})
     assert config.batch_size == 8 and config.raw_length == 568
     with pytest.raises(ValueError, match="unknown key.*batchsize"):
-        from_mapping(StreamConfig, {"manifest": str(root), "batchsize": 8})
+        StreamConfig.from_dict({"manifest": str(root), "batchsize": 8})
     manifest = json.loads((root / "manifest.json").read_text())
     for path, flag in (("pipe:cat x.tar", "allow_pipe"), ("https://example.com/x.tar", "allow_remote")):
         manifest["shards"][0]["path"] = path
         (root / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(ValueError, match=flag):
             TokenStream(causal_config(root))
+
+
+def test_too_little_data_for_one_step_is_an_error_not_an_endless_loop(tmp_path):
+    write_synthetic(tmp_path, [20, 20], samples_per_shard=2)
+    stream = TokenStream(causal_config(tmp_path, batch_size=4))
+    assert stream.steps_per_epoch == 0 and list(stream.iter_epoch()) == []
+    with pytest.raises(ValueError, match="fewer than one step"):
+        next(iter(stream))
