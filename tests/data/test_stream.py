@@ -175,3 +175,14 @@ def test_too_little_data_for_one_step_is_an_error_not_an_endless_loop(tmp_path):
     assert stream.steps_per_epoch == 0 and list(stream.iter_epoch()) == []
     with pytest.raises(ValueError, match="fewer than one step"):
         next(iter(stream))
+
+
+def test_allowed_pipe_shards_stream_the_same_batches(synthetic_shards):
+    root, _ = synthetic_shards
+    local = [b["input_ids"].numpy() for b in TokenStream(causal_config(root)).iter_epoch()]
+    manifest = json.loads((root / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["path"] = f"pipe:cat {root / shard['path']}"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    piped = [b["input_ids"].numpy() for b in TokenStream(causal_config(root, allow_pipe=True)).iter_epoch()]
+    np.testing.assert_array_equal(np.stack(piped), np.stack(local))
