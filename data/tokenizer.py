@@ -14,9 +14,9 @@ shard manifest stores it, the stream and the objectives read it), so no module h
 Training sample: SentencePiece is trained on lines of text, so we draw a uniform random sample
 of at most `sample_lines` non-blank lines from the corpus with reservoir sampling (one pass,
 bounded memory, seeded), and feed it through `sentence_iterator`. On the stdlib corpus
-(~290k non-blank lines) the default 200k-line sample trains a unigram vocab of 8000 in ~15 s on
-2 cores (~17 s for all lines); at a larger scale the sample keeps training time and memory
-bounded (SentencePiece needs ~1 GB and ~400 s for 1M lines).
+(~290k non-blank lines) the default 200k-line sample trains a unigram vocab of 8000 in 15-45 s
+on 2 cores (depending on load; far under the 2-minute budget); at a larger scale the sample
+keeps training time and memory bounded (SentencePiece needs ~1 GB and ~400 s for 1M lines).
 
 Code-friendly settings: identity normalisation and kept whitespace (indentation is text),
 whitespace-only pieces allowed (runs of spaces become single pieces), byte fallback (no text is
