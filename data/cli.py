@@ -4,7 +4,8 @@
     performer data shards    --tokenizer DIR --out DIR [--split train] [corpus options]
     performer data prepare   --source stdlib --out DIR     # tokenizer + train/heldout shards
     performer data verify    DIR                           # every shard against its manifest
-    performer data inspect   DIR [--tokenizer DIR]         # manifest summary + decoded samples
+    performer data inspect   DIR [--tokenizer DIR]         # manifest summary + decoded documents
+    performer data sample    DIR [--objective ...]         # one stream batch, decoded: what the model sees
 
 Each subcommand is a plain function of its parsed arguments returning an exit code.
 """
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from data._config import to_mapping
 from data.corpus import SOURCES, CorpusConfig, iter_documents
+from data.objectives import OBJECTIVES
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
+from data.stream import ShardReader, StreamConfig, TokenStream
 from data.tokenizer import MODEL_TYPES, Tokenizer, TokenizerConfig, train_tokenizer
 
 
@@ -60,6 +63,15 @@ def add_parser(subparsers) -> None:
     inspect.add_argument("--documents", type=int, default=1, help="documents to show")
     inspect.add_argument("--chars", type=int, default=400, help="characters of each to print")
     inspect.set_defaults(func=cmd_inspect)
+
+    sample = commands.add_parser("sample", help="decode the first rows of the stream's first batch")
+    sample.add_argument("manifest", help="manifest.json or its directory")
+    sample.add_argument("--tokenizer", help="tokenizer directory (default: ../tokenizer)")
+    sample.add_argument("--objective", choices=OBJECTIVES, default="span_corruption")
+    sample.add_argument("--input-length", type=int, default=128)
+    sample.add_argument("--rows", type=int, default=1, help="rows to print")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_sample)
 
 
 def _corpus_options(parser: argparse.ArgumentParser) -> None:
@@ -166,16 +178,11 @@ def cmd_inspect(args) -> int:
     summary["shards"] = len(manifest.shards)
     summary["bytes"] = sum(s.bytes for s in manifest.shards)
     print(json.dumps(summary, indent=2))
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else manifest.root.parent / "tokenizer"
-    if args.documents <= 0 or not (tokenizer_dir / "tokenizer.model").is_file():
+    if args.documents <= 0:
         return 0
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
-        print(f"warning: {tokenizer_dir} is not the tokenizer these shards were written with")
+    tokenizer = _tokenizer_for(manifest, args.tokenizer)
     good, _ = verify_manifest(manifest, check_sha256=False)
-    from data.stream import _ShardReader  # the stream's reader: inspect shows what training reads
-
-    reader = _ShardReader(manifest, good)
+    reader = ShardReader(manifest, good)
     shown = 0
     for position, index in sorted(good.items()):
         for member in range(len(index.lengths)):
@@ -187,4 +194,28 @@ def cmd_inspect(args) -> int:
             print(tokenizer.decode(ids.tolist())[: args.chars])
             shown += 1
     reader.close()
+    return 0
+
+
+def _tokenizer_for(manifest: Manifest, directory: str | None) -> Tokenizer:
+    """The tokenizer next to the split (OUT/tokenizer of `prepare`) unless one is named."""
+    tokenizer = Tokenizer.load(Path(directory) if directory else manifest.root.parent / "tokenizer")
+    if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
+        print("warning: this is not the tokenizer these shards were written with")
+    return tokenizer
+
+
+def cmd_sample(args) -> int:
+    config = StreamConfig(manifest=args.manifest, objective=args.objective, input_length=args.input_length,
+                          batch_size=max(args.rows, 1), seed=args.seed)
+    stream = TokenStream(config, rank=0, world_size=1)
+    tokenizer = _tokenizer_for(stream.manifest, args.tokenizer)
+    batch = next(iter(stream))
+    for row in range(args.rows):
+        for key, ids in batch.items():
+            if key == "attention_mask":
+                continue
+            ids = [i for i in ids[row].tolist() if i != -100]
+            print(f"--- row {row} {key} ({len(ids)} ids)")
+            print(tokenizer.decode(ids))
     return 0

@@ -186,7 +186,7 @@ def plan_epoch(
 # ---------------------------------------------------------------------------------- the workers
 
 
-class _ShardReader:
+class ShardReader:
     """Reads one document's tokens by (shard, member) through the verified offsets.
 
     Local shards: seek + read on a small pool of open files. Allowed remote or pipe: shards are
@@ -236,7 +236,7 @@ class _ShardReader:
         self._open.clear()
 
 
-def read_rows(plan: EpochPlan, reader: _ShardReader, first_row: int, num_rows: int, raw_length: int,
+def read_rows(plan: EpochPlan, reader: ShardReader, first_row: int, num_rows: int, raw_length: int,
               eos_id: int) -> np.ndarray:
     """Rows [first_row, first_row + num_rows) of the epoch's packed token stream: (num_rows, raw)."""
     begin, end = first_row * raw_length, (first_row + num_rows) * raw_length
@@ -303,7 +303,7 @@ class _RankEpoch(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = _ShardReader(self.manifest, self.indices)
+        reader = ShardReader(self.manifest, self.indices)
         size = self.config.batch_size
         try:
             for i in range(worker, self.steps, workers):

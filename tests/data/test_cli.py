@@ -52,6 +52,14 @@ def test_stream_over_prepared_shards_decodes_to_text(prepared):
     assert "<extra_id_0>" in text and len(text) > 200
 
 
+def test_sample_prints_what_the_model_sees(prepared, capsys):
+    assert main(["data", "sample", str(prepared / "train"), "--input-length", "64"]) == 0
+    printed = capsys.readouterr().out
+    for key in ("input_ids (64 ids)", "decoder_input_ids", "labels"):
+        assert key in printed
+    assert "<extra_id_0>" in printed
+
+
 def test_verify_reports_a_damaged_shard(tmp_path, prepared, capsys):
     import shutil
 

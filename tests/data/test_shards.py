@@ -49,9 +49,9 @@ def test_writing_is_reproducible_and_respects_limits(tmp_path):
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     # 400 payload bytes per document: a shard closes once it holds >= 2000 bytes (5 documents).
     assert [s.samples for s in a.shards] == [5] * 5
-    small = uint16 = write_shards(synthetic_documents([7]), tmp_path / "c", split="train",
-                                  special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=1000))
-    assert small.dtype == "uint16" and uint16.field == "u16"
+    small = write_shards(synthetic_documents([7]), tmp_path / "c", split="train",
+                         special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=1000))
+    assert small.dtype == "uint16" and small.field == "u16"
     with pytest.raises(ValueError, match="outside"):
         write_shards(synthetic_documents([7]), tmp_path / "d", split="train",
                      special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=12))
