@@ -4,6 +4,7 @@ The model library knows nothing of DeepSpeed, YAML or ranks.
 """
 
 from performer.activations import ActivationFunctions
+from performer.export import from_pretrained, save_pretrained
 from performer.transformer import (
     DecodingCache,
     EncoderDecoderTransformer,
@@ -19,4 +20,6 @@ __all__ = [
     "PerformerDecoder",
     "PerformerEncoder",
     "PerformerLayer",
+    "from_pretrained",
+    "save_pretrained",
 ]
