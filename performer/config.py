@@ -53,8 +53,8 @@ class ModelConfig:
     "Redraw FAVOR+ projections every N training forwards (standalone use); None = never."
     auto_check_redraw: bool = True
     "Let the model redraw on its own; a trainer turns this off and redraws at optimizer steps."
-    gradient_checkpointing: bool = False
-    "Recompute each layer's activations in backward (non-reentrant torch.utils.checkpoint)."
+    gradient_checkpointing: int = 0
+    "Recompute layer activations in backward (non-reentrant checkpoint): 0 off, 1 every layer, k every k-th."
     chunk_size: int = 64
     "Chunk length of causal FAVOR+ (memory/speed trade-off; results do not depend on it)."
     projection_seed: int | None = None

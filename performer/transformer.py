@@ -187,7 +187,7 @@ class _PerformerStack(ProjectionOwner):
         feature_redraw_interval: int | None,
         auto_check_redraw: bool,
         use_rotary: bool,
-        gradient_checkpointing: bool,
+        gradient_checkpointing: int | bool,
         projection_seed: int | None,
         **layer_kwargs,
     ):
@@ -228,10 +228,12 @@ class _PerformerStack(ProjectionOwner):
 
     def _run_layers(self, x: torch.Tensor, cache: DecodingCache | None = None, **layer_inputs) -> torch.Tensor:
         rotary = self._rotary(x.shape[1], cache.length if cache is not None else 0, x.device)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        # gradient_checkpointing: 0/False = off, 1/True = every layer, k = every k-th layer.
+        every = int(self.gradient_checkpointing)
+        checkpointing = every > 0 and self.training and torch.is_grad_enabled() and cache is None
         for index, layer in enumerate(self.layers):
             layer_cache = cache.layers[index] if cache is not None else None
-            if checkpointing:
+            if checkpointing and index % every == 0:
                 # Recompute runs inside_forward() too, so it can never tick a redraw.
                 x = checkpoint(_layer_in_forward, layer, x, rotary, layer_inputs, use_reentrant=False)
             else:
@@ -266,12 +268,13 @@ class PerformerEncoder(_PerformerStack):
         feature_redraw_interval: int | None = 1000,
         auto_check_redraw: bool = True,
         use_rotary: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: int | bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         projection_seed: int | None = None,
     ):
         """Keywords as PerformerLayer's, plus num_layers, use_rotary (rotary positions in
-        self-attention) and gradient_checkpointing (recompute each layer in backward)."""
+        self-attention) and gradient_checkpointing (recompute layers in backward: True or 1 = every
+        layer, k = every k-th layer)."""
         super().__init__(
             d_model=d_model, device=device, batch_size=batch_size, num_layers=num_layers,
             use_rezero=use_rezero, use_scalenorm=use_scalenorm,
@@ -311,7 +314,7 @@ class PerformerDecoder(_PerformerStack):
         cross_attention_type: str | None = None,
         context_dim: int | None = None,
         use_rotary: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: int | bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         projection_seed: int | None = None,
     ):

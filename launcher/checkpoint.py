@@ -1,0 +1,145 @@
+"""Checkpoints we can trust: DeepSpeed writes the shards, we own the commit.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step00000050/           engine.save_checkpoint(tag=...) output, one file set per rank
+    step00000050/COMPLETE   written by rank 0 after every rank has finished writing
+    latest                  the newest complete tag, replaced atomically after COMPLETE
+
+DeepSpeed's own ``latest`` is written by rank 0 before other ranks finish, and a missing one makes
+``load_checkpoint`` silently start from step 0. Here ``--resume auto`` takes the newest tag that
+has COMPLETE (whatever ``latest`` says), an explicit tag that is missing or incomplete is an
+error, and retention deletes only older complete tags after a newer one is committed.
+
+DeepSpeed checkpoints are pickles: resume only from directories you trust. Exports are
+safetensors (``performer export``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ConfigError, RunConfig, config_from_dict
+from launcher.dist import Topology, barrier
+
+COMPLETE_MARKER = "COMPLETE"
+POINTER = "latest"
+TAG_PATTERN = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what to do about it."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(directory: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not directory.is_dir():
+        return []
+    tags = [p.name for p in directory.iterdir() if TAG_PATTERN.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=lambda tag: int(TAG_PATTERN.match(tag).group(1)))
+
+
+def resolve_resume_tag(directory: Path, resume: str | None) -> str | None:
+    """None (fresh start), 'auto' (newest complete tag, None if there is none) or an explicit tag."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        tags = complete_tags(directory)
+        return tags[-1] if tags else None
+    if not (directory / resume).is_dir():
+        available = ", ".join(complete_tags(directory)) or "none"
+        raise CheckpointError(f"--resume {resume}: no checkpoint {resume!r} in {directory} (complete ones: {available})")
+    if not (directory / resume / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"--resume {resume}: checkpoint {resume!r} in {directory} is incomplete (no {COMPLETE_MARKER} marker: "
+            "a save was interrupted); resume from another tag or with --resume auto"
+        )
+    return resume
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(text)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def save(engine, directory: Path, step: int, client_state: dict[str, Any], topology: Topology, keep: int,
+         config: RunConfig) -> str:  # fmt: skip
+    """Save on every rank, then commit on rank 0: COMPLETE marker, pointer, retention.
+
+    The COMPLETE marker is JSON: step, world size, the resolved run config and the model config,
+    so a checkpoint can be checked and exported without unpickling anything.
+    """
+    tag = tag_for_step(step)
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    barrier()  # every rank's files are written before anyone calls it complete
+    if topology.is_main:
+        marker = {
+            "step": step,
+            "world_size": topology.world_size,
+            "saved_at": time.time(),
+            "run_config": config.to_dict(),
+            "model_config": client_state["model_config"],
+        }
+        _write_atomically(directory / tag / COMPLETE_MARKER, json.dumps(marker) + "\n")
+        _write_atomically(directory / POINTER, tag + "\n")
+        for old in complete_tags(directory)[:-keep]:
+            shutil.rmtree(directory / old, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def read_marker(tag_directory: Path) -> dict[str, Any]:
+    marker = tag_directory / COMPLETE_MARKER
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{marker} is unreadable ({error}); resume from another tag") from error
+
+
+def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology) -> None:
+    """Fail before any work when the checkpoint cannot continue this run."""
+    marker = read_marker(tag_directory)
+    saved = config_from_dict(marker["run_config"])
+    if saved.model_fingerprint() != config.model_fingerprint():
+        differing = sorted(
+            key for key, value in saved.to_dict()["model"].items() if config.to_dict()["model"].get(key) != value
+        )
+        raise ConfigError(
+            f"checkpoint {tag_directory.name} was trained with another model: model.{differing[0] if differing else '?'} "
+            f"differs (saved {[saved.to_dict()['model'][k] for k in differing]}, now "
+            f"{[config.to_dict()['model'][k] for k in differing]}); use the saved model settings "
+            "(config.yaml in the run directory) or a new train.output_dir"
+        )
+    if saved.zero.stage != config.zero.stage:
+        raise ConfigError(
+            f"checkpoint {tag_directory.name} was saved with zero.stage={saved.zero.stage}, now {config.zero.stage}: "
+            "resume with the same stage, or export it (performer export) and start from the weights"
+        )
+    if marker["world_size"] != topology.world_size and config.zero.stage > 0:
+        raise CheckpointError(
+            f"checkpoint {tag_directory.name} holds ZeRO-{config.zero.stage} shards of {marker['world_size']} rank(s), "
+            f"this job has {topology.world_size}: resume with {marker['world_size']} rank(s), or export it "
+            "(performer export) and start from the consolidated weights"
+        )
+
+
+def load(engine, directory: Path, tag: str) -> dict[str, Any]:
+    """Load a complete tag into the engine (module, optimizer, scheduler); return the client state."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {directory}: its files are missing or unreadable")
+    return client_state

@@ -1,0 +1,326 @@
+"""The run configuration: a typed tree, YAML layering, dotted overrides, validation, derived values.
+
+    config = load_config(["configs/tiny.yaml", "configs/zero2.yaml"], ["train.max_steps=50"])
+
+Files are merged in order (later files win, mappings merge key by key); each ``--set a.b=c`` is then
+applied, its value parsed as YAML (``3`` is an int, ``null`` is None, ``[1, 2]`` a list). Unknown
+keys at any depth fail before any work with a "did you mean" hint, and values of the wrong type
+name their key. Derived values (global batch, vocabulary size...) are computed once, in
+``launcher.pretrain``, not re-derived elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOADS = ("none", "optimizer", "all")
+MODEL_KINDS = ("seq2seq", "lm")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key it concerns and how to fix it."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    "Named size: tiny, small, medium or large (performer.config.PRESETS)."
+    kind: str = "seq2seq"
+    "seq2seq (encoder-decoder, span corruption) or lm (decoder-only, causal LM)."
+    attention_type: str = "favor"
+    "favor (FAVOR+ linear attention) or softmax (exact attention)."
+    nb_features: int | None = None
+    "FAVOR+ random features per head; null = round(D ln D)."
+    dropout: float = 0.0
+    "Dropout on residual branches and feed-forward hidden layers."
+    redraw_interval: int | None = 1000
+    "Redraw FAVOR+ projections every N optimizer steps (all ranks, same seed); null = never."
+    activation_checkpointing: int = 0
+    "Recompute layer activations in backward: 0 = off, 1 = every layer, k = every k-th layer."
+    overrides: dict = field(default_factory=dict)
+    "Any other performer.config.ModelConfig field, e.g. {d_model: 192, position: absolute}."
+
+
+@dataclass
+class DataSection:
+    manifest: str = "runs/data/train"
+    "Training split: a manifest.json written by `performer data shards`, or its directory."
+    eval_manifest: str | None = None
+    "Held-out split for eval; null = the `heldout` directory beside the training split, if any."
+    objective: str = "span_corruption"
+    "span_corruption (seq2seq) or causal_lm (lm)."
+    input_length: int = 512
+    "Tokens per input row (the encoder input for span corruption)."
+    num_workers: int = 0
+    "DataLoader worker processes per rank."
+    shuffle_buffer: int = 1000
+    "Documents in the bounded shuffle buffer."
+    verify_sha256: bool = True
+    "Hash every shard at start-up (sizes and structure are always checked)."
+    allow_pipe: bool = False
+    "Accept `pipe:` shard commands (they run a shell command)."
+    allow_remote: bool = False
+    "Accept http(s)/s3/gs shard URLs."
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/tiny"
+    "Run directory: resolved config, metrics.jsonl, TensorBoard logs, checkpoints/."
+    max_steps: int = 100
+    "Optimizer steps to train for."
+    micro_batch_size: int = 8
+    "Rows per rank per forward."
+    grad_accum: int = 1
+    "Micro-batches accumulated per optimizer step."
+    global_batch_size: int | None = None
+    "Optional check: must equal micro_batch_size x grad_accum x data-parallel ranks."
+    max_consecutive_nonfinite: int = 5
+    "Stop (with a checkpoint of the last good state) after this many non-finite losses in a row."
+    time_budget_s: float | None = None
+    "Wall-clock budget: save and exit cleanly (like a preemption) once it is spent."
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 1e-3
+    "Peak learning rate (AdamW)."
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    "AdamW betas."
+    eps: float = 1e-8
+    "AdamW epsilon."
+    weight_decay: float = 0.01
+    "Decoupled weight decay."
+    grad_clip: float = 1.0
+    "Clip the global gradient norm to this value; 0 = off."
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 100
+    "Linear warmup from 0 to the peak learning rate."
+    min_lr_ratio: float = 0.1
+    "Cosine decay ends at lr x min_lr_ratio at train.max_steps."
+
+
+@dataclass
+class ZeroSection:
+    stage: int = 0
+    "ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."
+    offload: str = "none"
+    "none, optimizer (optimizer states on CPU) or all (optimizer and parameters; stage 3 only)."
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 50
+    "Save every N optimizer steps (and at the end, on a preemption signal, on a budget)."
+    keep: int = 3
+    "Complete checkpoints kept; older ones are deleted after a newer one is committed."
+
+
+@dataclass
+class EvalSection:
+    interval: int = 50
+    "Evaluate on the held-out split every N optimizer steps (and at the end); 0 = never."
+    batches: int = 8
+    "Micro-batches per rank per evaluation."
+
+
+@dataclass
+class LogSection:
+    interval: int = 10
+    "Log metrics every N optimizer steps."
+    tensorboard: bool = True
+    "Write TensorBoard event files under <output_dir>/tensorboard."
+    progress: bool = True
+    "Console progress bar on rank 0."
+    peak_flops_per_rank: float | None = None
+    "Peak FLOP/s of one rank, for model FLOPs utilisation; null = measure a float32 GEMM at start."
+
+
+@dataclass
+class DistSection:
+    timeout_s: float = 60.0
+    "Collective timeout: a dead or hung rank ends the job after this long."
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    "Seed of everything random: init, data order, objectives, projection base seed."
+    precision: str = "fp32"
+    "fp32, bf16 or fp16 (dynamic loss scaling)."
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    log: LogSection = field(default_factory=LogSection)
+    dist: DistSection = field(default_factory=DistSection)
+    deepspeed: dict = field(default_factory=dict)
+    "Passthrough merged into the DeepSpeed JSON; keys the typed config owns are refused."
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("model.kind", self.model.kind, MODEL_KINDS)
+        _check_choice("model.attention_type", self.model.attention_type, ("favor", "softmax"))
+        _check_choice("zero.offload", self.zero.offload, OFFLOADS)
+        _check_choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
+        if self.zero.offload == "all" and self.zero.stage != 3:
+            raise ConfigError("zero.offload=all (parameter offload) needs zero.stage=3; use offload=optimizer below stage 3")
+        expected_objective = {"seq2seq": "span_corruption", "lm": "causal_lm"}[self.model.kind]
+        if self.data.objective != expected_objective:
+            raise ConfigError(
+                f"data.objective={self.data.objective!r} does not train model.kind={self.model.kind!r}; "
+                f"set data.objective={expected_objective}"
+            )
+        for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "checkpoint.interval", "checkpoint.keep", "log.interval"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
+        if self.model.activation_checkpointing < 0:
+            raise ConfigError("model.activation_checkpointing must be 0 (off), 1 (every layer) or k >= 2 (every k-th)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved config (what a checkpoint was trained with)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def model_fingerprint(self) -> str:
+        """sha256 of what fixes the parameter shapes: resuming with another model is an error."""
+        shape_keys = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("dropout", "redraw_interval", "activation_checkpointing")}
+        return hashlib.sha256(json.dumps(shape_keys, sort_keys=True).encode()).hexdigest()
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+# ------------------------------------------------------------------------------ typed building
+
+
+def _type_matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (dict, list, str, bool):
+        return isinstance(value, annotation)
+    return True
+
+
+def _unknown_key_error(key: str, path: str, known: list[str]) -> ConfigError:
+    where = f"{path}.{key}" if path else key
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    suggestion = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
+    return ConfigError(f"unknown config key {where!r}{suggestion} (known here: {', '.join(sorted(known))})")
+
+
+def build_dataclass(cls: type, values: Mapping[str, Any], path: str = "") -> Any:
+    """Nested dataclass from a mapping: unknown keys and wrong types are ConfigErrors naming the key."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(values).__name__}: {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown_key_error(str(key), path, list(fields))
+        where = f"{path}.{key}" if path else key
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = build_dataclass(annotation, value or {}, where)
+        elif not _type_matches(value, annotation):
+            expected = getattr(annotation, "__name__", str(annotation))
+            raise ConfigError(f"{where} must be of type {expected}, got {type(value).__name__}: {value!r}")
+        else:
+            kwargs[key] = float(value) if annotation is float else value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path or 'config'}: {error}") from error
+
+
+# ------------------------------------------------------------------------------ layering
+
+
+def deep_merge(base: dict, update: Mapping) -> dict:
+    """Later wins; mappings merge key by key (a `deepspeed:` or `model.overrides:` block too)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(assignment: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}} with the value parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.max_steps=50), got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    keys = [part for part in dotted.strip().split(".") if part]
+    if not keys:
+        raise ConfigError(f"--set has an empty key in {assignment!r}")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (pass --config PATH to a YAML file, e.g. configs/tiny.yaml)")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return loaded
+
+
+def load_config(paths: list[str | Path], overrides: list[str] = ()) -> RunConfig:
+    merged: dict = {}
+    for path in paths:
+        merged = deep_merge(merged, read_yaml(path))
+    for assignment in overrides:
+        merged = deep_merge(merged, parse_override(assignment))
+    return build_dataclass(RunConfig, merged)
+
+
+def config_from_dict(values: Mapping) -> RunConfig:
+    """A RunConfig from its to_dict() form (as saved with a run or a checkpoint)."""
+    return build_dataclass(RunConfig, values)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,83 @@
+"""Metrics: TensorBoard scalars, a JSONL copy, and a console progress bar (rank 0 only).
+
+Scalar names: train/loss, train/lr, train/grad_norm, train/loss_scale, train/tokens_per_s,
+train/mfu, train/data_wait_fraction, train/skipped_steps, eval/loss, eval/perplexity, redraw/step.
+Each JSONL line has at least step, loss, lr, tokens_per_s for training records (kind "train").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 3) -> float:
+    """float32 GEMM FLOP/s of this process (a stand-in for the hardware peak on CPUs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+class MetricsLogger:
+    """Writes only on rank 0; every method is safe to call on every rank."""
+
+    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int,
+                 tensorboard: bool, progress: bool):  # fmt: skip
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        self.bar = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step or None)
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """kind: train, eval or event; values: name -> number (or small JSON values for events)."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = {"train": "train", "eval": "eval", "event": "events"}[kind]
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        if self.bar is not None and kind == "train":
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        if self.bar is not None and kind == "eval":
+            self.bar.write(f"step {step}: eval loss {values['loss']:.4f} (perplexity {values['perplexity']:.1f})")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,335 @@
+"""Pretrain an encoder-decoder (or decoder-only) Performer with DeepSpeed.
+
+    deepspeed --num_gpus N --module launcher.pretrain --config configs/tiny.yaml [--config overlay.yaml]
+              [--set train.max_steps=50 log.interval=5] [--resume auto|TAG]
+    python -m launcher.pretrain ...        (one process)        performer pretrain ...   (the same)
+
+The recipe, top to bottom: config -> process group (timeouts first) -> model -> DeepSpeed engine
+-> projection seed from rank 0 -> data stream -> resume -> loop (forward, non-finite check,
+backward, step; redraw, log, eval, checkpoint at optimizer-step boundaries) -> final save.
+Exit codes: 0 done, 2 bad input (config, checkpoint), 3 too many non-finite losses,
+75 stopped early by a signal or the time budget after saving (requeue and resume with
+--resume auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launcher import checkpoint
+from launcher.config import ConfigError, RunConfig, load_config, save_config
+from launcher.dist import Topology, all_agree, all_mean, barrier, broadcast_int, init_distributed
+from launcher.ds_config import build_deepspeed_config
+from launcher.metrics import MetricsLogger, measure_peak_flops
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="append", required=True, metavar="YAML",
+                        help="config file; repeat to layer overlays (later files win)")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. --set train.max_steps=50 zero.stage=2")
+    parser.add_argument("--resume", default=None, metavar="auto|TAG",
+                        help="auto: newest complete checkpoint (fresh start if none); TAG: that one or an error")
+    # The deepspeed launcher appends --local_rank; the rank comes from the environment anyway.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # fmt: skip
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("pretrain", help="pretrain with DeepSpeed (see launcher/pretrain.py)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=lambda args: run(args.config, args.set, args.resume))
+
+
+class TooManyNonFinite(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must carry besides the engine's own state."""
+
+    samples: int = 0
+    tokens: int = 0
+    skipped_nonfinite: int = 0
+    stop_requested: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ building blocks
+
+
+def build_model_config(config: RunConfig, special):
+    from performer.config import preset
+
+    section = config.model
+    return preset(
+        section.preset,
+        **{
+            "vocab_size": special.vocab_size,
+            "pad_id": special.pad_id,
+            "attention_type": section.attention_type,
+            "nb_features": section.nb_features,
+            "dropout": section.dropout,
+            # The trainer redraws at optimizer steps on every rank; the model never does on its own.
+            "feature_redraw_interval": None,
+            "auto_check_redraw": False,
+            "gradient_checkpointing": section.activation_checkpointing,
+            "projection_seed": config.seed,
+            **section.overrides,
+        },
+    )
+
+
+def eval_manifest_path(config: RunConfig) -> Path | None:
+    if config.data.eval_manifest is not None:
+        return Path(config.data.eval_manifest)
+    train = Path(config.data.manifest)
+    train_dir = train.parent if train.name.endswith(".json") else train
+    candidate = train_dir.parent / "heldout"
+    return candidate if (candidate / "manifest.json").is_file() else None
+
+
+def make_stream(config: RunConfig, manifest: Path, topology: Topology, max_epochs=None):
+    from data.stream import StreamConfig, TokenStream
+
+    data = config.data
+    stream_config = StreamConfig(
+        manifest=str(manifest), objective=data.objective, input_length=data.input_length,
+        batch_size=config.train.micro_batch_size, seed=config.seed, num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer, verify_sha256=data.verify_sha256,
+        allow_pipe=data.allow_pipe, allow_remote=data.allow_remote, max_epochs=max_epochs,
+    )  # fmt: skip
+    return TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size)
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens the model read and predicted in this batch."""
+    count = int(batch["attention_mask"].sum())
+    if "decoder_input_ids" in batch:
+        count += int((batch["labels"] != -100).sum())
+    return count
+
+
+def last_redraw_step(step: int, interval: int | None) -> int:
+    """Projections in force after `step` optimizer steps: drawn at the last multiple of interval."""
+    return 0 if not interval else (step // interval) * interval
+
+
+def evaluate(engine, config: RunConfig, manifest: Path, topology: Topology) -> dict[str, float]:
+    """Mean loss over the first eval.batches batches of the held-out split (the same every time)."""
+    stream = make_stream(config, manifest, topology, max_epochs=1)
+    batches = min(config.eval.batches, stream.steps_per_epoch)
+    total, count = 0.0, 0
+    engine.eval()
+    with torch.no_grad():
+        for index, batch in enumerate(stream.iter_epoch()):
+            if index >= batches:
+                break
+            total += float(engine(**_to_device(batch, engine.device)).loss)
+            count += 1
+    engine.train()
+    mean_loss = all_mean([total / max(count, 1)])[0]
+    return {"loss": mean_loss, "perplexity": float(torch.tensor(mean_loss).exp())}
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _install_stop_signals(progress: Progress) -> None:
+    def request_stop(signum, _frame):
+        progress.stop_requested.append(signal.Signals(signum).name)
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), request_stop)
+
+
+# ------------------------------------------------------------------------------ the recipe
+
+
+def run(config_paths: list[str], overrides: list[str], resume: str | None) -> int:
+    try:
+        config = load_config(config_paths, overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    topology = init_distributed(config.dist.timeout_s)
+    try:
+        return train(config, topology, resume)
+    except (ConfigError, checkpoint.CheckpointError) as error:
+        print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TooManyNonFinite as error:
+        print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
+
+
+def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
+    import deepspeed
+
+    from data.shards import Manifest
+    from performer.feature_maps import derive_seed
+    from performer.models import build_model
+
+    output_dir = Path(config.train.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_tag = checkpoint.resolve_resume_tag(checkpoint_dir, resume)
+    if resume_tag is not None:
+        checkpoint.check_compatible(checkpoint_dir / resume_tag, config, topology)
+
+    manifest = Manifest.load(config.data.manifest)
+    model_config = build_model_config(config, manifest.special)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build_model(config.model.kind, model_config)
+    ds_config = build_deepspeed_config(config, topology.world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    # One integer decides every projection: drawn on rank 0, broadcast, stored in checkpoints.
+    projection_seed = broadcast_int(derive_seed(config.seed, 0x5EED) if topology.is_main else 0)
+    progress = Progress()
+    stream = make_stream(config, Path(config.data.manifest), topology)
+    if resume_tag is not None:
+        client = checkpoint.load(engine, checkpoint_dir, resume_tag)
+        stream.load_state_dict(client["data"])
+        projection_seed = int(client["projection_seed"])
+        progress = Progress(samples=client["samples"], tokens=client["tokens"],
+                            skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
+    model.redraw_projection_matrices_(
+        seed=projection_seed, step=last_redraw_step(engine.global_steps, config.model.redraw_interval)
+    )
+    if topology.is_main:
+        save_config(config, output_dir / "config.yaml")
+        (output_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
+    eval_manifest = eval_manifest_path(config)
+    _install_stop_signals(progress)
+
+    start_step = engine.global_steps
+    metrics = MetricsLogger(output_dir, topology.is_main, config.train.max_steps, start_step,
+                            config.log.tensorboard, config.log.progress)  # fmt: skip
+    peak_flops = config.log.peak_flops_per_rank or measure_peak_flops()
+    parameter_count = sum(p.numel() for p in model.parameters())
+    if resume_tag is not None:
+        metrics.message(f"resumed from {resume_tag} at step {start_step}")
+    metrics.message(f"{config.model.kind} model, {parameter_count / 1e6:.2f}M parameters, "
+                    f"{topology.world_size} rank(s), ZeRO {config.zero.stage}, {config.precision}")  # fmt: skip
+
+    def client_state() -> dict:
+        return {
+            "step": engine.global_steps, "samples": progress.samples, "tokens": progress.tokens,
+            "skipped_nonfinite": progress.skipped_nonfinite, "data": stream.state_dict(),
+            "projection_seed": projection_seed, "config_fingerprint": config.fingerprint(),
+            "model_config": model_config.to_dict(), "run_config": config.to_dict(),
+            "world_size": topology.world_size,
+        }  # fmt: skip
+
+    def save() -> str:
+        return checkpoint.save(engine, checkpoint_dir, engine.global_steps, client_state(), topology,
+                               config.checkpoint.keep, config)  # fmt: skip
+
+    batches = iter(stream)
+    window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
+    consecutive_nonfinite = 0
+    last_saved_step = start_step if resume_tag is not None else -1
+    exit_code = 0
+    started_at = time.monotonic()
+    while engine.global_steps < config.train.max_steps:
+        # Per-step randomness (dropout) is a function of (seed, step, rank): nothing to save.
+        torch.manual_seed(derive_seed(config.seed, engine.global_steps, engine.micro_steps, topology.rank))
+        waited = time.perf_counter()
+        batch = _to_device(next(batches), engine.device)
+        window["wait"] += time.perf_counter() - waited
+        loss = engine(**batch).loss
+        if not all_agree(bool(torch.isfinite(loss)), op=torch.distributed.ReduceOp.MIN):
+            # Skipped on every rank alike: no backward, no step, weights untouched.
+            progress.skipped_nonfinite += 1
+            consecutive_nonfinite += 1
+            metrics.log("event", engine.global_steps, {"nonfinite_loss": 1, "skipped_total": progress.skipped_nonfinite})
+            if consecutive_nonfinite >= config.train.max_consecutive_nonfinite:
+                if last_saved_step != engine.global_steps:
+                    save()
+                raise TooManyNonFinite(
+                    f"{consecutive_nonfinite} non-finite losses in a row at step {engine.global_steps}; the last "
+                    "good weights are checkpointed. Lower optimizer.lr, raise schedule.warmup_steps, or use "
+                    "precision=bf16 instead of fp16, then --resume auto"
+                )
+            continue
+        consecutive_nonfinite = 0
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        window["loss"] += loss.item()
+        window["micro"] += 1
+        window["tokens"] += batch_tokens(batch)
+        progress.samples += batch["input_ids"].shape[0] * topology.world_size
+        if not boundary:
+            continue
+
+        step = engine.global_steps
+        metrics.advance()
+        interval = config.model.redraw_interval
+        if interval and step % interval == 0:
+            model.redraw_projection_matrices_(seed=projection_seed, step=step)
+            metrics.log("event", step, {"redraw": step})
+        if step % config.log.interval == 0 or step == config.train.max_steps:
+            elapsed = time.perf_counter() - window["started"]
+            mean_loss, tokens = all_mean([window["loss"] / max(window["micro"], 1), window["tokens"]])
+            tokens_per_s = tokens * topology.world_size / elapsed
+            progress.tokens += int(tokens * topology.world_size)
+            grad_norm = engine.get_global_grad_norm()
+            metrics.log("train", step, {
+                "loss": mean_loss,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if config.precision == "fp16" else 1.0,
+                "tokens_per_s": tokens_per_s,
+                "mfu": 6 * parameter_count * tokens_per_s / (peak_flops * topology.world_size),
+                "data_wait_fraction": window["wait"] / elapsed,
+                "skipped_steps": progress.skipped_nonfinite + int(getattr(engine, "skipped_steps", 0)),
+                "tokens": progress.tokens,
+            })  # fmt: skip
+            window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
+        if eval_manifest is not None and config.eval.interval and (
+            step % config.eval.interval == 0 or step == config.train.max_steps
+        ):
+            metrics.log("eval", step, evaluate(engine, config, eval_manifest, topology))
+        if step % config.checkpoint.interval == 0 or step == config.train.max_steps:
+            save()
+            last_saved_step = step
+        over_budget = config.train.time_budget_s is not None and time.monotonic() - started_at > config.train.time_budget_s
+        if all_agree(bool(progress.stop_requested) or over_budget) and step < config.train.max_steps:
+            if last_saved_step != step:
+                save()
+                last_saved_step = step
+            reason = ",".join(progress.stop_requested) or "time budget"
+            metrics.message(f"stopping at step {step} ({reason}): checkpoint saved; resume with --resume auto")
+            exit_code = EXIT_PREEMPTED
+            break
+    if last_saved_step != engine.global_steps:
+        save()
+    metrics.close()
+    barrier()
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launcher.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args.config, args.set, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
