@@ -14,6 +14,7 @@ import sys
 # adds sets `func`, called with the parsed arguments and returning an exit code.
 SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
     ("data", "data.cli"),
+    ("generate", "launcher.generate"),
 )
 
 
