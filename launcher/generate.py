@@ -111,8 +111,8 @@ def _load(export_dir: Path, device: str):
                             "tokenizer (performer export, or save_pretrained(..., tokenizer_dir=DIR))")
     try:
         tokenizer = Tokenizer.load(tokenizer_dir)
-    except (FileNotFoundError, ValueError) as error:
-        raise GenerateError(f"cannot load the export's tokenizer: {error}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # missing, or unreadable files
+        raise GenerateError(f"cannot load the export's tokenizer from {tokenizer_dir}: {error!r}") from None
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GenerateError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}; "
                             "the export's tokenizer/ is not the one the model was trained with")
@@ -127,9 +127,10 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     for match in _SENTINEL.finditer(text):
         ids += _encode_segment(tokenizer, text[position:match.start()], at_start=not ids)
         index = int(match.group(1))
-        if index >= tokenizer.special.num_sentinels:
-            raise GenerateError(f"<extra_id_{index}> in the prompt: this tokenizer has "
-                                f"{tokenizer.special.num_sentinels} sentinels (0..{tokenizer.special.num_sentinels - 1})")
+        count = tokenizer.special.num_sentinels
+        if index >= count:
+            raise GenerateError(f"<extra_id_{index}> in the prompt: this tokenizer has {count} sentinels "
+                                f"(<extra_id_0> .. <extra_id_{count - 1}>)")
         ids.append(tokenizer.special.sentinel_id(index))
         position = match.end()
     return ids + _encode_segment(tokenizer, text[position:], at_start=not ids)

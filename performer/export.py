@@ -115,7 +115,8 @@ def save_pretrained_from_state_dict(
 
     projection_state = model.projection_state()
     if projection_state is not None:
-        # The stored config then rebuilds the same projections; the file's copy wins anyway.
+        # The real seed, for the record (and so building the model on load draws no seed from
+        # the global generator); the stored projections replace whatever the build draws.
         export_config = dataclasses.replace(export_config, projection_seed=projection_state[0])
     tensors, tied = _unshared_tensors(state_dict, model.state_dict(), dtype)
     metadata = {
@@ -130,7 +131,7 @@ def save_pretrained_from_state_dict(
         "tied_weights": tied,
         "tokenizer": TOKENIZER_DIR if tokenizer_dir is not None else None,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "card": dict(card or {}),
+        "card": {str(key): _plain(value) for key, value in (card or {}).items()},
         "torch_version": torch.__version__,
     }
     return _write_atomically(Path(out_dir), lambda tmp: _write_files(tmp, tensors, metadata, tokenizer_dir))
@@ -280,6 +281,16 @@ def render_card(metadata: Mapping[str, Any]) -> str:
 _KIND_DESCRIPTIONS = {"seq2seq": "encoder-decoder", "lm": "decoder-only language model", "encoder": "encoder-only"}
 
 
+def _plain(value: Any) -> Any:
+    """A card value as JSON can hold it: numpy / torch scalars become numbers, the rest text."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    try:
+        return value.item()
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return str(value)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         value = f"{value:.4g}"
@@ -335,7 +346,9 @@ def read_export_config(directory: Path) -> dict[str, Any]:
     try:
         metadata = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ExportError(f"{config_path} is not valid JSON ({error}); the export is corrupted, export again") from None
+        raise ExportError(
+            f"{config_path} is not valid JSON ({error}); the export is corrupted, export again"
+        ) from None
     if not isinstance(metadata, dict):
         raise ExportError(f"{config_path} is not a JSON object; the export is corrupted, export again")
     version = metadata.get("format_version")
@@ -348,7 +361,9 @@ def read_export_config(directory: Path) -> dict[str, Any]:
         raise ExportError(f"{config_path}: unknown model_kind {metadata.get('model_kind')!r}; "
                           f"expected one of {', '.join(MODEL_CLASSES)}")
     if metadata.get("dtype") not in DTYPES:
-        raise ExportError(f"{config_path}: unknown dtype {metadata.get('dtype')!r}; expected one of {', '.join(DTYPES)}")
+        raise ExportError(
+            f"{config_path}: unknown dtype {metadata.get('dtype')!r}; expected one of {', '.join(DTYPES)}"
+        )
     return metadata
 
 

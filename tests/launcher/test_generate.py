@@ -94,7 +94,12 @@ def test_sentinels_in_the_prompt_are_sentinel_ids(tokenizer_dir):
 def error_exports(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("exports")
     bare = build_model("lm", preset("tiny", vocab_size=320, d_model=32, num_heads=4))
+    broken_tokenizer = root / "broken-tokenizer"
+    broken_tokenizer.mkdir()
+    (broken_tokenizer / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    (broken_tokenizer / "tokenizer.json").write_text('{"special": {"vocab_size": 320, "num_sentinels": 20}}')
     return {
+        "broken_tokenizer": _export(root, "seq2seq", broken_tokenizer, "softmax"),
         "missing": root / "nothing-here",
         "no_tokenizer": performer.save_pretrained(bare, root / "bare", model_kind="lm"),
         "encoder": _export(root, "encoder", tokenizer_dir),
@@ -108,6 +113,7 @@ def error_exports(tmp_path_factory, tokenizer_dir):
     [
         (["--model", "{missing}"], "no export at"),
         (["--model", "{no_tokenizer}"], "has no tokenizer/ directory"),
+        (["--model", "{broken_tokenizer}"], "cannot load the export's tokenizer"),
         (["--model", "{encoder}"], "encoder-only model does not generate"),
         (["--model", "{seq2seq}", "--num-beams", "2", "--temperature", "0.7"], "beam search is deterministic"),
         (["--model", "{seq2seq}", "--temperature", "0"], "temperature must be > 0"),

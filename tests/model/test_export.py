@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,7 +203,8 @@ def test_export_layout_has_no_pickle_and_no_leftovers(tmp_path):
     tokenizer.mkdir()
     (tokenizer / "tokenizer.model").write_bytes(b"sentencepiece bytes")
     (tokenizer / "tokenizer.json").write_text('{"special": {}}')
-    _, out = _export(tmp_path, tokenizer_dir=tokenizer, card={"data": "stdlib", "steps": 300, "eval loss": 2.5})
+    _, out = _export(tmp_path, tokenizer_dir=tokenizer,
+                     card={"data": Path("stdlib"), "steps": 300, "eval loss": torch.tensor(2.5)})
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
     assert files == ["README.md", "config.json", "model.safetensors", "tokenizer/tokenizer.json",
                      "tokenizer/tokenizer.model"]
@@ -319,3 +323,17 @@ def test_finetune_example_trains_an_export_and_the_loss_falls(tmp_path, capsys):
     printed = capsys.readouterr().out
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", printed).groups())
     assert last < 0.8 * first, printed
+
+
+def test_loading_an_export_imports_neither_deepspeed_nor_the_trainer(tmp_path):
+    # Fine-tuners load exports with plain PyTorch: a fresh interpreter shows what loading pulls in.
+    _, out = _export(tmp_path)
+    script = (
+        "import sys, performer\n"
+        f"performer.from_pretrained({str(out)!r})\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'yaml', 'data', 'launcher'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
