@@ -4,8 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+RANKS  ?= 2
+DATA   ?= runs/data
+RUN    ?= runs/tiny
 
-.PHONY: setup test pretrain bench clean
+.PHONY: setup test pretrain data clean
 
 # The venv is rebuilt whenever pyproject.toml changes. On machines without an NVIDIA GPU the
 # pinned CPU wheel of torch goes in first, so the plain `torch` requirement installs nothing more
@@ -22,10 +25,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+# DeepSpeed JIT-compiles its CPU communication op on first use; two ranks compiling it at once can
+# abort one of them, so it is built once here, in a single process, before any multi-rank job.
+$(VENV)/.deepspeed-ops: $(VENV)/.installed
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	    a().device_name() == 'cpu' and a().create_op_builder('ShareMemCommBuilder').load()"
+	touch $@
+
+setup: $(VENV)/.deepspeed-ops
 
 test: setup
 	$(PY) -m pytest -q tests
+
+$(DATA)/train/manifest.json: | setup
+	$(VENV)/bin/performer data prepare --source stdlib --out $(DATA)
+
+data: $(DATA)/train/manifest.json
+
+# The main job: tiny encoder-decoder Performer on the stdlib corpus, DeepSpeed on $(RANKS) CPU
+# ranks (or GPUs), then export and a sample generation. Resumes if interrupted.
+pretrain: data
+	$(VENV)/bin/deepspeed --num_gpus $(RANKS) --module launcher.pretrain \
+	    --config configs/tiny.yaml --set data.manifest=$(DATA)/train train.output_dir=$(RUN) --resume auto
+	$(VENV)/bin/performer export --checkpoint $(RUN) --out $(RUN)/export
+	$(VENV)/bin/performer generate --model $(RUN)/export --max-new-tokens 32 \
+	    --prompt "$$(printf 'def read_config(path):\n    with open(<extra_id_0>) as handle:\n        return <extra_id_1>(handle)')"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

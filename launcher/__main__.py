@@ -14,6 +14,8 @@ import sys
 # adds sets `func`, called with the parsed arguments and returning an exit code.
 SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
     ("data", "data.cli"),
+    ("pretrain", "launcher.pretrain"),
+    ("export", "launcher.export"),
     ("generate", "launcher.generate"),
 )
 

@@ -15,6 +15,7 @@ Exit codes: 0 done, 2 bad input (config, checkpoint), 3 too many non-finite loss
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import signal
 import sys
@@ -122,6 +123,44 @@ def batch_tokens(batch: dict) -> int:
     return count
 
 
+def flops_per_micro_batch(model, config: RunConfig, target_length: int) -> float:
+    """Counted training FLOPs: 6 x (parameters a token passes through) per token, attention excluded.
+
+    Encoder tokens pass the encoder; decoder tokens the decoder and the vocabulary projection.
+    """
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    batch = config.train.micro_batch_size
+    model_config = model.config
+    head = model_config.d_model * model_config.vocab_size
+    decoder_tokens = batch * target_length
+    flops = (count(model.decoder) + head) * decoder_tokens
+    if hasattr(model, "encoder"):
+        flops += count(model.encoder) * batch * config.data.input_length
+    return 6.0 * flops
+
+
+def projection_digest(model) -> str:
+    """sha256 over every FAVOR+ projection, in module order."""
+    digest = hashlib.sha256()
+    for attention in model.favor_attentions():
+        digest.update(attention.projection.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def redraw_everywhere(model, seed: int, step: int) -> str:
+    """Redraw on every rank, then prove the ranks agree (an all-gather of digests)."""
+    model.redraw_projection_matrices_(seed=seed, step=step)
+    digest = projection_digest(model)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        digests = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"FAVOR+ projections differ between ranks after the redraw at step {step}: {digests}")
+    return digest
+
+
 def last_redraw_step(step: int, interval: int | None) -> int:
     """Projections in force after `step` optimizer steps: drawn at the last multiple of interval."""
     return 0 if not interval else (step // interval) * interval
@@ -206,9 +245,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
         projection_seed = int(client["projection_seed"])
         progress = Progress(samples=client["samples"], tokens=client["tokens"],
                             skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
-    model.redraw_projection_matrices_(
-        seed=projection_seed, step=last_redraw_step(engine.global_steps, config.model.redraw_interval)
-    )
+    redraw_everywhere(model, projection_seed, last_redraw_step(engine.global_steps, config.model.redraw_interval))
     if topology.is_main:
         save_config(config, output_dir / "config.yaml")
         (output_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
@@ -220,6 +257,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
                             config.log.tensorboard, config.log.progress)  # fmt: skip
     peak_flops = config.log.peak_flops_per_rank or measure_peak_flops()
     parameter_count = sum(p.numel() for p in model.parameters())
+    micro_batch_flops = flops_per_micro_batch(model, config, stream.config.target_length)
     if resume_tag is not None:
         metrics.message(f"resumed from {resume_tag} at step {start_step}")
     metrics.message(f"{config.model.kind} model, {parameter_count / 1e6:.2f}M parameters, "
@@ -280,8 +318,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
         metrics.advance()
         interval = config.model.redraw_interval
         if interval and step % interval == 0:
-            model.redraw_projection_matrices_(seed=projection_seed, step=step)
-            metrics.log("event", step, {"redraw": step})
+            digest = redraw_everywhere(model, projection_seed, step)
+            metrics.log("event", step, {"redraw": step, "projection_digest": digest})
         if step % config.log.interval == 0 or step == config.train.max_steps:
             elapsed = time.perf_counter() - window["started"]
             mean_loss, tokens = all_mean([window["loss"] / max(window["micro"], 1), window["tokens"]])
@@ -294,7 +332,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if config.precision == "fp16" else 1.0,
                 "tokens_per_s": tokens_per_s,
-                "mfu": 6 * parameter_count * tokens_per_s / (peak_flops * topology.world_size),
+                "mfu": micro_batch_flops * window["micro"] / elapsed / peak_flops,
                 "data_wait_fraction": window["wait"] / elapsed,
                 "skipped_steps": progress.skipped_nonfinite + int(getattr(engine, "skipped_steps", 0)),
                 "tokens": progress.tokens,

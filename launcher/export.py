@@ -1,0 +1,131 @@
+"""`performer export`: a training checkpoint (any ZeRO stage) -> a fixed-feature safetensors export.
+
+    performer export --checkpoint runs/tiny [--tag step00000300] --out runs/tiny/export [--dtype bf16]
+
+ZeRO shards are consolidated with DeepSpeed's own fp32 consolidation (``zero_to_fp32``); a ZeRO-0
+fp32 checkpoint already holds the whole module. The model and run configs come from the tag's
+COMPLETE marker (JSON), the tokenizer from beside the training shards (its fingerprint checked
+against the manifest), and the model card from the run's metrics.
+
+DeepSpeed checkpoints are pickles: export only checkpoints you trust. The export itself holds no
+pickle (safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from launcher.checkpoint import CheckpointError, read_marker, resolve_resume_tag
+from launcher.config import config_from_dict
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="checkpoint -> safetensors export for fine-tuning",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run's train.output_dir")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    parser.add_argument("--out", required=True, metavar="EXPORT_DIR")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype in the export")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the shards)")
+    parser.set_defaults(func=command)
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str, run_config) -> dict[str, torch.Tensor]:
+    """fp32 weights and buffers of the whole model from one checkpoint tag."""
+    if run_config.zero.stage == 0 and run_config.precision == "fp32":
+        # Trusted input only (pickle): the module state written by rank 0.
+        states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+def find_tokenizer(run_config, explicit: str | None) -> Path | None:
+    """The tokenizer the shards were written with, checked by fingerprint."""
+    from data.shards import Manifest
+    from data.tokenizer import Tokenizer
+
+    manifest = Manifest.load(run_config.data.manifest)
+    if explicit is not None:
+        candidate = Path(explicit)
+    else:
+        shards = Path(run_config.data.manifest)
+        shards = shards.parent if shards.name.endswith(".json") else shards
+        candidate = shards.parent / "tokenizer"
+    if not candidate.is_dir():
+        if explicit is not None:
+            raise FileNotFoundError(f"--tokenizer {explicit}: no such directory")
+        return None
+    tokenizer = Tokenizer.load(candidate)
+    if manifest.tokenizer_fingerprint and tokenizer.fingerprint != manifest.tokenizer_fingerprint:
+        raise ValueError(
+            f"tokenizer {candidate} is not the one the shards were written with (fingerprint mismatch); "
+            "pass --tokenizer with the right directory"
+        )
+    return candidate
+
+
+def model_card(run_dir: Path, marker: dict) -> dict:
+    """Facts for the export's README: data, steps, tokens, last eval loss."""
+    run_config = marker["run_config"]
+    card = {
+        "data": run_config["data"]["manifest"],
+        "objective": run_config["data"]["objective"],
+        "steps": marker["step"],
+        "ranks": marker["world_size"],
+        "precision": run_config["precision"],
+        "zero stage": run_config["zero"]["stage"],
+    }
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r.get("step", 0) <= marker["step"]]
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        if train:
+            card["tokens"] = train[-1].get("tokens")
+            card["final train loss"] = round(train[-1]["loss"], 4)
+        if evals:
+            card["eval loss"] = round(evals[-1]["loss"], 4)
+            card["eval perplexity"] = round(evals[-1]["perplexity"], 2)
+    return card
+
+
+def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32",
+                      tokenizer: str | None = None) -> Path:  # fmt: skip
+    from performer.config import ModelConfig
+    from performer.export import save_pretrained_from_state_dict
+
+    checkpoint_dir = run_dir / "checkpoints"
+    resolved = resolve_resume_tag(checkpoint_dir, tag or "auto")
+    if resolved is None:
+        raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}: train first (performer pretrain) or check the path")
+    marker = read_marker(checkpoint_dir / resolved)
+    run_config = config_from_dict(marker["run_config"])
+    model_config = ModelConfig.from_dict(marker["model_config"])
+    state_dict = consolidated_state_dict(checkpoint_dir, resolved, run_config)
+    return save_pretrained_from_state_dict(
+        state_dict, model_config, run_config.model.kind, out, dtype=DTYPES[dtype],
+        tokenizer_dir=find_tokenizer(run_config, tokenizer), card=model_card(run_dir, marker),
+    )  # fmt: skip
+
+
+def command(args) -> int:
+    try:
+        out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.tag, args.dtype, args.tokenizer)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"export error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
