@@ -183,6 +183,9 @@ class RunConfig:
         _check_choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
         if self.zero.offload == "all" and self.zero.stage != 3:
             raise ConfigError("zero.offload=all (parameter offload) needs zero.stage=3; use offload=optimizer below stage 3")
+        if self.zero.offload == "optimizer" and self.zero.stage == 0:
+            # Stage 0 builds no ZeRO optimizer: DeepSpeed would silently keep the states on the device.
+            raise ConfigError("zero.offload=optimizer needs zero.stage >= 1 (stage 0 does not offload); set zero.stage=1")
         expected_objective = {"seq2seq": "span_corruption", "lm": "causal_lm"}[self.model.kind]
         if self.data.objective != expected_objective:
             raise ConfigError(
@@ -232,6 +235,13 @@ def _type_matches(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _is_float_field(annotation: Any) -> bool:
+    """float or float | None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return float in typing.get_args(annotation)
+    return annotation is float
+
+
 def _unknown_key_error(key: str, path: str, known: list[str]) -> ConfigError:
     where = f"{path}.{key}" if path else key
     hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -252,12 +262,14 @@ def build_dataclass(cls: type, values: Mapping[str, Any], path: str = "") -> Any
         where = f"{path}.{key}" if path else key
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = build_dataclass(annotation, value or {}, where)
+            # An empty section (`log:` with nothing under it) is its defaults; 0, [] or false are errors.
+            kwargs[key] = build_dataclass(annotation, {} if value is None else value, where)
         elif not _type_matches(value, annotation):
             expected = getattr(annotation, "__name__", str(annotation))
             raise ConfigError(f"{where} must be of type {expected}, got {type(value).__name__}: {value!r}")
         else:
-            kwargs[key] = float(value) if annotation is float else value
+            # 60 and 60.0 are the same value: store a float so the fingerprint does not depend on the spelling.
+            kwargs[key] = float(value) if _is_float_field(annotation) and value is not None else value
     try:
         return cls(**kwargs)
     except ConfigError:
