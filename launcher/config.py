@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,6 +236,16 @@ def _type_matches(value: Any, annotation: Any) -> bool:
     return True
 
 
+_FLOAT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _yaml_float(value: Any, annotation: Any) -> Any:
+    """PyYAML reads `1e-3` (no exponent sign, YAML 1.1) as a string: take it as the number it is."""
+    if isinstance(value, str) and _is_float_field(annotation) and _FLOAT_LITERAL.match(value.strip()):
+        return float(value)
+    return value
+
+
 def _is_float_field(annotation: Any) -> bool:
     """float or float | None."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -261,6 +272,7 @@ def build_dataclass(cls: type, values: Mapping[str, Any], path: str = "") -> Any
             raise _unknown_key_error(str(key), path, list(fields))
         where = f"{path}.{key}" if path else key
         annotation = hints[key]
+        value = _yaml_float(value, annotation)
         if dataclasses.is_dataclass(annotation):
             # An empty section (`log:` with nothing under it) is its defaults; 0, [] or false are errors.
             kwargs[key] = build_dataclass(annotation, {} if value is None else value, where)

@@ -569,3 +569,13 @@ def test_config_from_dict_validates():
     values["train"]["max_step"] = 5
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
         config_from_dict(values)
+
+
+def test_yaml_1_1_exponent_floats_are_numbers_in_float_fields_only():
+    # PyYAML reads `1e-3` (no exponent sign) as a string; a float field takes it as the number.
+    config = load_config([], ["optimizer.lr=1e-3", "log.peak_flops_per_rank=2e12"])
+    assert config.optimizer.lr == 0.001 and config.log.peak_flops_per_rank == 2e12
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config([], ["train.max_steps=1e3"])
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        load_config([], ["optimizer.lr=fast"])

@@ -1,0 +1,85 @@
+"""One harness for every multi-process trainer test: real DeepSpeed engines on CPU ranks (gloo).
+
+`prepared_data` builds a small real corpus once per session (stdlib subset, SentencePiece vocab
+1000, WebDataset shards); `run_pretrain` launches `launcher.pretrain` with the deepspeed launcher on
+N ranks (or as a plain process for N=1) with a test-sized model and returns the run's records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+# Test-sized run: a narrow tiny model, short rows, few steps; every other setting from tiny.yaml.
+TEST_SETTINGS = [
+    "model.overrides.d_model=64",
+    "model.redraw_interval=null",
+    "data.input_length=64",
+    "data.verify_sha256=false",
+    "train.micro_batch_size=4",
+    "train.max_steps=8",
+    "schedule.warmup_steps=2",
+    "optimizer.lr=3.0e-3",
+    "log.interval=1",
+    "log.progress=false",
+    "log.peak_flops_per_rank=1.0e10",
+    "checkpoint.interval=4",
+    "eval.interval=4",
+    "eval.batches=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prepare_data(out: Path) -> Path:
+    command = [
+        str(BIN / "performer"), "data", "prepare", "--source", "stdlib", "--out", str(out),
+        "--max-documents", "80", "--vocab-size", "1000", "--sample-lines", "20000", "--heldout-fraction", "0.15",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    return out
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    directory: Path
+
+    def records(self, kind: str) -> list[dict]:
+        path = self.directory / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.records("train")}
+
+
+def run_pretrain(data: Path, output_dir: Path, *settings: str, ranks: int = 2, resume: str | None = None,
+                 timeout: float = 300) -> Run:  # fmt: skip
+    overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
+    arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
+    if resume is not None:
+        arguments += ["--resume", resume]
+    if ranks == 1:
+        command = [sys.executable, "-m", "launcher.pretrain", *arguments]
+    else:
+        command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+                   "--module", "launcher.pretrain", *arguments]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(name, None)
+    completed = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+    return Run(completed.returncode, completed.stdout + completed.stderr, output_dir)
