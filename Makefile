@@ -25,14 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-# DeepSpeed JIT-compiles its CPU communication op on first use; two ranks compiling it at once can
-# abort one of them, so it is built once here, in a single process, before any multi-rank job.
-$(VENV)/.deepspeed-ops: $(VENV)/.installed
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
-	    a().device_name() == 'cpu' and a().create_op_builder('ShareMemCommBuilder').load()"
-	touch $@
-
-setup: $(VENV)/.deepspeed-ops
+setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -57,10 +57,24 @@ def set_default_timeouts(timeout_s: float) -> datetime.timedelta:
     return timeout
 
 
+def _skip_shared_memory_inference_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op.
+
+    Only its inference all-reduce uses that op, never training; but loading it JIT-compiles C++ on
+    a fresh machine, maps a 69 MB /dev/shm segment per rank that is never unlinked (RAM leaked
+    by every job), and a later job that gets the same MASTER_PORT reopens the stale segment and
+    can abort ("terminate called without an active exception").
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: float) -> Topology:
     """Discover the topology, set timeouts, and join the group (gloo on CPU, nccl on GPUs)."""
     import deepspeed
 
+    _skip_shared_memory_inference_op()
     topology = discover_topology()
     timeout = set_default_timeouts(timeout_s)
     backend = "nccl" if torch.cuda.is_available() else "gloo"

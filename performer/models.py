@@ -12,7 +12,9 @@ when labels are given, the mean cross-entropy over labels != -100 (computed in f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -145,9 +147,7 @@ class PerformerSeq2Seq(_PretrainingModel):
         decoder runs one token at a time on its cache (O(1) per token with causal FAVOR+).
         Finished rows are padded with ``config.pad_id``.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             encoded = self.encode(input_ids, attention_mask)
             cross_mask = source_key_padding(attention_mask)
 
@@ -177,8 +177,6 @@ class PerformerSeq2Seq(_PretrainingModel):
                 lambda tokens: step(tokens, cache, encoded, cross_mask),
                 start, max_new_tokens, eos_id, self.config.pad_id, sampling, generator,
             )[:, 1:]  # fmt: skip
-        finally:
-            self.train(was_training)
 
 
 class PerformerLM(_PretrainingModel):
@@ -216,9 +214,7 @@ class PerformerLM(_PretrainingModel):
         The prompt is consumed in one cached pass, then one token per step (O(1) per token with
         causal FAVOR+, a growing KV cache with softmax).
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             cache = self.decoder.new_cache()
 
             def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -226,8 +222,6 @@ class PerformerLM(_PretrainingModel):
                 return self.vocabulary_logits(hidden[:, -1]).float()
 
             return _decode_loop(step, input_ids, max_new_tokens, eos_id, self.config.pad_id, sampling, generator)
-        finally:
-            self.train(was_training)
 
 
 class PerformerEncoderModel(_PretrainingModel):
@@ -256,6 +250,17 @@ class PerformerEncoderModel(_PretrainingModel):
             return ModelOutput(logits=logits, loss=loss)
         logits = self.vocabulary_logits(hidden)
         return ModelOutput(logits=logits, loss=self.loss(logits, labels))
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, no automatic redraw) for the block, then the caller's mode again."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def _decode_loop(step, tokens, max_new_tokens, eos_id, pad_id, sampling, generator) -> torch.Tensor:

@@ -12,6 +12,9 @@ from launcher.generate import encode_prompt
 from performer.config import preset
 from performer.models import build_model
 
+# Tiny models gain nothing from threads, and on a busy 2-core machine two threads crawl.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A tokenizer trained in well under a second: 300 SentencePiece pieces (the smallest the project
 # allows: 256 bytes + specials + a few) and 20 sentinels.
 TOKENIZER_CONFIG = TokenizerConfig(vocab_size=320, num_sentinels=20, sample_lines=1000, num_threads=1)
@@ -19,13 +22,6 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n",
          "the quick brown fox jumps over the lazy dog\n"] * 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and a busy 2-core machine makes them crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

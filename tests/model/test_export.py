@@ -23,18 +23,14 @@ from performer.export import (
 )
 from performer.models import build_model
 
+# Tiny models gain nothing from threads, and on a busy 2-core machine two threads crawl.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 61
 KINDS = ["seq2seq", "lm", "encoder"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine two threads crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides):
