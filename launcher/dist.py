@@ -1,14 +1,26 @@
 """Process-group set-up: who am I, how many are we, and how long to wait for the others.
 
-Rank discovery here reads the torchrun / deepspeed launcher environment (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it the job is a single process on this host.
+Rank discovery, first match wins (``discover_topology``):
+1. a launcher's environment: RANK, WORLD_SIZE, LOCAL_RANK (torchrun, the deepspeed launcher);
+2. MPI: Open MPI's OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}, or MPICH / Intel MPI's PMI_RANK,
+   PMI_SIZE, MPI_LOCALRANKID (``mpirun -np N python -m launcher.pretrain``); rank 0's host and a
+   free port travel to the others through mpi4py;
+3. Slurm, inside an srun step: SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
+   SLURM_LOCALID; MASTER_ADDR is the first host of the job's node list and MASTER_PORT is
+   derived from the job id (so two jobs on one node never collide);
+4. otherwise one process on this host.
+Whatever matched is written back as RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT,
+so DeepSpeed, torch.distributed and the data stream all read one truth. An explicit MASTER_ADDR
+or MASTER_PORT in the environment always wins (the fix for a wrongly chosen interface).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +32,8 @@ class Topology:
     rank: int
     world_size: int
     local_rank: int
+    source: str = "single"
+    "Where the ranks came from: launcher, openmpi, mpich, slurm or single."
 
     @property
     def is_main(self) -> bool:
@@ -28,21 +42,69 @@ class Topology:
 
 def _free_port() -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))
         return probe.getsockname()[1]
 
 
-def discover_topology() -> Topology:
-    """From the launcher's environment; a lone process becomes rank 0 of 1 on localhost."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+def slurm_master_port(job_id: int) -> int:
+    """A port in [20000, 40000) derived from the job id: the same on every node of the job."""
+    return 20000 + job_id % 20000
+
+
+def slurm_first_host(node_list: str) -> str:
+    """First host of a Slurm node list ("node[1-4]" -> "node1"), through scontrol."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        raise RuntimeError("Slurm environment without scontrol on PATH: set MASTER_ADDR to the first node's address")
+    hosts = subprocess.run([scontrol, "show", "hostnames", node_list], capture_output=True, text=True, check=True)
+    return hosts.stdout.split()[0]
+
+
+def _from_mpi(environ) -> tuple[int, int, int, str] | None:
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        return (int(environ["OMPI_COMM_WORLD_RANK"]), int(environ["OMPI_COMM_WORLD_SIZE"]),
+                int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "openmpi")  # fmt: skip
+    if "PMI_RANK" in environ and "PMI_SIZE" in environ:
+        return (int(environ["PMI_RANK"]), int(environ["PMI_SIZE"]),
+                int(environ.get("MPI_LOCALRANKID", environ.get("PMI_LOCAL_RANK", 0))), "mpich")  # fmt: skip
+    return None
+
+
+def _mpi_rendezvous(rank: int) -> tuple[str, str]:
+    """Rank 0's host and a free port of its, shared with every rank through MPI."""
+    from mpi4py import MPI
+
+    address = os.environ.get("MASTER_ADDR") or (socket.gethostname() if rank == 0 else None)
+    port = os.environ.get("MASTER_PORT") or (str(_free_port()) if rank == 0 else None)
+    return MPI.COMM_WORLD.bcast((address, port), root=0)
+
+
+def discover_topology(environ=None) -> Topology:
+    """See the module docstring; updates ``environ`` (default os.environ) in place."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world_size = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        local_rank, source = int(environ.get("LOCAL_RANK", rank)), "launcher"
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    elif (mpi := _from_mpi(environ)) is not None:
+        rank, world_size, local_rank, source = mpi
+        if world_size > 1 and not ("MASTER_ADDR" in environ and "MASTER_PORT" in environ):
+            environ["MASTER_ADDR"], environ["MASTER_PORT"] = _mpi_rendezvous(rank)
+    elif "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        rank = int(environ["SLURM_PROCID"])
+        world_size = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", 1)))
+        local_rank, source = int(environ.get("SLURM_LOCALID", 0)), "slurm"
+        if "MASTER_ADDR" not in environ:
+            environ["MASTER_ADDR"] = slurm_first_host(environ["SLURM_JOB_NODELIST"]) if world_size > 1 else "127.0.0.1"
+        environ.setdefault("MASTER_PORT", str(slurm_master_port(int(environ.get("SLURM_JOB_ID", 0)))))
+    else:
+        rank, world_size, local_rank, source = 0, 1, 0, "single"
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not 0 <= rank < world_size:
-        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}: check the launcher's environment")
-    return Topology(rank=rank, world_size=world_size, local_rank=local_rank)
+        raise RuntimeError(f"rank {rank} is outside a world of {world_size} ({source} environment): check the launcher")
+    environ.setdefault("MASTER_PORT", str(_free_port()))
+    environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    return Topology(rank=rank, world_size=world_size, local_rank=local_rank, source=source)
 
 
 def set_default_timeouts(timeout_s: float) -> datetime.timedelta:
