@@ -104,7 +104,6 @@ def discover_topology(environ=None) -> Topology:
             # A free port of each rank's own would leave every rank waiting for a different master.
             raise RuntimeError(f"RANK and WORLD_SIZE={world_size} are set but MASTER_PORT is not: "
                                "set MASTER_ADDR and MASTER_PORT (the same on every rank)")  # fmt: skip
-        environ.setdefault("MASTER_ADDR", "127.0.0.1")
     elif (mpi := _from_mpi(environ)) is not None:
         rank, world_size, local_rank, source = mpi
         if world_size > 1 and not ("MASTER_ADDR" in environ and "MASTER_PORT" in environ):
@@ -118,9 +117,9 @@ def discover_topology(environ=None) -> Topology:
         environ.setdefault("MASTER_PORT", str(slurm_master_port(int(environ.get("SLURM_JOB_ID", 0)))))
     else:
         rank, world_size, local_rank, source = 0, 1, 0, "single"
-        environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not 0 <= rank < world_size:
         raise RuntimeError(f"rank {rank} is outside a world of {world_size} ({source} environment): check the launcher")
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one host (a launcher's, a single MPI rank's, ours)
     environ.setdefault("MASTER_PORT", str(_free_port()))
     environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     return Topology(rank=rank, world_size=world_size, local_rank=local_rank, source=source)
