@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="performer",
         description="Pretrain, export and sample encoder-decoder Performer transformers.",
     )
+    # `deepspeed --module launcher COMMAND` puts --local_rank=N before COMMAND; ranks come from the env.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for _name, module_name in SUBCOMMAND_OWNERS:
         importlib.import_module(module_name).add_parser(subparsers)

