@@ -110,11 +110,15 @@ def _deadline(seconds: float, report: _Report):
 
 
 def describe_devices(backend: str, local_rank: int) -> str:
+    """The rank's device, and the cores it may run on: mpirun binds each of <= 2 ranks to one core
+    unless told --bind-to none, and the rank's data workers and threads then share that core."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = f"{usable}/{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     if backend == "nccl":
         count = torch.cuda.device_count()
         name = torch.cuda.get_device_name(local_rank) if local_rank < count else "missing"
-        return f"cuda:{local_rank} ({name}; {count} visible)"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        return f"cuda:{local_rank} ({name}; {count} visible; {cores})"
+    return f"cpu ({cores})"
 
 
 def describe(topology: Topology, backend: str) -> str:

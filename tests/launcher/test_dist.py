@@ -178,6 +178,19 @@ def test_port_from_the_job_id_is_stable_in_range_and_differs_between_jobs():
 
 @pytest.mark.parametrize(
     "environ",
+    [{"RANK": "0", "WORLD_SIZE": "1"}, dict(OPEN_MPI), {"PMI_RANK": "0", "PMI_SIZE": "1"},
+     {**SLURM_STEP, "MASTER_ADDR": "h"}, {}],
+    ids=["launcher", "openmpi", "mpich", "slurm", "single"],
+)  # fmt: skip
+def test_every_source_leaves_nothing_for_deepspeed_to_discover(environ):
+    # deepspeed.init_distributed, with its default auto_mpi_discovery=True, runs its own mpi4py
+    # discovery (OMPI_* only, fixed port 29500) when it starts a group with one of these missing.
+    discover_topology(environ)
+    assert {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= environ.keys()
+
+
+@pytest.mark.parametrize(
+    "environ",
     [
         {"RANK": "2", "WORLD_SIZE": "2", "MASTER_PORT": "29500"},
         {"RANK": "-1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"},

@@ -50,8 +50,8 @@ def assert_doctor_ok(completed, world_size: int, source: str) -> None:
 # ------------------------------------------------------------------------------ mpirun trains
 
 
-def test_mpirun_trains_the_tiny_config_to_completion(prepared_data, tmp_path):
-    run_ = run_pretrain(prepared_data, tmp_path / "run", launcher="mpirun", timeout=180)
+def test_mpirun_trains_the_tiny_config_to_completion_as_the_deepspeed_launcher_does(prepared_data, tmp_path):
+    run_ = run_pretrain(prepared_data, tmp_path / "mpirun", launcher="mpirun", timeout=180)
     assert run_.returncode == 0, run_.output[-4000:]
     assert "2 rank(s)" in run_.output
     losses = run_.losses()
@@ -62,6 +62,10 @@ def test_mpirun_trains_the_tiny_config_to_completion(prepared_data, tmp_path):
     # Both ranks were ranks of one world: each wrote its ZeRO-1 optimizer shard.
     shards = sorted(p.name for p in final.glob("zero_pp_rank_*_optim_states.pt"))
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    # Same ranks, same data shards, same math: the launcher changes nothing, bit for bit.
+    reference = run_pretrain(prepared_data, tmp_path / "deepspeed", launcher="deepspeed", timeout=180)
+    assert reference.returncode == 0, reference.output[-4000:]
+    assert reference.losses() == losses
 
 
 # ------------------------------------------------------------------------------ doctor works
