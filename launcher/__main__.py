@@ -17,6 +17,7 @@ SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
     ("pretrain", "launcher.pretrain"),
     ("export", "launcher.export"),
     ("generate", "launcher.generate"),
+    ("slurm", "launcher.slurm"),
     ("doctor", "launcher.doctor"),
 )
 
