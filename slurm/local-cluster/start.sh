@@ -12,6 +12,7 @@
 #   LOCAL_SLURM_NODES  emulated nodes                      [2]
 #   LOCAL_SLURM_CPUS   CPUs per node (may exceed nproc)    [nproc]
 #   LOCAL_SLURM_PORT   slurmctld port; slurmd i uses +i    [16817]
+#   LOCAL_SLURM_LINK   link /etc/slurm/slurm.conf to ours if there is none (1) or never (0)  [1]
 set -euo pipefail
 
 ROOT=${LOCAL_SLURM_ROOT:-${TMPDIR:-/tmp}/performer-slurm}
@@ -121,7 +122,7 @@ if ! cmp -s "$new" "$CONF"; then
   install -m 0644 "$new" "$CONF"
 fi
 rm -f "$new"
-if [ ! -e /etc/slurm/slurm.conf ] && [ ! -L /etc/slurm/slurm.conf ]; then
+if [ "${LOCAL_SLURM_LINK:-1}" = 1 ] && [ ! -e /etc/slurm/slurm.conf ] && [ ! -L /etc/slurm/slurm.conf ]; then
   mkdir -p /etc/slurm && ln -s "$CONF" /etc/slurm/slurm.conf
 fi
 
