@@ -82,12 +82,18 @@ def submit(script: str | Path, name: str, tmp_path: Path, data: Path, *settings:
     command = ["sbatch", "--wait", f"--chdir={REPO}", f"--job-name={name}", f"--nodes={nodes}",
                f"--ntasks-per-node={tasks_per_node}", "--time=5", f"--output={tmp_path / name}-%j.out",
                str(REPO / script), *arguments]  # fmt: skip
+    process = subprocess.Popen(command, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)  # fmt: skip
+    return Job(name, output_dir, process, time.monotonic())
+
+
+def job_environment() -> dict:
+    """This environment (sbatch and srun pass it on) without anything that would pose as a launcher."""
     environment = {k: v for k, v in os.environ.items() if not (k.startswith("SLURM_") and k != "SLURM_CONF")}
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environment.pop(variable, None)
     environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return Job(name, output_dir, process, time.monotonic())
+    return environment
 
 
 def trainer_pid(output_dir: Path, rank: int) -> int:
@@ -195,6 +201,19 @@ def test_a_dead_rank_ends_the_job_within_a_minute(slurm_cluster, slurm_data, tmp
     assert seconds < 60, log
     assert not (job.output_dir / "checkpoints" / "step00005000").exists()
     assert re.search(r"srun exited [1-9]", log), log
+
+
+def test_doctor_under_srun_sees_both_nodes(slurm_cluster):
+    """The README's pre-flight check: `srun python -m launcher doctor` inside an allocation."""
+    command = ["srun", "--nodes=2", "--ntasks-per-node=1", "--time=2", f"--chdir={REPO}",
+               sys.executable, "-m", "launcher", "doctor", "--timeout", "30"]  # fmt: skip
+    completed = subprocess.run(command, env=job_environment(), capture_output=True, text=True, timeout=120)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "doctor: rank 0/2 local_rank 0 source=slurm" in output, output
+    assert "doctor: rank 1/2 local_rank 0 source=slurm" in output, output
+    assert re.search(r"master=node1:\d+", output), output
+    assert "2 rank(s) joined, all-reduce correct" in output, output
 
 
 def test_a_rendered_script_runs(slurm_cluster, slurm_data, tmp_path):
