@@ -11,22 +11,30 @@ DeepSpeed's own ``latest`` is written by rank 0 before other ranks finish, and a
 has COMPLETE (whatever ``latest`` says), an explicit tag that is missing or incomplete is an
 error, and retention deletes only older complete tags after a newer one is committed.
 
-DeepSpeed checkpoints are pickles: resume only from directories you trust. Exports are
-safetensors (``performer export``).
+Integrity: the COMPLETE marker records the size and sha256 of every file of the tag (the
+hashing is dealt round-robin over the ranks). Before anything is unpickled, the files are
+checked against it: ``--resume auto`` skips a tag that fails (a torn or corrupted file, a file
+swapped or added) and falls back to the previous complete one, saying so; an explicit tag that
+fails is an error naming the file; if complete tags exist but none verifies, that is an error
+too, never a silent restart from step 0. This guards against corruption and swapped files, not
+against someone who can also rewrite the marker: DeepSpeed checkpoints are pickles, so resume
+only from directories you trust. Exports are safetensors (``performer export``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, RunConfig, config_from_dict
-from launcher.dist import Topology, barrier
+from launcher.dist import Topology, barrier, gather_objects
 
 COMPLETE_MARKER = "COMPLETE"
 POINTER = "latest"
@@ -49,13 +57,85 @@ def complete_tags(directory: Path) -> list[str]:
     return sorted(tags, key=lambda tag: int(TAG_PATTERN.match(tag).group(1)))
 
 
-def resolve_resume_tag(directory: Path, resume: str | None) -> str | None:
-    """None (fresh start), 'auto' (newest complete tag, None if there is none) or an explicit tag."""
+def _file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _tag_files(tag_directory: Path) -> list[str]:
+    return sorted(
+        p.relative_to(tag_directory).as_posix()
+        for p in tag_directory.rglob("*")
+        if p.is_file() and p.name != COMPLETE_MARKER
+    )
+
+
+def file_digests(tag_directory: Path, topology: Topology) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a tag; rank r hashes files r, r + W, ... (collective)."""
+    files = _tag_files(tag_directory)
+    mine = {
+        name: _file_digest(tag_directory / name)
+        for index, name in enumerate(files)
+        if index % topology.world_size == topology.rank
+    }
+    merged: dict[str, dict[str, Any]] = {}
+    for share in gather_objects(mine):
+        merged.update(share)
+    return dict(sorted(merged.items()))
+
+
+def verification_problems(tag_directory: Path, topology: Topology) -> list[str]:
+    """What differs from the digests in the tag's COMPLETE marker; [] when it verifies (collective)."""
+    try:
+        expected = read_marker(tag_directory).get("files")
+    except CheckpointError as error:
+        return [str(error)]
+    if not isinstance(expected, dict):
+        return [f"{tag_directory / COMPLETE_MARKER} records no file digests"]
+    problems = [f"{tag_directory / name}: not written by this checkpoint" for name in _tag_files(tag_directory)
+                if name not in expected]  # fmt: skip
+    mine = []
+    for index, (name, wanted) in enumerate(sorted(expected.items())):
+        if index % topology.world_size != topology.rank:
+            continue
+        path = tag_directory / name
+        if not path.is_file():
+            mine.append(f"{path}: missing")
+            continue
+        found = _file_digest(path)
+        if found["bytes"] != wanted["bytes"]:
+            mine.append(f"{path}: {found['bytes']} bytes, {wanted['bytes']} written (torn or truncated)")
+        elif found["sha256"] != wanted["sha256"]:
+            mine.append(f"{path}: sha256 differs from the one written (corrupted or replaced)")
+    return problems + sorted(p for share in gather_objects(mine) for p in share)
+
+
+def resolve_resume_tag(directory: Path, resume: str | None, topology: Topology | None = None) -> str | None:
+    """None (fresh start), 'auto' (newest complete tag that verifies) or an explicit tag (collective).
+
+    'auto' returns None only when there is no complete tag at all.
+    """
+    topology = topology or Topology(rank=0, world_size=1, local_rank=0)
     if resume is None:
         return None
     if resume == "auto":
         tags = complete_tags(directory)
-        return tags[-1] if tags else None
+        for tag in reversed(tags):
+            problems = verification_problems(directory / tag, topology)
+            if not problems:
+                return tag
+            if topology.is_main:
+                print(f"checkpoint {tag} fails verification, trying the one before: {'; '.join(problems)}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        if tags:
+            raise CheckpointError(
+                f"none of the complete checkpoints in {directory} ({', '.join(tags)}) verifies against its "
+                "COMPLETE marker; start a new train.output_dir, or restore the files from a backup"
+            )
+        return None
     if not (directory / resume).is_dir():
         available = ", ".join(complete_tags(directory)) or "none"
         raise CheckpointError(f"--resume {resume}: no checkpoint {resume!r} in {directory} (complete ones: {available})")
@@ -64,6 +144,10 @@ def resolve_resume_tag(directory: Path, resume: str | None) -> str | None:
             f"--resume {resume}: checkpoint {resume!r} in {directory} is incomplete (no {COMPLETE_MARKER} marker: "
             "a save was interrupted); resume from another tag or with --resume auto"
         )
+    problems = verification_problems(directory / resume, topology)
+    if problems:
+        raise CheckpointError(f"--resume {resume}: the checkpoint fails verification: {'; '.join(problems)}; "
+                              "resume from another tag or with --resume auto")  # fmt: skip
     return resume
 
 
@@ -85,9 +169,11 @@ def save(engine, directory: Path, step: int, client_state: dict[str, Any], topol
     tag = tag_for_step(step)
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    barrier()  # every rank's files are written before anyone calls it complete
+    barrier()  # every rank's files are written before anyone hashes them or calls it complete
+    digests = file_digests(directory / tag, topology)
     if topology.is_main:
         marker = {
+            "files": digests,
             "step": step,
             "world_size": topology.world_size,
             "saved_at": time.time(),

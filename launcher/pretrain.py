@@ -27,7 +27,16 @@ import torch
 
 from launcher import checkpoint
 from launcher.config import ConfigError, RunConfig, load_config, save_config
-from launcher.dist import Topology, all_agree, all_mean, barrier, broadcast_int, init_distributed
+from launcher.dist import (
+    Topology,
+    all_agree,
+    all_mean,
+    barrier,
+    broadcast_int,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from launcher.ds_config import build_deepspeed_config
 from launcher.metrics import MetricsLogger, measure_peak_flops
 
@@ -153,11 +162,9 @@ def redraw_everywhere(model, seed: int, step: int) -> str:
     """Redraw on every rank, then prove the ranks agree (an all-gather of digests)."""
     model.redraw_projection_matrices_(seed=seed, step=step)
     digest = projection_digest(model)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        digests = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"FAVOR+ projections differ between ranks after the redraw at step {step}: {digests}")
+    digests = gather_objects(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"FAVOR+ projections differ between ranks after the redraw at step {step}: {digests}")
     return digest
 
 
@@ -213,6 +220,8 @@ def run(config_paths: list[str], overrides: list[str], resume: str | None) -> in
     except TooManyNonFinite as error:
         print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
         return EXIT_NONFINITE
+    finally:
+        shutdown()
 
 
 def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
@@ -224,7 +233,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
 
     output_dir = Path(config.train.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    resume_tag = checkpoint.resolve_resume_tag(checkpoint_dir, resume)
+    resume_tag = checkpoint.resolve_resume_tag(checkpoint_dir, resume, topology)
     if resume_tag is not None:
         checkpoint.check_compatible(checkpoint_dir / resume_tag, config, topology)
 

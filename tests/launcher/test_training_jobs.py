@@ -120,6 +120,24 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(runs, prepared_data, tm
     assert resumed.losses() == expected  # bitwise: CPU fp32, same data cursor, same RNG
 
 
+def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(runs, prepared_data, tmp_path):
+    import shutil
+
+    reference = runs("zero1")
+    directory = tmp_path / "run"
+    shutil.copytree(reference.directory, directory)
+    (directory / "metrics.jsonl").unlink()
+    damaged = directory / "checkpoints" / "step00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    resumed = run_pretrain(prepared_data, directory, "zero.stage=1", "train.max_steps=8", resume="auto")
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "checkpoint step00000008 fails verification" in resumed.output
+    assert "resumed from step00000004 at step 4" in resumed.output
+    assert resumed.losses() == {step: loss for step, loss in reference.losses().items() if step > 4}
+
+
 def test_time_budget_saves_exits_75_and_resumes(runs, prepared_data, tmp_path):
     directory = tmp_path / "run"
     stopped = run_pretrain(prepared_data, directory, "zero.stage=1", "train.time_budget_s=0")

@@ -1,0 +1,87 @@
+"""Checkpoint integrity: every file of a tag is checked against the digests its COMPLETE marker
+recorded before anything is unpickled (single process; the multi-rank path is in the job tests)."""
+
+import json
+
+import pytest
+
+from launcher.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    file_digests,
+    resolve_resume_tag,
+    tag_for_step,
+    verification_problems,
+)
+from launcher.dist import Topology
+
+ONE_RANK = Topology(rank=0, world_size=1, local_rank=0)
+
+
+def _commit(directory, step, files):
+    """A tag written the way checkpoint.save commits one: files, then the marker with digests."""
+    tag = directory / tag_for_step(step)
+    tag.mkdir(parents=True)
+    for name, content in files.items():
+        (tag / name).write_bytes(content)
+    marker = {"step": step, "world_size": 1, "files": file_digests(tag, ONE_RANK)}
+    (tag / COMPLETE_MARKER).write_text(json.dumps(marker))
+    return tag
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    files = {"mp_rank_00_model_states.pt": b"weights" * 100, "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"adam" * 50}
+    older = _commit(tmp_path, 4, files)
+    newer = _commit(tmp_path, 8, {name: content[::-1] for name, content in files.items()})
+    return tmp_path, older, newer
+
+
+def test_an_intact_checkpoint_verifies_and_auto_takes_the_newest(two_checkpoints):
+    directory, _, newer = two_checkpoints
+    assert verification_problems(newer, ONE_RANK) == []
+    assert resolve_resume_tag(directory, "auto", ONE_RANK) == newer.name
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete", "add_file", "marker_without_digests"])
+def test_damage_is_named_and_auto_falls_back_to_the_previous_checkpoint(two_checkpoints, damage, capsys):
+    directory, older, newer = two_checkpoints
+    optimizer = newer / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if damage == "flip_byte":
+        data = bytearray(optimizer.read_bytes())
+        data[10] ^= 0xFF
+        optimizer.write_bytes(bytes(data))
+    elif damage == "truncate":
+        optimizer.write_bytes(optimizer.read_bytes()[:-7])
+    elif damage == "delete":
+        optimizer.unlink()
+    elif damage == "add_file":
+        (newer / "evil.pt").write_bytes(b"not ours")
+    else:
+        marker = json.loads((newer / COMPLETE_MARKER).read_text())
+        del marker["files"]
+        (newer / COMPLETE_MARKER).write_text(json.dumps(marker))
+    problems = verification_problems(newer, ONE_RANK)
+    assert len(problems) == 1
+    expected_word = {"flip_byte": "sha256", "truncate": "truncated", "delete": "missing",
+                     "add_file": "not written", "marker_without_digests": "no file digests"}[damage]  # fmt: skip
+    assert expected_word in problems[0]
+    assert resolve_resume_tag(directory, "auto", ONE_RANK) == older.name
+    assert "fails verification, trying the one before" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="fails verification"):
+        resolve_resume_tag(directory, newer.name, ONE_RANK)
+
+
+def test_no_verifiable_checkpoint_is_an_error_not_a_restart_from_zero(two_checkpoints):
+    directory, older, newer = two_checkpoints
+    for tag in (older, newer):
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="none of the complete checkpoints"):
+        resolve_resume_tag(directory, "auto", ONE_RANK)
+
+
+def test_no_checkpoint_at_all_is_a_fresh_start_with_auto_only(tmp_path):
+    assert resolve_resume_tag(tmp_path / "checkpoints", "auto", ONE_RANK) is None
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        resolve_resume_tag(tmp_path / "checkpoints", "step00000004", ONE_RANK)
+
