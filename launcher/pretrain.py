@@ -38,6 +38,7 @@ from launcher.dist import (
     shutdown,
 )
 from launcher.ds_config import build_deepspeed_config
+from launcher.faults import Faults
 from launcher.metrics import MetricsLogger, measure_peak_flops
 
 EXIT_BAD_INPUT = 2
@@ -286,6 +287,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
                                config.checkpoint.keep, config)  # fmt: skip
 
     batches = iter(stream)
+    faults = Faults.from_environment()
+    attempt = 0
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
     consecutive_nonfinite = 0
     last_saved_step = start_step if resume_tag is not None else -1
@@ -298,6 +301,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
         batch = _to_device(next(batches), engine.device)
         window["wait"] += time.perf_counter() - waited
         loss = engine(**batch).loss
+        attempt += 1
+        loss = faults.corrupt_loss(loss, attempt)
         if not all_agree(bool(torch.isfinite(loss)), op=torch.distributed.ReduceOp.MIN):
             # Skipped on every rank alike: no backward, no step, weights untouched.
             progress.skipped_nonfinite += 1

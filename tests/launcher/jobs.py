@@ -91,7 +91,7 @@ def mpirun(ranks: int) -> list[str]:
 
 
 def run_pretrain(data: Path, output_dir: Path, *settings: str, ranks: int = 2, resume: str | None = None,
-                 timeout: float = 300, launcher: str = "deepspeed") -> Run:  # fmt: skip
+                 timeout: float = 300, launcher: str = "deepspeed", extra_env: dict | None = None) -> Run:  # fmt: skip
     overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
     arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
     if resume is not None:
@@ -103,6 +103,6 @@ def run_pretrain(data: Path, output_dir: Path, *settings: str, ranks: int = 2, r
     else:
         command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                    "--module", "launcher.pretrain", *arguments]  # fmt: skip
-    environment = launch_environment(**(MPIRUN_ENV if launcher == "mpirun" else {}))
+    environment = launch_environment(**(MPIRUN_ENV if launcher == "mpirun" else {}), **(extra_env or {}))
     completed = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
     return Run(completed.returncode, completed.stdout + completed.stderr, output_dir)

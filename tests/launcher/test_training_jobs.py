@@ -138,6 +138,38 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(runs, prepared_d
     assert resumed.losses() == {step: loss for step, loss in reference.losses().items() if step > 4}
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_nonfinite_loss_is_skipped_on_every_rank_and_counted(prepared_data, tmp_path, stage):
+    run = run_pretrain(prepared_data, tmp_path / "run", f"zero.stage={stage}",
+                       extra_env={"PERFORMER_FAULTS": "nonfinite_loss@3"})  # fmt: skip
+    assert run.returncode == 0, run.output[-4000:]
+    skips = [r for r in run.records("event") if "nonfinite_loss" in r]
+    assert [(r["step"], r["skipped_total"]) for r in skips] == [(2, 1)]
+    losses = run.losses()
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
+    assert run.records("train")[-1]["skipped_steps"] == 1
+
+
+def test_consecutive_nonfinite_losses_stop_with_the_last_good_weights(prepared_data, tmp_path):
+    """Three NaN losses in a row after step 2: exit 3, and the checkpoint it writes holds exactly
+    the weights of step 2 (the skipped attempts changed nothing), compared bitwise with a clean run."""
+    faulty = run_pretrain(prepared_data, tmp_path / "faulty", "zero.stage=0", "train.max_consecutive_nonfinite=3",
+                          extra_env={"PERFORMER_FAULTS": "nonfinite_loss@3,4,5"})  # fmt: skip
+    assert faulty.returncode == 3, faulty.output[-4000:]
+    assert "3 non-finite losses in a row at step 2" in faulty.output
+    assert (faulty.directory / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    clean = run_pretrain(prepared_data, tmp_path / "clean", "zero.stage=0", "train.max_steps=2", "checkpoint.interval=2")
+    assert clean.returncode == 0, clean.output[-4000:]
+
+    def weights(run):
+        path = run.directory / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]  # our own test files
+
+    faulty_weights, clean_weights = weights(faulty), weights(clean)
+    assert faulty_weights.keys() == clean_weights.keys()
+    assert all(torch.equal(faulty_weights[name], clean_weights[name]) for name in clean_weights)
+
+
 def test_time_budget_saves_exits_75_and_resumes(runs, prepared_data, tmp_path):
     directory = tmp_path / "run"
     stopped = run_pretrain(prepared_data, directory, "zero.stage=1", "train.time_budget_s=0")
