@@ -383,6 +383,9 @@ def exit_without_teardown(code: int) -> int:
     interpreter teardown ("terminate called without an active exception", exit -6) from a
     C++ thread still joinable in static destructors, turning a finished run into a failure.
     """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # under mpirun, a rank that exits without it counts as a crash
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
