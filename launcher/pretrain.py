@@ -175,10 +175,14 @@ def last_redraw_step(step: int, interval: int | None) -> int:
     return 0 if not interval else (step // interval) * interval
 
 
-def evaluate(engine, config: RunConfig, manifest: Path, topology: Topology) -> dict[str, float]:
-    """Mean loss over the first eval.batches batches of the held-out split (the same every time)."""
-    stream = make_stream(config, manifest, topology, max_epochs=1)
-    batches = min(config.eval.batches, stream.steps_per_epoch)
+def evaluate(engine, stream, start_state: dict, batches: int) -> dict[str, float]:
+    """Mean loss over the first `batches` batches of the held-out split (the same every time).
+
+    The eval stream is built (and its shards verified) once; each evaluation rewinds it to
+    `start_state`, the beginning of its first epoch.
+    """
+    stream.load_state_dict(start_state)
+    batches = min(batches, stream.steps_per_epoch)
     total, count = 0.0, 0
     engine.eval()
     with torch.no_grad():
@@ -260,7 +264,9 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
     if topology.is_main:
         save_config(config, output_dir / "config.yaml")
         (output_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
-    eval_manifest = eval_manifest_path(config)
+    eval_manifest = eval_manifest_path(config) if config.eval.interval else None
+    eval_stream = make_stream(config, eval_manifest, topology, max_epochs=1) if eval_manifest is not None else None
+    eval_start = eval_stream.state_dict() if eval_stream is not None else None
     _install_stop_signals(progress)
 
     start_step = engine.global_steps
@@ -353,10 +359,10 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
                 "tokens": progress.tokens,
             })  # fmt: skip
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
-        if eval_manifest is not None and config.eval.interval and (
+        if eval_stream is not None and (
             step % config.eval.interval == 0 or step == config.train.max_steps
         ):
-            metrics.log("eval", step, evaluate(engine, config, eval_manifest, topology))
+            metrics.log("eval", step, evaluate(engine, eval_stream, eval_start, config.eval.batches))
         if step % config.checkpoint.interval == 0 or step == config.train.max_steps:
             save()
             last_saved_step = step
