@@ -55,8 +55,8 @@ class ModelConfig:
     "Let the model redraw on its own; a trainer turns this off and redraws at optimizer steps."
     gradient_checkpointing: int = 0
     "Recompute layer activations in backward (non-reentrant checkpoint): 0 off, 1 every layer, k every k-th."
-    chunk_size: int = 64
-    "Chunk length of causal FAVOR+ (memory/speed trade-off; results do not depend on it)."
+    chunk_size: int | None = None
+    "Chunk length of causal FAVOR+; None picks one per sequence length (speed only, results do not depend on it)."
     projection_seed: int | None = None
     "Base seed of the FAVOR+ projections; None = drawn from torch's global generator."
     num_classes: int | None = None

@@ -19,7 +19,6 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from performer.activations import ActivationFunctions, FeedForward
-from performer.attention.favor import DEFAULT_CHUNK_SIZE
 from performer.attention.masks import as_bool, check_mask_shape, squeeze_head_axis
 from performer.attention.module import Attention
 from performer.normalization import ResidualBranch, make_norm
@@ -92,7 +91,7 @@ class PerformerLayer(ProjectionOwner):
         auto_check_redraw: bool = True,
         cross_attention_type: str | None = None,
         context_dim: int | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         projection_seed: int | None = None,
     ):
         """
@@ -107,7 +106,7 @@ class PerformerLayer(ProjectionOwner):
         redraw projections every N training forwards of the outermost module.
         cross_attention_type: "softmax" or "linear" (default follows attention_type).
         context_dim: width of the encoder output (default d_model). chunk_size: causal FAVOR+
-        chunk length. projection_seed: base seed of the projections (default: from torch's RNG).
+        chunk length (None: chosen per sequence length). projection_seed: base seed of the projections (default: from torch's RNG).
         """
         super().__init__()
         self_kernel = _kernel(attention_type)
@@ -269,7 +268,7 @@ class PerformerEncoder(_PerformerStack):
         auto_check_redraw: bool = True,
         use_rotary: bool = False,
         gradient_checkpointing: int | bool = False,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         projection_seed: int | None = None,
     ):
         """Keywords as PerformerLayer's, plus num_layers, use_rotary (rotary positions in
@@ -315,7 +314,7 @@ class PerformerDecoder(_PerformerStack):
         context_dim: int | None = None,
         use_rotary: bool = False,
         gradient_checkpointing: int | bool = False,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         projection_seed: int | None = None,
     ):
         """Keywords as PerformerEncoder's, plus use_cross_attention (default True),

@@ -15,15 +15,13 @@ import torch.nn as nn
 from einops import rearrange
 
 from performer.attention.favor import (
-    DEFAULT_CHUNK_SIZE,
     CausalLinearState,
     attend_to_summary,
-    causal_linear_attention,
     causal_linear_attention_step,
-    linear_attention,
     mask_keys,
     summarise_keys,
 )
+from performer.attention.fused import favor_attention
 from performer.attention.masks import KeyMasks, reduce_to_key_masks
 from performer.attention.softmax import softmax_attention
 from performer.feature_maps import default_nb_features, derive_seed, favor_features, gaussian_orthogonal_projection
@@ -45,7 +43,7 @@ class Attention(nn.Module):
         kernel: Kernel,
         nb_features: int | None = None,
         context_dim: int | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         if d_model % num_heads:
@@ -181,12 +179,7 @@ class Attention(nn.Module):
             return softmax_attention(q, k, v, mask, causal)
         key_masks = self._key_masks(mask, causal)
         with _fp32_region(q):
-            phi_q, phi_k = self._features(q, k)
-            phi_k, v = mask_keys(phi_k, v, key_masks.key_padding)
-            if causal:
-                out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size)
-            else:
-                out = linear_attention(phi_q, phi_k, v)
+            out = favor_attention(q, k, v, self.projection, key_masks.key_padding, causal, self.chunk_size)
         if key_masks.query_valid is not None:
             out = torch.where(key_masks.query_valid[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
         return out
