@@ -302,6 +302,10 @@ class ShardError(Exception):
     """A shard does not match its manifest entry; the message says how."""
 
 
+class ShardChecksumError(ShardError):
+    """Right size, wrong sha256: another file in the shard's place, or silent corruption."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardIndex:
     """Where each document of a verified shard lies: what the stream reads by offset."""
@@ -339,7 +343,7 @@ def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = T
     if check_sha256:
         digest = sha256_file(url) if local else hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
-            raise ShardError(f"sha256 {digest[:12]}... differs from the manifest's {shard.sha256[:12]}...")
+            raise ShardChecksumError(f"sha256 {digest[:12]}... differs from the manifest's {shard.sha256[:12]}...")
     try:
         with (tarfile.open(url, "r:") if local else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
             members = tar.getmembers()
@@ -365,14 +369,15 @@ def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = T
 
 def verify_manifest(
     manifest: Manifest, *, check_sha256: bool = True
-) -> tuple[dict[int, ShardIndex], dict[str, str]]:
-    """Verify every shard: (index of each good shard by position, reason of each bad shard by path)."""
+) -> tuple[dict[int, ShardIndex], dict[str, ShardError]]:
+    """Verify every shard: (index of each good shard by position, error of each bad shard by path;
+    str(error) is the reason, its class tells a checksum mismatch from a damaged file)."""
     good: dict[int, ShardIndex] = {}
-    bad: dict[str, str] = {}
+    bad: dict[str, ShardError] = {}
     for position, shard in enumerate(manifest.shards):
         try:
             good[position] = verify_shard(manifest, shard, check_sha256=check_sha256)
         except ShardError as error:
-            bad[shard.path] = str(error)
+            bad[shard.path] = error
     return good, bad
 

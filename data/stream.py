@@ -23,9 +23,17 @@ says so; the keys are there so that consumers never special-case packing.
 
 How the guarantees are met:
 1. Plan. At construction every shard is verified against the manifest (size, sha256, tar
-   structure, sample and token counts; `data.shards.verify_shard`). Bad shards are reported by
-   name, counted (`bad_shards`) and left out of the plan; every rank verifies the same files
-   and so leaves out the same shards. No good shard at all is an error.
+   structure, sample and token counts; `data.shards.verify_shard`). Damaged shards (missing,
+   empty, truncated, cut at a member boundary, not a tar) are reported by name, counted
+   (`bad_shards`, `lost_samples`) and left out of the plan; every rank verifies the same files
+   and so leaves out the same shards (`exclude_shards` lets a trainer make ranks agree). A shard
+   of the right size whose sha256 differs is a DataError instead: it is another file in the
+   shard's place or silent corruption, and training on it would quietly change the data the
+   manifest (and every checkpoint's cursor) promises. No good shard at all is a DataError.
+   A document that turns out unreadable later (the file changed after verification, or holds
+   a token id >= the vocabulary size) is replaced in place by the tokens that follow it in the
+   epoch's order, so every row keeps its shape and every rank its number of batches; it is
+   reported and counted (`lost_documents`), and its tokens are lost, nothing else.
 2. Order. Epoch e's document order is a pure function of (seed, e): a permutation of the good
    shards, then a bounded shuffle buffer over their documents. Documents are concatenated with
    eos after each and cut into rows of `raw_length` tokens (568 for span corruption at 512):
@@ -63,10 +71,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import objectives
 from data._config import from_mapping
-from data.shards import Manifest, ShardIndex, read_shard_bytes, verify_manifest
+from data.shards import Manifest, ShardChecksumError, ShardIndex, read_shard_bytes, verify_manifest
 
 STATE_VERSION = 1
 _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://")
+# Characters a POSIX shell gives meaning to. The manifest is data, possibly downloaded; a path
+# holding one would become a command wherever a URL reaches a shell (pipe: shards, a GOPEN_REWRITE
+# to a pipe, older webdataset versions that fetched through `curl` in a shell).
+SHELL_METACHARACTERS = frozenset(";&|$`'\"<>(){}\\\n\r\0")
+
+
+class DataError(ValueError):
+    """The data cannot be trained on as configured; the message names the shard and the fix."""
+
+
+class UnreadableDocument(Exception):
+    """One document could not be read after verification; the message says why."""
+
+
+LOST_KEY = "lost_documents"  # batch key, removed before a batch leaves TokenStream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +110,7 @@ class StreamConfig:
     verify_sha256: bool = True  # hash every shard at start (size and structure are always checked)
     allow_remote: bool = False  # accept http(s)://, s3://, gs://, hf:// shard URLs
     allow_pipe: bool = False  # accept "pipe:" shard commands (they run a shell command)
+    allow_shell_characters: bool = False  # accept shell metacharacters (SHELL_METACHARACTERS) in shard paths
     max_epochs: int | None = None  # `for batch in stream` stops after this many epochs; None = never
 
     @classmethod
@@ -213,21 +237,28 @@ class ShardReader:
         return handle
 
     def read(self, shard: int, member: int) -> np.ndarray:
+        """The document's token ids; UnreadableDocument if the file no longer yields them."""
         index = self.indices[shard]
         offset, count = int(index.offsets[member]), int(index.lengths[member])
         nbytes = count * self.dtype.itemsize
-        handle = self._handle(shard)
-        if isinstance(handle, memoryview):
-            data = handle[offset : offset + nbytes]
-        else:
-            handle.seek(offset)
-            data = handle.read(nbytes)
+        try:
+            handle = self._handle(shard)
+            if isinstance(handle, memoryview):
+                data = handle[offset : offset + nbytes]
+            else:
+                handle.seek(offset)
+                data = handle.read(nbytes)
+        except OSError as error:
+            self._open.pop(shard, None)
+            raise UnreadableDocument(f"unreadable ({error.strerror or error})") from None
         if len(data) != nbytes:
-            raise OSError(
-                f"shard {self.manifest.shards[shard].path} changed after verification "
-                f"(short read of member {member}); restart the job to re-verify"
-            )
-        return np.frombuffer(data, dtype=self.dtype).astype(np.int64)
+            raise UnreadableDocument(f"short read ({len(data)} of {nbytes} bytes): the file changed after verification")
+        ids = np.frombuffer(data, dtype=self.dtype).astype(np.int64)
+        # An id past the vocabulary would index outside the embedding on one rank only.
+        vocab = self.manifest.special.vocab_size
+        if count and int(ids.max()) >= vocab:
+            raise UnreadableDocument(f"token id {int(ids.max())} >= vocabulary size {vocab}")
+        return ids
 
     def close(self) -> None:
         for handle in self._open.values():
@@ -237,21 +268,53 @@ class ShardReader:
 
 
 def read_rows(plan: EpochPlan, reader: ShardReader, first_row: int, num_rows: int, raw_length: int,
-              eos_id: int) -> np.ndarray:
-    """Rows [first_row, first_row + num_rows) of the epoch's packed token stream: (num_rows, raw)."""
+              eos_id: int, lost: list | None = None) -> np.ndarray:
+    """Rows [first_row, first_row + num_rows) of the epoch's packed token stream: (num_rows, raw).
+
+    An unreadable document is appended to `lost` as (shard path, member, reason) and its place
+    is filled by `_stand_in`, so the rows keep their shape and their place in the epoch.
+    """
     begin, end = first_row * raw_length, (first_row + num_rows) * raw_length
     # Documents overlapping [begin, end): the last one starting at or before `begin`, up to the
     # last one starting before `end`.
     lo = int(np.searchsorted(plan.start, begin, side="right")) - 1
     hi = int(np.searchsorted(plan.start, end, side="left"))
     eos = np.array([eos_id], dtype=np.int64)
+    lost = [] if lost is None else lost
     pieces = []
     for d in range(lo, hi):
-        pieces.append(reader.read(int(plan.shard[d]), int(plan.member[d])))
+        try:
+            pieces.append(reader.read(int(plan.shard[d]), int(plan.member[d])))
+        except UnreadableDocument as error:
+            lost.append((reader.manifest.shards[int(plan.shard[d])].path, int(plan.member[d]), str(error)))
+            pieces.append(_stand_in(plan, reader, d, min(int(plan.length[d]), end - int(plan.start[d])), eos, lost))
         pieces.append(eos)
     stream = np.concatenate(pieces)
     offset = begin - int(plan.start[lo])
     return stream[offset : offset + num_rows * raw_length].reshape(num_rows, raw_length)
+
+
+def _stand_in(plan: EpochPlan, reader: ShardReader, d: int, count: int, eos: np.ndarray, lost: list) -> np.ndarray:
+    """`count` tokens to stand in for unreadable document d: the documents after it in the epoch's
+    order (with their eos), wrapping around. Every rank that needs d builds the same stand-in, and
+    the tokens come from the stream itself, so no padding is ever trained on; they are seen twice."""
+    pieces, have = [], 0
+    for step in range(1, len(plan.shard)):
+        if have >= count:
+            break
+        k = (d + step) % len(plan.shard)
+        try:
+            pieces.append(reader.read(int(plan.shard[k]), int(plan.member[k])))
+        except UnreadableDocument as error:
+            entry = (reader.manifest.shards[int(plan.shard[k])].path, int(plan.member[k]), str(error))
+            if entry not in lost:
+                lost.append(entry)
+            continue
+        pieces += [eos]
+        have += len(pieces[-2]) + 1
+    if have < count:
+        raise UnreadableDocument("no readable document left in the epoch; check the shards with `performer data verify`")
+    return np.concatenate(pieces)[:count]
 
 
 def make_batch(rows: np.ndarray, row_ids: np.ndarray, epoch: int, config: StreamConfig,
@@ -308,10 +371,14 @@ class _RankEpoch(IterableDataset):
         try:
             for i in range(worker, self.steps, workers):
                 first = self.cursor + (i * self.world + self.rank) * size
+                lost: list = []
                 rows = read_rows(self.plan, reader, first, size, self.config.raw_length,
-                                 self.manifest.special.eos_id)
+                                 self.manifest.special.eos_id, lost)
                 row_ids = np.arange(first, first + size)
-                yield make_batch(rows, row_ids, self.epoch, self.config, self.manifest.special)
+                batch = make_batch(rows, row_ids, self.epoch, self.config, self.manifest.special)
+                # Travels with its batch through the DataLoader workers; TokenStream takes it off.
+                batch[LOST_KEY] = [list(entry) for entry in lost]
+                yield batch
         finally:
             reader.close()
 
@@ -327,14 +394,21 @@ class TokenStream:
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.manifest = Manifest.load(config.manifest)
         self._check_urls()
-        self.indices, self.bad_shards = verify_manifest(self.manifest, check_sha256=config.verify_sha256)
+        self.indices, errors = verify_manifest(self.manifest, check_sha256=config.verify_sha256)
+        mismatched = sorted(path for path, error in errors.items() if isinstance(error, ShardChecksumError))
+        if mismatched:
+            raise DataError(
+                f"{len(mismatched)} shard(s) of {config.manifest} have the manifest's size but not its sha256 "
+                f"(first: {mismatched[0]}: {errors[mismatched[0]]}): another file or silent corruption. Restore "
+                "them from the source or rebuild the split with `performer data shards`; `performer data verify "
+                "DIR` lists every bad shard. To train on them as they are, set data.verify_sha256=false "
+                "(sizes and tar structure are still checked, token ids on every read)"
+            )
+        self.bad_shards: dict[str, str] = {path: str(error) for path, error in errors.items()}
+        self.lost_documents: dict[tuple[str, int], str] = {}  # (shard path, member) -> reason
         for path, reason in sorted(self.bad_shards.items()):
             warnings.warn(f"skipping corrupt shard {path}: {reason}", RuntimeWarning, stacklevel=2)
-        if not self.indices:
-            raise RuntimeError(
-                f"all {len(self.manifest.shards)} shards of {config.manifest} failed verification "
-                f"(first: {next(iter(self.bad_shards.items()))}); rebuild them with `performer data shards`"
-            )
+        self._require_good_shards()
         if config.objective == "span_corruption":
             spans = objectives._noise_counts(config.raw_length, config.noise_density, config.mean_noise_span_length)[1]
             if spans > self.manifest.special.num_sentinels:
@@ -346,14 +420,52 @@ class TokenStream:
         self.cursor = 0  # rows of the current epoch consumed by all ranks together
         self._plan_cache: tuple[int, EpochPlan] | None = None
 
+    def _require_good_shards(self) -> None:
+        if not self.indices:
+            first = next(iter(self.bad_shards.items()))
+            raise DataError(
+                f"all {len(self.manifest.shards)} shards of {self.config.manifest} failed verification "
+                f"(first: {first[0]}: {first[1]}); rebuild them with `performer data shards`"
+            )
+
     def _check_urls(self) -> None:
         for shard in self.manifest.shards:
-            if shard.path.startswith("pipe:") and not self.config.allow_pipe:
-                raise ValueError(f"shard {shard.path!r} is a pipe: command; set stream.allow_pipe=true to run it")
+            if shard.path.startswith("pipe:"):
+                if not self.config.allow_pipe:
+                    raise DataError(f"shard {shard.path!r} is a pipe: command; set stream.allow_pipe=true to run it")
+                continue  # a pipe: command is shell by definition; allow_pipe accepted that
             if shard.path.startswith(_REMOTE_PREFIXES) and not self.config.allow_remote:
-                raise ValueError(f"shard {shard.path!r} is remote; set stream.allow_remote=true to fetch it")
+                raise DataError(f"shard {shard.path!r} is remote; set stream.allow_remote=true to fetch it")
             if "://" in shard.path and not shard.path.startswith(_REMOTE_PREFIXES):
-                raise ValueError(f"shard {shard.path!r}: unsupported URL scheme")
+                raise DataError(f"shard {shard.path!r}: unsupported URL scheme")
+            found = sorted(set(shard.path) & SHELL_METACHARACTERS)
+            if found and not self.config.allow_shell_characters:
+                raise DataError(
+                    f"shard {shard.path!r} holds shell metacharacter(s) {''.join(found)!r}; refused so that no "
+                    "manifest can smuggle a command. Rename the shard, or set stream.allow_shell_characters=true "
+                    "(data.allow_shell_characters in a run config) if the manifest is yours"
+                )
+
+    def exclude_shards(self, reasons: dict[str, str]) -> None:
+        """Leave these shards (path -> reason) out from now on, e.g. ones another rank found bad, so
+        that every rank plans the same epochs. The current epoch is re-planned: call it before
+        iterating (the trainer does, once, at start-up)."""
+        positions = {shard.path: p for p, shard in enumerate(self.manifest.shards)}
+        for path, reason in sorted(reasons.items()):
+            if path in self.bad_shards:
+                continue
+            self.bad_shards[path] = reason
+            self.indices.pop(positions[path], None)
+            warnings.warn(f"skipping corrupt shard {path}: {reason}", RuntimeWarning, stacklevel=2)
+        self._plan_cache = None
+        self._require_good_shards()
+
+    @property
+    def lost_samples(self) -> int:
+        """Documents this stream cannot train on: those of skipped shards and unreadable ones found
+        while reading (this rank's view; a trainer sums the latter over ranks)."""
+        by_path = {shard.path: shard.samples for shard in self.manifest.shards}
+        return sum(by_path[path] for path in self.bad_shards) + len(self.lost_documents)
 
     # --- sizes -------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
@@ -404,6 +516,11 @@ class TokenStream:
         )
         for i, batch in enumerate(loader):
             self.cursor = start + (i + 1) * rows_per_step
+            for path, member, reason in batch.pop(LOST_KEY):
+                if (path, int(member)) not in self.lost_documents:
+                    self.lost_documents[(path, int(member))] = reason
+                    warnings.warn(f"shard {path}: document {member} lost ({reason}); replaced by the documents "
+                                  "after it", RuntimeWarning, stacklevel=2)  # fmt: skip
             yield batch
         self.epoch, self.cursor = epoch + 1, 0
 

@@ -73,6 +73,8 @@ class DataSection:
     "Accept `pipe:` shard commands (they run a shell command)."
     allow_remote: bool = False
     "Accept http(s)/s3/gs shard URLs."
+    allow_shell_characters: bool = False
+    "Accept shard paths holding shell metacharacters (; & | $ ` ' \" < > ( ) { } \\ newline), e.g. signed URLs with &."
 
 
 @dataclass

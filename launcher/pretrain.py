@@ -114,16 +114,53 @@ def eval_manifest_path(config: RunConfig) -> Path | None:
 
 
 def make_stream(config: RunConfig, manifest: Path, topology: Topology, max_epochs=None):
-    from data.stream import StreamConfig, TokenStream
+    """The rank's stream; every rank leaves out the shards that any rank found damaged."""
+    from data.stream import DataError, StreamConfig, TokenStream
 
     data = config.data
     stream_config = StreamConfig(
         manifest=str(manifest), objective=data.objective, input_length=data.input_length,
         batch_size=config.train.micro_batch_size, seed=config.seed, num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer, verify_sha256=data.verify_sha256,
-        allow_pipe=data.allow_pipe, allow_remote=data.allow_remote, max_epochs=max_epochs,
+        allow_pipe=data.allow_pipe, allow_remote=data.allow_remote,
+        allow_shell_characters=data.allow_shell_characters, max_epochs=max_epochs,
     )  # fmt: skip
-    return TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size)
+    try:
+        stream = TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size)
+        # Each rank verified the files itself: one that changed in between must not give the ranks
+        # different epochs (different step counts hang the collectives). One gather, at start-up.
+        found = gather_objects(stream.bad_shards)
+        union = {path: reason for share in found for path, reason in share.items()}
+        if any(share.keys() != union.keys() for share in found):
+            stream.exclude_shards(union)
+    except DataError as error:
+        raise ConfigError(f"data: {error}") from error
+    return stream
+
+
+def report_bad_shards(metrics: MetricsLogger, step: int, split: str, stream) -> None:
+    """One event per skipped shard (name, reason, samples lost), in metrics.jsonl and on the console."""
+    samples = {shard.path: shard.samples for shard in stream.manifest.shards}
+    for path, reason in sorted(stream.bad_shards.items()):
+        metrics.log("event", step, {"data_bad_shard": path, "split": split, "reason": reason,
+                                    "samples_lost": samples[path]})  # fmt: skip
+        metrics.message(f"data: skipping {split} shard {path} ({samples[path]} samples lost): {reason}")
+
+
+def report_lost_documents(metrics: MetricsLogger, step: int, stream, reported: dict, new_anywhere: bool) -> None:
+    """Gather the documents the ranks found unreadable since the last report (only when one did:
+    the count rides on the log interval's all-reduce) and log each once; `reported` stays the same
+    on every rank."""
+    if not new_anywhere:
+        return
+    mine = {key: reason for key, reason in stream.lost_documents.items() if key not in reported}
+    for share in gather_objects(mine):
+        for (path, member), reason in sorted(share.items()):
+            if (path, member) not in reported:
+                reported[(path, member)] = reason
+                metrics.log("event", step, {"data_lost_document": path, "member": member, "reason": reason})
+                metrics.message(f"data: shard {path} document {member} unreadable ({reason}); replaced by the "
+                                "documents after it")  # fmt: skip
 
 
 def batch_tokens(batch: dict) -> int:
@@ -257,6 +294,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
     if resume_tag is not None:
         client = checkpoint.load(engine, checkpoint_dir, resume_tag)
         stream.load_state_dict(client["data"])
+        for path, member, reason in client.get("data_lost_documents", []):
+            stream.lost_documents[(path, member)] = reason
         projection_seed = int(client["projection_seed"])
         progress = Progress(samples=client["samples"], tokens=client["tokens"],
                             skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
@@ -279,6 +318,10 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
         metrics.message(f"resumed from {resume_tag} at step {start_step}")
     metrics.message(f"{config.model.kind} model, {parameter_count / 1e6:.2f}M parameters, "
                     f"{topology.world_size} rank(s), ZeRO {config.zero.stage}, {config.precision}")  # fmt: skip
+    report_bad_shards(metrics, start_step, "train", stream)
+    if eval_stream is not None:
+        report_bad_shards(metrics, start_step, "heldout", eval_stream)
+    reported_lost = dict(stream.lost_documents)  # (shard, member) -> reason, the same on every rank
 
     def client_state() -> dict:
         return {
@@ -287,6 +330,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
             "projection_seed": projection_seed, "config_fingerprint": config.fingerprint(),
             "model_config": model_config.to_dict(), "run_config": config.to_dict(),
             "world_size": topology.world_size,
+            "data_lost_documents": [[path, member, reason] for (path, member), reason in sorted(reported_lost.items())],
         }  # fmt: skip
 
     def save() -> str:
@@ -343,7 +387,9 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
             metrics.log("event", step, {"redraw": step, "projection_digest": digest})
         if step % config.log.interval == 0 or step == config.train.max_steps:
             elapsed = time.perf_counter() - window["started"]
-            mean_loss, tokens = all_mean([window["loss"] / max(window["micro"], 1), window["tokens"]])
+            new_lost = sum(key not in reported_lost for key in stream.lost_documents)
+            mean_loss, tokens, new_lost = all_mean([window["loss"] / max(window["micro"], 1), window["tokens"], new_lost])
+            report_lost_documents(metrics, step, stream, reported_lost, new_lost > 0)
             tokens_per_s = tokens * topology.world_size / elapsed
             progress.tokens += int(tokens * topology.world_size)
             grad_norm = engine.get_global_grad_norm()
@@ -357,6 +403,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
                 "data_wait_fraction": window["wait"] / elapsed,
                 "skipped_steps": progress.skipped_nonfinite + int(getattr(engine, "skipped_steps", 0)),
                 "tokens": progress.tokens,
+                "data_skipped_shards": len(stream.bad_shards),
+                "data_lost_samples": stream.lost_samples - len(stream.lost_documents) + len(reported_lost),
             })  # fmt: skip
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
         if eval_stream is not None and (

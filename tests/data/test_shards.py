@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from data.shards import Manifest, ShardConfig, ShardError, sha256_file, verify_manifest, verify_shard, write_shards
-from data.stream import TokenStream
+from data.stream import DataError, TokenStream
 from synthetic import SYNTHETIC_SPECIAL, causal_config, synthetic_documents, write_synthetic
 
 
@@ -111,6 +111,11 @@ def test_each_corruption_is_reported_counted_and_skipped(synthetic_shards, kind)
         verify_shard(manifest, manifest.shards[2])
     good, bad = verify_manifest(manifest)
     assert list(bad) == [victim.path] and len(good) == 5
+    if kind == "sha256":
+        # Right size, other bytes: training on would silently change the data; stop, name the shard.
+        with pytest.raises(DataError, match=f"{victim.path}.*verify_sha256=false"):
+            TokenStream(causal_config(root, batch_size=1), rank=0, world_size=2)
+        return
 
     # Every rank sees the same bad shard and skips it: the epoch covers exactly the other 50 docs.
     tokens = []
@@ -130,5 +135,7 @@ def test_all_shards_bad_is_a_clear_error(tmp_path):
     write_synthetic(tmp_path, [50] * 4, samples_per_shard=2)
     for shard in Manifest.load(tmp_path).shards:
         _garbage(tmp_path / shard.path)
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="all 2 shards .* failed verification"):
+    with pytest.raises(DataError, match="sha256.*train-000000.tar"):  # same size, other bytes: stop
         TokenStream(causal_config(tmp_path))
+    with pytest.warns(RuntimeWarning), pytest.raises(DataError, match="all 2 shards .* failed verification"):
+        TokenStream(causal_config(tmp_path, verify_sha256=False))
