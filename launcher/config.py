@@ -201,6 +201,7 @@ class RunConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
         if self.model.activation_checkpointing < 0:
             raise ConfigError("model.activation_checkpointing must be 0 (off), 1 (every layer) or k >= 2 (every k-th)")
+        _check_model_section(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +214,26 @@ class RunConfig:
         """sha256 of what fixes the parameter shapes: resuming with another model is an error."""
         shape_keys = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("dropout", "redraw_interval", "activation_checkpointing")}
         return hashlib.sha256(json.dumps(shape_keys, sort_keys=True).encode()).hexdigest()
+
+
+def _check_model_section(model: ModelSection) -> None:
+    """model.preset and model.overrides against performer.config.ModelConfig, here rather than when
+    the model is built: after the process group, a typo would be a traceback on every rank."""
+    from performer.config import PRESETS, ModelConfig
+
+    _check_choice("model.preset", model.preset, tuple(PRESETS))
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in model.overrides.items():
+        if key not in hints:
+            raise _unknown_key_error(str(key), "model.overrides", list(hints))
+        if not _type_matches(value, hints[key]):
+            expected = getattr(hints[key], "__name__", str(hints[key]))
+            raise ConfigError(f"model.overrides.{key} must be of type {expected}, got {type(value).__name__}: {value!r}")
+    typed = {"attention_type": model.attention_type, "nb_features": model.nb_features, "dropout": model.dropout}
+    try:
+        ModelConfig.from_dict({**PRESETS[model.preset], **typed, **model.overrides})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{error} (model.preset={model.preset}, model.overrides={model.overrides})") from error
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:

@@ -507,8 +507,8 @@ def test_fingerprint_is_stable_for_equal_configs():
     assert first.fingerprint() == second.fingerprint() == _tiny().fingerprint()
     assert len(first.fingerprint()) == 64
     # Mapping order does not matter.
-    a = _tiny("deepspeed.a=1", "deepspeed.b=2", "model.overrides.x=1", "model.overrides.y=2")
-    b = _tiny("deepspeed.b=2", "deepspeed.a=1", "model.overrides.y=2", "model.overrides.x=1")
+    a = _tiny("deepspeed.a=1", "deepspeed.b=2", "model.overrides.d_model=64", "model.overrides.num_heads=2")
+    b = _tiny("deepspeed.b=2", "deepspeed.a=1", "model.overrides.num_heads=2", "model.overrides.d_model=64")
     assert a == b and a.fingerprint() == b.fingerprint() and a.model_fingerprint() == b.model_fingerprint()
 
 
