@@ -31,6 +31,7 @@ from performer.feature_maps import KEY_FEATURE_HEADROOM
 # Per-group working set of the backward, in bytes: a few features-sized tensors of one group of
 # slices. Small enough to stay near the caches, large enough that batched matmuls are not tiny.
 GROUP_WORKING_SET_BYTES = 48 * 2**20
+GPU_GROUP_BYTES = 4 * 2**30
 
 
 def default_chunk_size(length: int, nb_features: int, head_dim: int) -> int:
@@ -46,11 +47,12 @@ def default_chunk_size(length: int, nb_features: int, head_dim: int) -> int:
     return 64 if nb_features >= 128 else 32
 
 
-def _slices_per_group(length: int, nb_features: int, head_dim: int, slices: int) -> int:
+def _slices_per_group(length: int, nb_features: int, head_dim: int, slices: int, device: torch.device) -> int:
     # Backward holds about four (L, M) tensors (features and their gradients) plus two prefix-state
-    # tensors per slice.
+    # tensors per slice. A GPU has no cache to fit: there the groups only bound peak memory.
     per_slice = 4 * length * (4 * nb_features + 2 * (head_dim + 1))
-    return max(1, min(slices, GROUP_WORKING_SET_BYTES // max(per_slice, 1)))
+    budget = GROUP_WORKING_SET_BYTES if device.type == "cpu" else GPU_GROUP_BYTES
+    return max(1, min(slices, budget // max(per_slice, 1)))
 
 
 # ----------------------------------------------------------------------------- feature map
@@ -133,76 +135,77 @@ def _offsets(projection: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- chunk helpers
 
 
-def _chunked(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(G, L, X) -> (G, N, C, X), zero-padding the tail (zero features and values add nothing)."""
-    length = x.shape[1]
+def _chunk_major(x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """(G, L, X) -> (N, G, C, X) contiguous, the tail zero-padded; unchanged when chunk is None.
+
+    Chunks outermost, so that every per-chunk slice the prefix scan touches is contiguous and
+    every batched matmul reads its operands without a copy. Padded tail keys carry zero values
+    and come after every real query, so they reach only padded queries, which are cut off.
+    """
+    if chunk is None:
+        return x
+    slices, length, width = x.shape
     pad = -length % chunk
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
-    return x.reshape(x.shape[0], -1, chunk, x.shape[-1])
+    return x.reshape(slices, -1, chunk, width).transpose(0, 1).contiguous()
 
 
-def _unchunked(x: torch.Tensor, length: int) -> torch.Tensor:
-    """(G, N, C, X) -> (G, L, X)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])[:, :length]
+def _sequence_major(x: torch.Tensor, length: int, chunk: int | None) -> torch.Tensor:
+    """Inverse of ``_chunk_major``: (N, G, C, X) -> (G, L, X)."""
+    if chunk is None:
+        return x
+    return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])[:, :length]
 
 
-def _scan_(per_chunk: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """In place: per-chunk states (G, N, M, E) -> their inclusive prefix (or suffix) sums over chunks.
+def _exclusive_scan(per_chunk: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Per-chunk states (N, G, M, E) -> for each chunk, the sum over the chunks strictly before
+    it (or strictly after it, ``reverse``).
 
-    A loop of in-place adds over N: torch.cumsum along a non-last dimension runs about 5x slower
-    (11 ms against 2 ms for N=256, M=256, E=65 on CPU) and needs a second buffer, and a triangular
-    matmul would cost N times the flops. The loop body is one vectorised add over M*E floats.
+    A loop of in-place adds over N, each vectorised over G*M*E contiguous floats: torch.cumsum
+    along a non-last dimension ran about 5x slower (11 ms against 2 ms for N=256, M=256, E=65 on
+    CPU), and a triangular matmul would cost N times the flops.
     """
-    nb_chunks = per_chunk.shape[1]
+    out = torch.empty_like(per_chunk)
     if reverse:
-        for index in range(nb_chunks - 2, -1, -1):
-            per_chunk[:, index].add_(per_chunk[:, index + 1])
+        out[-1].zero_()
+        out[:-1].copy_(per_chunk[1:])
+        for index in range(out.shape[0] - 2, -1, -1):
+            out[index].add_(out[index + 1])
     else:
-        for index in range(1, nb_chunks):
-            per_chunk[:, index].add_(per_chunk[:, index - 1])
-    return per_chunk
+        out[0].zero_()
+        out[1:].copy_(per_chunk[:-1])
+        for index in range(1, out.shape[0]):
+            out[index].add_(out[index - 1])
+    return out
 
 
 def _tril_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a b^T kept on and below the diagonal: (G, N, C, X), (G, N, C, X) -> (G, N, C, C)."""
+    """a b^T kept on and below the diagonal: (N, G, C, X), (N, G, C, X) -> (N, G, C, C)."""
     return (a @ b.transpose(-2, -1)).tril_()
 
 
-# ----------------------------------------------------------------------------- causal
+# ----------------------------------------------------------------------------- causal (chunk-major)
 
 
-def _causal_forward(phi_q, phi_k, values, chunk):
-    """Chunk-parallel causal numerator: (G, L, M), (G, L, M), (G, L, E) -> (G, L, E)."""
-    length = phi_q.shape[1]
-    q_chunks, k_chunks, v_chunks = (_chunked(x, chunk) for x in (phi_q, phi_k, values))
-    numerator = _tril_scores(q_chunks, k_chunks) @ v_chunks  # (G, N, C, E)
-    # Keys of chunks 0..n summed; chunk n + 1 attends to them all.
-    states_through = _scan_(k_chunks.transpose(-2, -1) @ v_chunks)  # (G, N, M, E)
-    numerator[:, 1:] += q_chunks[:, 1:] @ states_through[:, :-1]
-    return _unchunked(numerator, length)
+def _causal_forward(phi_q, phi_k, values):
+    """Chunk-parallel causal numerator: (N, G, C, M), (N, G, C, M), (N, G, C, E) -> (N, G, C, E)."""
+    numerator = _tril_scores(phi_q, phi_k) @ values  # inside each chunk
+    prior = _exclusive_scan(phi_k.transpose(-2, -1) @ values)  # (N, G, M, E): keys of earlier chunks
+    return numerator.add_(phi_q @ prior)
 
 
-def _causal_backward(phi_q, phi_k, values, grad_numerator, chunk):
-    """Gradients of the causal numerator w.r.t. phi(q), phi(k), V1.
+def _causal_backward(phi_q, phi_k, values, grad_numerator):
+    """Gradients of the causal numerator w.r.t. phi(q), phi(k), V1 (all (N, G, C, .))."""
+    prior = _exclusive_scan(phi_k.transpose(-2, -1) @ values)  # (N, G, M, E): keys of earlier chunks
+    later = _exclusive_scan(phi_q.transpose(-2, -1) @ grad_numerator, reverse=True)  # queries of later ones
 
-    (G, L, M) x2, (G, L, E) x2 -> (G, L, M), (G, L, M), (G, L, E).
-    """
-    length = phi_q.shape[1]
-    q_chunks, k_chunks, v_chunks, dn_chunks = (_chunked(x, chunk) for x in (phi_q, phi_k, values, grad_numerator))
-    # Keys of chunks 0..n, and queries' gradients of chunks n..N-1, summed.
-    states_through = _scan_(k_chunks.transpose(-2, -1) @ v_chunks)  # (G, N, M, E)
-    grads_from = _scan_(q_chunks.transpose(-2, -1) @ dn_chunks, reverse=True)  # (G, N, M, E)
-
-    value_scores = _tril_scores(dn_chunks, v_chunks)  # (G, N, C, C): dN_i . V1_j for j <= i
-    grad_q = value_scores @ k_chunks  # (G, N, C, M)
-    grad_q[:, 1:] += dn_chunks[:, 1:] @ states_through[:, :-1].transpose(-2, -1)
-    grad_k = value_scores.transpose(-2, -1) @ q_chunks
-    del value_scores
-    grad_k[:, :-1] += v_chunks[:, :-1] @ grads_from[:, 1:].transpose(-2, -1)
-    grad_v = _tril_scores(q_chunks, k_chunks).transpose(-2, -1) @ dn_chunks  # (G, N, C, E)
-    grad_v[:, :-1] += k_chunks[:, :-1] @ grads_from[:, 1:]
-    return _unchunked(grad_q, length), _unchunked(grad_k, length), _unchunked(grad_v, length)
+    value_scores = _tril_scores(grad_numerator, values)  # (N, G, C, C): dN_i . V1_j for j <= i
+    grad_q = (value_scores @ phi_k).add_(grad_numerator @ prior.transpose(-2, -1))
+    grad_k = (value_scores.transpose(-2, -1) @ phi_q).add_(values @ later.transpose(-2, -1))
+    del value_scores, prior
+    grad_v = (_tril_scores(phi_q, phi_k).transpose(-2, -1) @ grad_numerator).add_(phi_k @ later)
+    return grad_q, grad_k, grad_v
 
 
 # ----------------------------------------------------------------------------- bidirectional
@@ -222,6 +225,22 @@ def _bidirectional_backward(phi_q, phi_k, values, grad_numerator):
 # ----------------------------------------------------------------------------- the op
 
 
+def _group_operands(q, k, v, keep, projection, offsets, chunk):
+    """Everything both passes need of one group of slices, in chunk-major layout when chunk is set.
+
+    q: (G, Lq, D), k, v: (G, Lk, D), keep: (G, Lk, 1) bool or None.
+    Returns scaled q and k (., D), their features (., M), V1 (., E) and the key mask (., 1).
+    """
+    scaled_q, scaled_k = _chunk_major(_scaled(q), chunk), _chunk_major(_scaled(k), chunk)
+    phi_q = _features(scaled_q, projection, offsets, is_query=True)
+    phi_k = _features(scaled_k, projection, offsets, is_query=False)
+    values = _chunk_major(_with_ones(v, keep), chunk)
+    if keep is not None:
+        keep = _chunk_major(keep.float(), chunk) > 0.5  # the padded tail counts as padding
+        phi_k = torch.where(keep, phi_k, 0.0)
+    return scaled_q, scaled_k, phi_q, phi_k, values, keep
+
+
 class _FavorAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, key_keep, causal, chunk):
@@ -229,56 +248,59 @@ class _FavorAttention(torch.autograd.Function):
         key_length, nb_features = k.shape[2], projection.shape[0]
         projection = projection.float()
         offsets = _offsets(projection)
+        layout_chunk = chunk if causal else None
         flat_q, flat_k, flat_v = _flatten(q), _flatten(k), _flatten(v)
         slices = flat_q.shape[0]
-        group = _slices_per_group(max(query_length, key_length), nb_features, head_dim, slices)
+        group = _slices_per_group(max(query_length, key_length), nb_features, head_dim, slices, q.device)
         out = torch.empty(slices, query_length, head_dim, dtype=torch.float32, device=q.device)
         denominator = torch.empty(slices, query_length, dtype=torch.float32, device=q.device)
         for start in range(0, slices, group):
             stop = min(start + group, slices)
             keep = _group_masks(key_keep, heads, start, stop)
-            phi_q = _features(_scaled(flat_q[start:stop]), projection, offsets, is_query=True)
-            phi_k = _features(_scaled(flat_k[start:stop]), projection, offsets, is_query=False)
-            if keep is not None:
-                phi_k = torch.where(keep, phi_k, 0.0)
-            values = _with_ones(flat_v[start:stop], keep)
+            _, _, phi_q, phi_k, values, _ = _group_operands(
+                flat_q[start:stop], flat_k[start:stop], flat_v[start:stop], keep, projection, offsets, layout_chunk
+            )
             if causal:
-                numerator = _causal_forward(phi_q, phi_k, values, chunk)
+                numerator = _causal_forward(phi_q, phi_k, values)
             else:
                 numerator = _bidirectional_forward(phi_q, phi_k, values)
-            out[start:stop], denominator[start:stop] = _normalised(numerator)
+            del phi_q, phi_k, values
+            out[start:stop], denominator[start:stop] = _normalised(_sequence_major(numerator, query_length, layout_chunk))
         ctx.save_for_backward(q, k, v, projection, key_keep, out, denominator)
-        ctx.causal, ctx.chunk, ctx.group, ctx.heads = causal, chunk, group, heads
+        ctx.layout_chunk, ctx.group, ctx.heads = layout_chunk, group, heads
         return out.reshape(batch, heads, query_length, head_dim).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, projection, key_keep, out, denominator = ctx.saved_tensors
+        chunk = ctx.layout_chunk
         offsets = _offsets(projection)
-        flat_q, flat_k, flat_v = _flatten(q), _flatten(k), _flatten(v)
-        flat_grad = _flatten(grad_out)
+        flat_q, flat_k, flat_v, flat_grad = _flatten(q), _flatten(k), _flatten(v), _flatten(grad_out)
+        query_length, key_length = flat_q.shape[1], flat_k.shape[1]
         grad_q, grad_k, grad_v = torch.empty_like(flat_q), torch.empty_like(flat_k), torch.empty_like(flat_v)
         for start in range(0, flat_q.shape[0], ctx.group):
             stop = min(start + ctx.group, flat_q.shape[0])
             keep = _group_masks(key_keep, ctx.heads, start, stop)
-            scaled_q, scaled_k = _scaled(flat_q[start:stop]), _scaled(flat_k[start:stop])
-            phi_q = _features(scaled_q, projection, offsets, is_query=True)
-            phi_k = _features(scaled_k, projection, offsets, is_query=False)
-            if keep is not None:
-                phi_k = torch.where(keep, phi_k, 0.0)
-            values = _with_ones(flat_v[start:stop], keep)
-            grad_numerator = _output_grad(flat_grad[start:stop], out[start:stop], denominator[start:stop])
-            if ctx.causal:
-                phi_q_grad, phi_k_grad, values_grad = _causal_backward(phi_q, phi_k, values, grad_numerator, ctx.chunk)
+            scaled_q, scaled_k, phi_q, phi_k, values, keep = _group_operands(
+                flat_q[start:stop], flat_k[start:stop], flat_v[start:stop], keep, projection, offsets, chunk
+            )
+            grad_numerator = _chunk_major(
+                _output_grad(flat_grad[start:stop], out[start:stop], denominator[start:stop]), chunk
+            )
+            if chunk is not None:
+                phi_q_grad, phi_k_grad, values_grad = _causal_backward(phi_q, phi_k, values, grad_numerator)
             else:
                 phi_q_grad, phi_k_grad, values_grad = _bidirectional_backward(phi_q, phi_k, values, grad_numerator)
-            grad_q[start:stop] = _feature_input_grad(phi_q_grad, phi_q, scaled_q, projection)
+            del values, grad_numerator
+            query_grad = _feature_input_grad(phi_q_grad, phi_q, scaled_q, projection)
             key_grad = _feature_input_grad(phi_k_grad, phi_k, scaled_k, projection)
             value_grad = values_grad[..., :-1]
             if keep is not None:
                 # Padded keys may hold anything (even NaN); their gradient is exactly zero.
                 key_grad, value_grad = torch.where(keep, key_grad, 0.0), torch.where(keep, value_grad, 0.0)
-            grad_k[start:stop], grad_v[start:stop] = key_grad, value_grad
+            grad_q[start:stop] = _sequence_major(query_grad, query_length, chunk)
+            grad_k[start:stop] = _sequence_major(key_grad, key_length, chunk)
+            grad_v[start:stop] = _sequence_major(value_grad, key_length, chunk)
         return grad_q.view_as(q), grad_k.view_as(k), grad_v.view_as(v), None, None, None, None
 
 
