@@ -19,6 +19,7 @@ SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
     ("generate", "launcher.generate"),
     ("slurm", "launcher.slurm"),
     ("doctor", "launcher.doctor"),
+    ("check", "launcher.check"),
 )
 
 
