@@ -1,7 +1,7 @@
 """FAVOR+ attention from q, k, v in one op: feature map fused in, hand-written backward.
 
 Axis legend: B batch, H heads, G = B*H slices, L / Lq / Lk sequence, D head dim, M random
-features, E = D + 1 (values with a column of ones appended), N chunks, C chunk length.
+features, E = D + 1 rounded up to a multiple of 8 (values, a column of ones, zeros), N chunks, C chunk length.
 
 Autograd through ``favor_features`` + ``causal_linear_attention`` keeps every intermediate of the
 forward alive until the backward: the features phi(q), phi(k) (each 4x the size of q at M = 4D),
@@ -10,8 +10,8 @@ the normaliser (O(L D) per slice) and recompute the rest in the backward, one gr
 time, so memory grows linearly in L with a small constant and the working set stays in cache.
 
 Two identities keep the kernels to plain batched matmuls:
-* numerator and normaliser are one product: with V1 = [v, 1] (E columns), phi(q) S1 holds
-  sum phi(q).phi(k) v in its first D columns and sum phi(q).phi(k) in the last one;
+* numerator and normaliser are one product: with V1 = [v, 1, 0...] (E columns), phi(q) S1 holds
+  sum phi(q).phi(k) v in its first D columns and sum phi(q).phi(k) in column D;
 * the gradient of the normalised output only needs dN = [dout / den, -(dout . out) / den]
   against those same E columns, so the backward is the forward's transpose on (phi, V1, dN).
 
@@ -93,27 +93,41 @@ def _feature_input_grad(
     return grad.mul_(scaled.shape[-1] ** -0.25)
 
 
+def _value_width(head_dim: int) -> int:
+    """E: D value columns, the ones column, zeros up to a multiple of 8.
+
+    Matmuls with a 65-wide operand ran at half the rate of 64- or 72-wide ones on CPU (MKL,
+    fp32); the zero columns cost less than the odd width.
+    """
+    return -(-(head_dim + 1) // 8) * 8
+
+
 def _with_ones(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """(G, L, D) -> (G, L, E) float32 values with a ones column; padded keys zeroed."""
-    ones = torch.ones(*v.shape[:-1], 1, dtype=torch.float32, device=v.device)
-    values = torch.cat([v.float(), ones], dim=-1)
+    """(G, L, D) -> (G, L, E) float32: the values, a ones column (index D), zero columns; padded keys zeroed."""
+    head_dim = v.shape[-1]
+    values = v.new_zeros(*v.shape[:-1], _value_width(head_dim), dtype=torch.float32)
+    values[..., :head_dim] = v
+    values[..., head_dim] = 1.0
     return values if keep is None else torch.where(keep, values, 0.0)
 
 
-def _normalised(numerator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised(numerator: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, L, E) -> output (G, L, D) and normaliser (G, L); 0 output where no key is visible."""
-    denominator = numerator[..., -1]
+    denominator = numerator[..., head_dim]
     has_key = denominator > DENOMINATOR_FLOOR
     inverse = torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0)
-    return numerator[..., :-1] * inverse.unsqueeze(-1), denominator
+    return numerator[..., :head_dim] * inverse.unsqueeze(-1), denominator
 
 
 def _output_grad(grad_out: torch.Tensor, out: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """dN = [dout / den, -(dout . out) / den] (G, L, E); zero where no key was visible."""
+    """dN = [dout / den, -(dout . out) / den, zeros] (G, L, E); zero where no key was visible."""
     has_key = denominator > DENOMINATOR_FLOOR
     inverse = torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0).unsqueeze(-1)
-    grad_out = grad_out.float()
-    return torch.cat([grad_out * inverse, -(grad_out * out).sum(dim=-1, keepdim=True) * inverse], dim=-1)
+    head_dim = grad_out.shape[-1]
+    grad = grad_out.new_zeros(*grad_out.shape[:-1], _value_width(head_dim), dtype=torch.float32)
+    torch.mul(grad_out, inverse, out=grad[..., :head_dim])
+    grad[..., head_dim] = -(grad_out.float() * out).sum(dim=-1) * inverse.squeeze(-1)
+    return grad
 
 
 def _group_masks(key_keep: torch.Tensor | None, heads: int, start: int, stop: int) -> torch.Tensor | None:
@@ -158,24 +172,26 @@ def _sequence_major(x: torch.Tensor, length: int, chunk: int | None) -> torch.Te
     return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])[:, :length]
 
 
-def _exclusive_scan(per_chunk: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Per-chunk states (N, G, M, E) -> for each chunk, the sum over the chunks strictly before
-    it (or strictly after it, ``reverse``).
+def _exclusive_scan(first: torch.Tensor, second: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Per chunk, the sum of first^T second over the chunks strictly before it (or strictly after
+    it, ``reverse``): (N, G, C, X), (N, G, C, Y) -> (N, G, X, Y).
 
-    A loop of in-place adds over N, each vectorised over G*M*E contiguous floats: torch.cumsum
-    along a non-last dimension ran about 5x slower (11 ms against 2 ms for N=256, M=256, E=65 on
-    CPU), and a triangular matmul would cost N times the flops.
+    Each chunk's product is written straight into its neighbour's slot (chunks are outermost, so
+    the slots are contiguous), then summed by a loop of in-place adds over N, each vectorised
+    over G*X*Y floats: torch.cumsum along a non-last dimension ran about 5x slower (11 ms against
+    2 ms for N=256, X=256, Y=65 on CPU), and a triangular matmul would cost N times the flops.
     """
-    out = torch.empty_like(per_chunk)
+    nb_chunks = first.shape[0]
+    out = first.new_empty(nb_chunks, first.shape[1], first.shape[-1], second.shape[-1])
     if reverse:
         out[-1].zero_()
-        out[:-1].copy_(per_chunk[1:])
-        for index in range(out.shape[0] - 2, -1, -1):
+        torch.matmul(first[1:].transpose(-2, -1), second[1:], out=out[:-1])
+        for index in range(nb_chunks - 2, -1, -1):
             out[index].add_(out[index + 1])
     else:
         out[0].zero_()
-        out[1:].copy_(per_chunk[:-1])
-        for index in range(1, out.shape[0]):
+        torch.matmul(first[:-1].transpose(-2, -1), second[:-1], out=out[1:])
+        for index in range(1, nb_chunks):
             out[index].add_(out[index - 1])
     return out
 
@@ -191,14 +207,14 @@ def _tril_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _causal_forward(phi_q, phi_k, values):
     """Chunk-parallel causal numerator: (N, G, C, M), (N, G, C, M), (N, G, C, E) -> (N, G, C, E)."""
     numerator = _tril_scores(phi_q, phi_k) @ values  # inside each chunk
-    prior = _exclusive_scan(phi_k.transpose(-2, -1) @ values)  # (N, G, M, E): keys of earlier chunks
+    prior = _exclusive_scan(phi_k, values)  # (N, G, M, E): keys of earlier chunks
     return numerator.add_(phi_q @ prior)
 
 
 def _causal_backward(phi_q, phi_k, values, grad_numerator):
     """Gradients of the causal numerator w.r.t. phi(q), phi(k), V1 (all (N, G, C, .))."""
-    prior = _exclusive_scan(phi_k.transpose(-2, -1) @ values)  # (N, G, M, E): keys of earlier chunks
-    later = _exclusive_scan(phi_q.transpose(-2, -1) @ grad_numerator, reverse=True)  # queries of later ones
+    prior = _exclusive_scan(phi_k, values)  # (N, G, M, E): keys of earlier chunks
+    later = _exclusive_scan(phi_q, grad_numerator, reverse=True)  # queries of later chunks
 
     value_scores = _tril_scores(grad_numerator, values)  # (N, G, C, C): dN_i . V1_j for j <= i
     grad_q = (value_scores @ phi_k).add_(grad_numerator @ prior.transpose(-2, -1))
@@ -265,7 +281,9 @@ class _FavorAttention(torch.autograd.Function):
             else:
                 numerator = _bidirectional_forward(phi_q, phi_k, values)
             del phi_q, phi_k, values
-            out[start:stop], denominator[start:stop] = _normalised(_sequence_major(numerator, query_length, layout_chunk))
+            out[start:stop], denominator[start:stop] = _normalised(
+                _sequence_major(numerator, query_length, layout_chunk), head_dim
+            )
         ctx.save_for_backward(q, k, v, projection, key_keep, out, denominator)
         ctx.layout_chunk, ctx.group, ctx.heads = layout_chunk, group, heads
         return out.reshape(batch, heads, query_length, head_dim).to(v.dtype)
@@ -294,7 +312,7 @@ class _FavorAttention(torch.autograd.Function):
             del values, grad_numerator
             query_grad = _feature_input_grad(phi_q_grad, phi_q, scaled_q, projection)
             key_grad = _feature_input_grad(phi_k_grad, phi_k, scaled_k, projection)
-            value_grad = values_grad[..., :-1]
+            value_grad = values_grad[..., : flat_v.shape[-1]]
             if keep is not None:
                 # Padded keys may hold anything (even NaN); their gradient is exactly zero.
                 key_grad, value_grad = torch.where(keep, key_grad, 0.0), torch.where(keep, value_grad, 0.0)
