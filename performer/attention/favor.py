@@ -145,13 +145,26 @@ class CausalLinearState:
 
 
 def causal_linear_attention_step(
-    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: CausalLinearState
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    state: CausalLinearState,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, CausalLinearState]:
     """Append T new tokens to the state and attend from them: O(1) in the past length.
 
     (B, H, T, M), (B, H, T, M), (B, H, T, D) -> (B, H, T, D), new state. T is usually 1; a
-    prompt may be fed at once (it is handled causally within itself).
+    prompt may be fed at once: it is consumed ``chunk_size`` tokens at a time (causal within each
+    piece), so a long prompt costs O(T chunk_size) memory, not a T x T score matrix.
     """
+    length = phi_q.shape[2]
+    if length > chunk_size:
+        outputs = []
+        for start in range(0, length, chunk_size):
+            piece = slice(start, start + chunk_size)
+            out, state = causal_linear_attention_step(phi_q[:, :, piece], phi_k[:, :, piece], v[:, :, piece], state, chunk_size)
+            outputs.append(out)
+        return torch.cat(outputs, dim=2), state
     scores = (phi_q @ phi_k.transpose(-2, -1)).tril()  # (B, H, T, T)
     values = v.float()
     numerator = scores @ values + phi_q @ state.key_value

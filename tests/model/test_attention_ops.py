@@ -51,6 +51,22 @@ def test_chunked_causal_equals_quadratic(length, chunk_size):
     )
 
 
+def _prompt_at_once(phi_q, phi_k, v, chunk_size):
+    from performer.attention.favor import CausalLinearState, causal_linear_attention_step
+
+    state = CausalLinearState.empty(phi_q.shape[0], phi_q.shape[1], phi_q.shape[-1], v.shape[-1], phi_q.device)
+    return causal_linear_attention_step(phi_q, phi_k, v, state, chunk_size=chunk_size)[0]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_prompt_fed_at_once_in_pieces_equals_quadratic(chunk_size):
+    q, k, v, projection = _inputs(length=23)
+    _assert_same(
+        _run(_prompt_at_once, q, k, v, projection, chunk_size=chunk_size),
+        _run(causal_linear_attention_quadratic, q, k, v, projection),
+    )
+
+
 @pytest.mark.parametrize("length", [5, 23])
 def test_recurrent_step_equals_quadratic(length):
     q, k, v, projection = _inputs(length=length)
