@@ -1,7 +1,9 @@
 """Metrics: TensorBoard scalars, a JSONL copy, and a console progress bar (rank 0 only).
 
 Scalar names: train/loss, train/lr, train/grad_norm, train/loss_scale, train/tokens_per_s,
-train/mfu, train/data_wait_fraction, train/skipped_steps, eval/loss, eval/perplexity, redraw/step.
+train/mfu, train/data_wait_fraction, train/skipped_steps, train/data_skipped_shards,
+train/data_lost_samples, eval/loss, eval/perplexity, redraw/step; events (data_bad_shard,
+data_lost_document, redraws, non-finite losses) go to the JSONL with their numbers under events/.
 Each JSONL line has at least step, loss, lr, tokens_per_s for training records (kind "train").
 """
 

@@ -116,11 +116,13 @@ def test_sha256_mismatch_is_an_error_naming_the_shard_and_the_fix(data_copy):
     assert causal_stream(data_copy, 0).bad_shards == {}  # hashing off: the bytes are intact
 
 
-def test_shards_going_bad_mid_epoch_cost_only_their_documents(data_copy):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_going_bad_mid_epoch_cost_only_their_documents(data_copy, workers):
     """After verification one shard is truncated, one deleted, one document gets an id >= vocab:
     both ranks still yield exactly steps_per_epoch batches, never an id outside the vocabulary,
-    and the documents reported lost are exactly the unreadable ones."""
-    streams = [causal_stream(data_copy, rank) for rank in range(2)]
+    and the documents reported lost are exactly the unreadable ones (also through DataLoader
+    worker processes, where the report travels with its batch)."""
+    streams = [causal_stream(data_copy, rank, num_workers=workers) for rank in range(2)]
     manifest = streams[0].manifest
     root = data_copy / "train"
     truncated, deleted = manifest.shards[1], manifest.shards[6]
