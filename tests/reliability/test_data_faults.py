@@ -215,6 +215,12 @@ def test_trainer_skips_damaged_shards_and_lost_documents_on_two_ranks(data_copy,
     assert final["data_skipped_shards"] == 4
     assert final["data_lost_samples"] == 4 * SHARD_SAMPLES + 1
     assert "token id 65535 >= vocabulary size 1000" in run.output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run.directory / "tensorboard"))
+    board.Reload()
+    assert [e.value for e in board.Scalars("train/data_lost_samples")] == [33.0] * 8
+    assert sorted(e.value for e in board.Scalars("events/samples_lost")) == [8.0] * 4
 
 
 @pytest.mark.slow
