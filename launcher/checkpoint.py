@@ -45,6 +45,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what to do about it."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one is untouched."""
+
+
 def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
 
@@ -167,10 +171,26 @@ def save(engine, directory: Path, step: int, client_state: dict[str, Any], topol
     so a checkpoint can be checked and exported without unpickling anything.
     """
     tag = tag_for_step(step)
-    directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    barrier()  # every rank's files are written before anyone hashes them or calls it complete
+    if topology.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / tag).is_dir() and not (directory / tag / COMPLETE_MARKER).is_file():
+            # The leftover of a save of this step that was cut short (killed, disk full): its files
+            # would otherwise mix with the new ones and be hashed into the new marker.
+            shutil.rmtree(directory / tag)
+    # (DeepSpeed's save starts with a barrier: no rank writes into the tag before the removal.)
+    failure = None
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as error:
+        failure = _write_failure(error)
+        if failure is None:
+            raise  # not a file write: a collective failed, which has its own message
+        failure = f"rank {topology.rank}: {failure}"
+        barrier()  # the one DeepSpeed's save ends with, where the ranks that wrote their files wait
+    # Every rank's files are written (or failed) before anyone hashes them or calls it complete.
+    _raise_if_any_failed(directory, tag, gather_objects(failure), topology)
     digests = file_digests(directory / tag, topology)
+    failure = None
     if topology.is_main:
         marker = {
             "files": digests,
@@ -180,12 +200,53 @@ def save(engine, directory: Path, step: int, client_state: dict[str, Any], topol
             "run_config": config.to_dict(),
             "model_config": client_state["model_config"],
         }
-        _write_atomically(directory / tag / COMPLETE_MARKER, json.dumps(marker) + "\n")
-        _write_atomically(directory / POINTER, tag + "\n")
-        for old in complete_tags(directory)[:-keep]:
-            shutil.rmtree(directory / old, ignore_errors=True)
-    barrier()
+        try:
+            _write_atomically(directory / tag / COMPLETE_MARKER, json.dumps(marker) + "\n")
+            _write_atomically(directory / POINTER, tag + "\n")
+        except OSError as error:
+            failure = f"rank 0 committing: {error}"
+        else:
+            for old in complete_tags(directory)[:-keep]:
+                shutil.rmtree(directory / old, ignore_errors=True)
+    _raise_if_any_failed(directory, tag, gather_objects(failure), topology)
     return tag
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The error of a file write, or None for anything else.
+
+    A full disk reaches Python as an OSError from open/write, or, inside torch.save's zip writer,
+    as a RuntimeError that never says "space" ("basic_ios::clear: iostream error", "unexpected
+    pos ..." from inline_container.cc): both are write failures.
+    """
+    if isinstance(error, OSError):
+        return str(error)
+    text = str(error)
+    if any(sign in text for sign in ("iostream error", "inline_container", "file write failed", "PytorchStreamWriter")):
+        return f"torch.save failed: {text.splitlines()[0][:200]}"
+    return None
+
+
+def _raise_if_any_failed(directory: Path, tag: str, failures: list, topology: Topology) -> None:
+    """Every rank raises the same CheckpointSaveError if any rank failed (after a collective)."""
+    failures = [failure for failure in failures if failure]
+    if not failures:
+        return
+    if topology.is_main:
+        # Never leave a tag that looks complete; remove the torn files to give the space back.
+        (directory / tag / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(directory / tag, ignore_errors=True)
+    barrier()
+    previous = complete_tags(directory)
+    space = f"{shutil.disk_usage(directory).free / 2**20:.0f} MB free there now"
+    if previous:
+        size = sum(p.stat().st_size for p in (directory / previous[-1]).rglob("*") if p.is_file())
+        space += f", a checkpoint takes {size / 2**20:.0f} MB"
+    kept = f"the newest complete checkpoint, {previous[-1]}, is untouched" if previous else "there is no earlier checkpoint"
+    raise CheckpointSaveError(
+        f"checkpoint {tag} could not be written to {directory} ({'; '.join(failures)}; {space}); its partial "
+        f"files are removed and {kept}. Free space (or fix the filesystem), then rerun with --resume auto"
+    )
 
 
 def read_marker(tag_directory: Path) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +137,44 @@ def set_default_timeouts(timeout_s: float) -> datetime.timedelta:
     torch_dist.distributed_c10d.default_pg_timeout = timeout
     torch_dist.distributed_c10d.default_pg_nccl_timeout = timeout
     return timeout
+
+
+class HangWatchdog:
+    """Ends this rank when the training loop stops making progress for the collective timeout.
+
+    A collective that waits too long raises on the ranks waiting in it, but a rank hung outside
+    any collective (a deadlock, a stuck read, an injected sleep) never reaches one, and it defers
+    the launcher's SIGTERM to a step boundary it will never reach: it would hold its GPU until the
+    launcher's SIGKILL (30 s later under the deepspeed launcher, never under some). The loop arms
+    the watchdog before each micro-step and disarms it around evaluation and checkpoint saves
+    (long by nature, and bounded by their own collectives); if it stays armed past `timeout_s`,
+    a daemon thread prints what happened and ends the process with `exit_code`.
+    """
+
+    def __init__(self, timeout_s: float, rank: int, exit_code: int, poll_s: float = 0.2):
+        import threading
+
+        self.timeout_s, self.rank, self.exit_code, self.poll_s = timeout_s, rank, exit_code, poll_s
+        self._deadline: float | None = None
+        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self) -> None:
+        self._deadline = time.monotonic() + self.timeout_s
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"[rank {self.rank}] error: no progress in the training loop for dist.timeout_s="
+                      f"{self.timeout_s:g} s: this rank is hung, so it stops instead of holding the job; find "
+                      "where (py-spy dump, its log), or raise dist.timeout_s if a micro-step legitimately takes "
+                      "longer", file=sys.stderr, flush=True)  # fmt: skip
+                os._exit(self.exit_code)
 
 
 def _skip_shared_memory_inference_op() -> None:

@@ -7,7 +7,8 @@
 The recipe, top to bottom: config -> process group (timeouts first) -> model -> DeepSpeed engine
 -> projection seed from rank 0 -> data stream -> resume -> loop (forward, non-finite check,
 backward, step; redraw, log, eval, checkpoint at optimizer-step boundaries) -> final save.
-Exit codes: 0 done, 2 bad input (config, checkpoint), 3 too many non-finite losses,
+Exit codes: 0 done, 1 failed (a rank died or hung past dist.timeout_s, a checkpoint could not
+be written), 2 bad input (config, checkpoint, PERFORMER_FAULTS), 3 too many non-finite losses,
 75 stopped early by a signal or the time budget after saving (requeue and resume with
 --resume auto).
 """
@@ -29,6 +30,7 @@ import torch
 from launcher import checkpoint
 from launcher.config import ConfigError, RunConfig, load_config, save_config
 from launcher.dist import (
+    HangWatchdog,
     Topology,
     all_agree,
     all_mean,
@@ -39,9 +41,10 @@ from launcher.dist import (
     shutdown,
 )
 from launcher.ds_config import build_deepspeed_config
-from launcher.faults import Faults
+from launcher.faults import Faults, FaultSpecError
 from launcher.metrics import MetricsLogger, measure_peak_flops
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
@@ -251,23 +254,52 @@ def _install_stop_signals(progress: Progress) -> None:
 def run(config_paths: list[str], overrides: list[str], resume: str | None) -> int:
     try:
         config = load_config(config_paths, overrides)
-    except ConfigError as error:
+        faults = Faults.from_environment()
+    except (ConfigError, FaultSpecError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     topology = init_distributed(config.dist.timeout_s)
     try:
-        return train(config, topology, resume)
+        return train(config, topology, resume, faults)
     except (ConfigError, checkpoint.CheckpointError) as error:
         print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TooManyNonFinite as error:
         print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
         return EXIT_NONFINITE
+    except checkpoint.CheckpointSaveError as error:
+        print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except RuntimeError as error:
+        explanation = explain_collective_failure(error, config.dist.timeout_s)
+        if explanation is None:
+            raise
+        print(f"[rank {topology.rank}] error: {explanation}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     finally:
         shutdown()
 
 
-def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
+def explain_collective_failure(error: RuntimeError, timeout_s: float) -> str | None:
+    """What a failed collective means for the job, or None when `error` is something else.
+
+    gloo and NCCL report a peer that stopped answering as a timeout, and a dead peer as a closed
+    or reset connection; the raw messages name neither the cause nor the knob.
+    """
+    text = str(error)
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        return (f"a collective waited longer than dist.timeout_s={timeout_s:g} s for another rank: a rank is hung "
+                f"(or far slower than the others), so the job stops instead of waiting. Find the hung rank "
+                f"(py-spy dump, its log); if steps or saves legitimately take longer, raise dist.timeout_s. "
+                f"({text.splitlines()[0][:300]})")  # fmt: skip
+    if any(word in lowered for word in ("connection closed", "connection reset", "broken pipe", "peer")):
+        return (f"another rank died (its connection closed) during a collective; see that rank's error above or "
+                f"the launcher's exit status, then rerun with --resume auto ({text.splitlines()[0][:300]})")
+    return None
+
+
+def train(config: RunConfig, topology: Topology, resume: str | None, faults: Faults | None = None) -> int:
     import deepspeed
 
     from data.shards import Manifest
@@ -286,6 +318,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
     model = build_model(config.model.kind, model_config)
     ds_config = build_deepspeed_config(config, topology.world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    faults = faults if faults is not None else Faults()
+    faults.instrument_saves(engine, topology.rank)
 
     # One integer decides every projection: drawn on rank 0, broadcast, stored in checkpoints.
     projection_seed = broadcast_int(derive_seed(config.seed, 0x5EED) if topology.is_main else 0)
@@ -338,16 +372,19 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
                                config.checkpoint.keep, config)  # fmt: skip
 
     batches = iter(stream)
-    faults = Faults.from_environment()
     attempt = 0
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
     consecutive_nonfinite = 0
     last_saved_step = start_step if resume_tag is not None else -1
     exit_code = 0
     started_at = time.monotonic()
+    watchdog = HangWatchdog(config.dist.timeout_s, topology.rank, EXIT_FAILED)
     while engine.global_steps < config.train.max_steps:
+        watchdog.arm()  # disarmed at the step boundary: eval and saves are long by nature
         # Per-step randomness (dropout) is a function of (seed, step, rank): nothing to save.
         torch.manual_seed(derive_seed(config.seed, engine.global_steps, engine.micro_steps, topology.rank))
+        if faults:
+            faults.before_step(engine.global_steps + 1, topology.rank, engine.micro_steps % config.train.grad_accum == 0)
         waited = time.perf_counter()
         batch = _to_device(next(batches), engine.device)
         window["wait"] += time.perf_counter() - waited
@@ -360,6 +397,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
             consecutive_nonfinite += 1
             metrics.log("event", engine.global_steps, {"nonfinite_loss": 1, "skipped_total": progress.skipped_nonfinite})
             if consecutive_nonfinite >= config.train.max_consecutive_nonfinite:
+                watchdog.disarm()
                 if last_saved_step != engine.global_steps:
                     save()
                 raise TooManyNonFinite(
@@ -379,6 +417,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
         if not boundary:
             continue
 
+        watchdog.disarm()
         step = engine.global_steps
         metrics.advance()
         interval = config.model.redraw_interval
@@ -423,6 +462,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None) -> int:
             metrics.message(f"stopping at step {step} ({reason}): checkpoint saved; resume with --resume auto")
             exit_code = EXIT_PREEMPTED
             break
+    watchdog.disarm()
     if last_saved_step != engine.global_steps:
         save()
     metrics.close()
