@@ -432,18 +432,20 @@ class TokenStream:
         for shard in self.manifest.shards:
             if shard.path.startswith("pipe:"):
                 if not self.config.allow_pipe:
-                    raise DataError(f"shard {shard.path!r} is a pipe: command; set stream.allow_pipe=true to run it")
+                    raise DataError(f"shard {shard.path!r} is a pipe: command; set data.allow_pipe=true (StreamConfig."
+                                    "allow_pipe) to run it")
                 continue  # a pipe: command is shell by definition; allow_pipe accepted that
             if shard.path.startswith(_REMOTE_PREFIXES) and not self.config.allow_remote:
-                raise DataError(f"shard {shard.path!r} is remote; set stream.allow_remote=true to fetch it")
+                raise DataError(f"shard {shard.path!r} is remote; set data.allow_remote=true (StreamConfig.allow_remote) "
+                                "to fetch it")
             if "://" in shard.path and not shard.path.startswith(_REMOTE_PREFIXES):
                 raise DataError(f"shard {shard.path!r}: unsupported URL scheme")
             found = sorted(set(shard.path) & SHELL_METACHARACTERS)
             if found and not self.config.allow_shell_characters:
                 raise DataError(
                     f"shard {shard.path!r} holds shell metacharacter(s) {''.join(found)!r}; refused so that no "
-                    "manifest can smuggle a command. Rename the shard, or set stream.allow_shell_characters=true "
-                    "(data.allow_shell_characters in a run config) if the manifest is yours"
+                    "manifest can smuggle a command. Rename the shard, or set data.allow_shell_characters=true "
+                    "(StreamConfig.allow_shell_characters) if the manifest is yours"
                 )
 
     def exclude_shards(self, reasons: dict[str, str]) -> None:

@@ -168,7 +168,7 @@ def test_shell_metacharacters_in_shard_paths_are_refused_unless_allowed(data_cop
     assert stream.bad_shards == {} and not (REPO / "pwned").exists() and not Path("pwned").exists()
     raw["shards"][0]["path"] = "pipe:cat " + original
     (data_copy / "train" / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="pipe: command; set stream.allow_pipe=true"):
+    with pytest.raises(ValueError, match="pipe: command; set data.allow_pipe=true"):
         causal_stream(data_copy, 0, allow_shell_characters=True)
 
 

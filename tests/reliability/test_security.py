@@ -179,7 +179,7 @@ def test_pipe_shards_are_refused_by_the_trainer(prepared_data, tmp_path):
     (data / "tokenizer").symlink_to(prepared_data / "tokenizer")
     completed = pretrain(data, tmp_path / "run")
     assert completed.returncode == 2, completed.stdout + completed.stderr
-    assert "is a pipe: command; set stream.allow_pipe=true" in completed.stderr
+    assert "is a pipe: command; set data.allow_pipe=true" in completed.stderr
     assert not proof.exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
