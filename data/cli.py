@@ -21,7 +21,7 @@ from data._config import to_mapping
 from data.corpus import SOURCES, CorpusConfig, iter_documents
 from data.objectives import OBJECTIVES
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
-from data.stream import ShardReader, StreamConfig, TokenStream
+from data.stream import DataError, ShardReader, StreamConfig, TokenStream, check_shard_paths
 from data.tokenizer import MODEL_TYPES, Tokenizer, TokenizerConfig, train_tokenizer
 
 
@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
     verify = commands.add_parser("verify", help="check every shard against its manifest")
     verify.add_argument("manifest", help="manifest.json or its directory")
     verify.add_argument("--no-sha256", action="store_true", help="skip hashing (size/structure/counts only)")
+    _shard_path_options(verify)
     verify.set_defaults(func=cmd_verify)
 
     inspect = commands.add_parser("inspect", help="summarise a manifest and decode a few documents")
@@ -62,6 +63,7 @@ def add_parser(subparsers) -> None:
     inspect.add_argument("--tokenizer", help="tokenizer directory, to print text (default: ../tokenizer)")
     inspect.add_argument("--documents", type=int, default=1, help="documents to show")
     inspect.add_argument("--chars", type=int, default=400, help="characters of each to print")
+    _shard_path_options(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     sample = commands.add_parser("sample", help="decode the first rows of the stream's first batch")
@@ -72,6 +74,21 @@ def add_parser(subparsers) -> None:
     sample.add_argument("--rows", type=int, default=1, help="rows to print")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_sample)
+
+
+def _shard_path_options(parser: argparse.ArgumentParser) -> None:
+    # Verifying a pipe: shard runs it: a manifest from elsewhere must not run commands by being checked.
+    group = parser.add_argument_group("shard paths (refused unless allowed, as in training)")
+    group.add_argument("--allow-pipe", action="store_true", help="run `pipe:` shard commands")
+    group.add_argument("--allow-remote", action="store_true", help="fetch http(s)/s3/gs/hf shard URLs")
+    group.add_argument("--allow-shell-characters", action="store_true", help="accept shell metacharacters in paths")
+
+
+def _checked_manifest(args) -> Manifest:
+    manifest = Manifest.load(args.manifest)
+    check_shard_paths(manifest, allow_pipe=args.allow_pipe, allow_remote=args.allow_remote,
+                      allow_shell_characters=args.allow_shell_characters)  # fmt: skip
+    return manifest
 
 
 def _corpus_options(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +181,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    manifest = Manifest.load(args.manifest)
+    try:
+        manifest = _checked_manifest(args)
+    except DataError as error:
+        print(f"error: {error}")
+        return 2
     good, bad = verify_manifest(manifest, check_sha256=not args.no_sha256)
     for path, reason in sorted(bad.items()):
         print(f"BAD  {path}: {reason}")
@@ -173,7 +194,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    manifest = Manifest.load(args.manifest)
+    try:
+        manifest = _checked_manifest(args)
+    except DataError as error:
+        print(f"error: {error}")
+        return 2
     summary = {k: v for k, v in manifest.to_json().items() if k != "shards"}
     summary["shards"] = len(manifest.shards)
     summary["bytes"] = sum(s.bytes for s in manifest.shards)

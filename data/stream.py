@@ -145,6 +145,30 @@ class StreamConfig:
         return self.input_length
 
 
+def check_shard_paths(manifest: Manifest, *, allow_pipe: bool = False, allow_remote: bool = False,
+                      allow_shell_characters: bool = False) -> None:
+    """Refuse (DataError) shard paths that would run a command or fetch from the network unless
+    allowed. Call it before anything opens a shard: verifying a `pipe:` shard runs it."""
+    for shard in manifest.shards:
+        if shard.path.startswith("pipe:"):
+            if not allow_pipe:
+                raise DataError(f"shard {shard.path!r} is a pipe: command; set data.allow_pipe=true (StreamConfig."
+                                "allow_pipe) to run it")
+            continue  # a pipe: command is shell by definition; allow_pipe accepted that
+        if shard.path.startswith(_REMOTE_PREFIXES) and not allow_remote:
+            raise DataError(f"shard {shard.path!r} is remote; set data.allow_remote=true (StreamConfig.allow_remote) "
+                            "to fetch it")
+        if "://" in shard.path and not shard.path.startswith(_REMOTE_PREFIXES):
+            raise DataError(f"shard {shard.path!r}: unsupported URL scheme")
+        found = sorted(set(shard.path) & SHELL_METACHARACTERS)
+        if found and not allow_shell_characters:
+            raise DataError(
+                f"shard {shard.path!r} holds shell metacharacter(s) {''.join(found)!r}; refused so that no "
+                "manifest can smuggle a command. Rename the shard, or set data.allow_shell_characters=true "
+                "(StreamConfig.allow_shell_characters) if the manifest is yours"
+            )
+
+
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit values win; otherwise RANK / WORLD_SIZE from the environment; otherwise 0 / 1."""
     world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
@@ -429,24 +453,8 @@ class TokenStream:
             )
 
     def _check_urls(self) -> None:
-        for shard in self.manifest.shards:
-            if shard.path.startswith("pipe:"):
-                if not self.config.allow_pipe:
-                    raise DataError(f"shard {shard.path!r} is a pipe: command; set data.allow_pipe=true (StreamConfig."
-                                    "allow_pipe) to run it")
-                continue  # a pipe: command is shell by definition; allow_pipe accepted that
-            if shard.path.startswith(_REMOTE_PREFIXES) and not self.config.allow_remote:
-                raise DataError(f"shard {shard.path!r} is remote; set data.allow_remote=true (StreamConfig.allow_remote) "
-                                "to fetch it")
-            if "://" in shard.path and not shard.path.startswith(_REMOTE_PREFIXES):
-                raise DataError(f"shard {shard.path!r}: unsupported URL scheme")
-            found = sorted(set(shard.path) & SHELL_METACHARACTERS)
-            if found and not self.config.allow_shell_characters:
-                raise DataError(
-                    f"shard {shard.path!r} holds shell metacharacter(s) {''.join(found)!r}; refused so that no "
-                    "manifest can smuggle a command. Rename the shard, or set data.allow_shell_characters=true "
-                    "(StreamConfig.allow_shell_characters) if the manifest is yours"
-                )
+        check_shard_paths(self.manifest, allow_pipe=self.config.allow_pipe, allow_remote=self.config.allow_remote,
+                          allow_shell_characters=self.config.allow_shell_characters)  # fmt: skip
 
     def exclude_shards(self, reasons: dict[str, str]) -> None:
         """Leave these shards (path -> reason) out from now on, e.g. ones another rank found bad, so

@@ -91,14 +91,21 @@ def check_config(report: Report, run_dir: Path | None, paths: list[str], overrid
     return config
 
 
-def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bool):
+def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bool, config: RunConfig):
     """Verify every shard of one split; returns its manifest (or None)."""
     from data.shards import Manifest, ShardChecksumError, verify_manifest
+    from data.stream import DataError, check_shard_paths
 
     try:
         manifest = Manifest.load(manifest_path)
     except (FileNotFoundError, ValueError, KeyError) as error:
         report.add("data", ERROR, f"{name} split: {error}", "build it with `performer data prepare` or fix data.manifest")
+        return None
+    try:  # before any shard is opened: verifying a pipe: shard would run it
+        check_shard_paths(manifest, allow_pipe=config.data.allow_pipe, allow_remote=config.data.allow_remote,
+                          allow_shell_characters=config.data.allow_shell_characters)  # fmt: skip
+    except DataError as error:
+        report.add("data", ERROR, f"{name} split {manifest_path}: {error}", "fix the manifest, or allow it as said")
         return None
     good, bad = verify_manifest(manifest, check_sha256=check_sha256)
     samples = {shard.path: shard.samples for shard in manifest.shards}
@@ -220,12 +227,12 @@ def run_checks(run_dir: Path | None, config_paths: list[str], overrides: list[st
     report = Report()
     config = check_config(report, run_dir, config_paths, overrides)
     if config is not None:
-        manifest = check_split(report, "train", Path(config.data.manifest), check_sha256)
+        manifest = check_split(report, "train", Path(config.data.manifest), check_sha256, config)
         if manifest is not None:
             check_tokenizer(report, manifest)
         heldout = eval_manifest_path(config)
         if heldout is not None:
-            check_split(report, "heldout", heldout, check_sha256)
+            check_split(report, "heldout", heldout, check_sha256, config)
         run_dir = run_dir or Path(config.train.output_dir)
     if run_dir is not None:
         check_checkpoints(report, run_dir, config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -181,6 +182,28 @@ def test_pipe_shards_are_refused_by_the_trainer(prepared_data, tmp_path):
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert "is a pipe: command; set data.allow_pipe=true" in completed.stderr
     assert not proof.exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_checking_a_manifest_never_runs_its_pipe_shards(prepared_data, trained_run, tmp_path):
+    """Verifying a pipe: shard means running it: `performer data verify`, `data inspect` and
+    `performer check` refuse it as training does, unless allowed."""
+    proof = tmp_path / "proof"
+    shutil.copytree(prepared_data, tmp_path / "data")
+    raw = json.loads((tmp_path / "data" / "train" / "manifest.json").read_text())
+    shard = tmp_path / "data" / "train" / raw["shards"][0]["path"]
+    raw["shards"][0]["path"] = f"pipe:touch {proof}; cat {shard}"
+    (tmp_path / "data" / "train" / "manifest.json").write_text(json.dumps(raw))
+    for command in (["data", "verify", str(tmp_path / "data" / "train")],
+                    ["data", "inspect", str(tmp_path / "data" / "train")],
+                    ["check", str(trained_run), "--set", f"data.manifest={tmp_path / 'data' / 'train'}"]):  # fmt: skip
+        completed = subprocess.run([str(BIN / "performer"), *command], capture_output=True, text=True, timeout=300)
+        assert completed.returncode in (1, 2) and "is a pipe: command" in completed.stdout, completed.stdout
+        assert not proof.exists(), command
+    # Explicitly allowed, the same manifest verifies (and the command does run: it is a pipe).
+    allowed = subprocess.run([str(BIN / "performer"), "data", "verify", "--allow-pipe",
+                              str(tmp_path / "data" / "train")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert proof.exists()
 
 
 def test_a_real_export_holds_no_pickle(trained_run, tmp_path):
