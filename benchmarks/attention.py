@@ -1,0 +1,319 @@
+"""Attention alone, forward + backward, against sequence length: our FAVOR+ vs performer-pytorch vs SDPA.
+
+    python benchmarks/attention.py                  # CPU, fp32: the README's table and plot
+    python benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu --lengths 4096,16384,65536
+
+B=1, H=8, D=64, M=256 random features unless told otherwise. Each (implementation, length) runs
+in its own process: median time of forward + backward over several repeats after a warm-up, and
+the memory the op itself adds (CPU: peak resident set minus the resident set once the inputs
+exist; CUDA: peak allocated minus allocated before). The machine's dense matmul rate is measured
+in the same run, and our kernels' achieved rate is given against it, from an analytical count of
+the flops the chunk-parallel algorithm needs (recomputation in the backward not counted).
+A configuration predicted (from the previous length) to take longer than --budget-s is skipped
+and recorded as such, never silently dropped.
+
+Writes benchmarks/results/<name>.json, <name>.md and <name>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+IMPLEMENTATIONS = {
+    "ours-causal": "our fused causal FAVOR+",
+    "ours-bidirectional": "our fused bidirectional FAVOR+",
+    "ours-unfused-causal": "feature map + chunk-parallel causal FAVOR+ through autograd (before fusing)",
+    "performer-pytorch-causal": "performer-pytorch 1.1 FastAttention(causal=True), its CPU path",
+    "performer-pytorch-bidirectional": "performer-pytorch 1.1 FastAttention(causal=False)",
+    "sdpa-causal": "torch scaled_dot_product_attention(is_causal=True)",
+    "sdpa": "torch scaled_dot_product_attention",
+}
+QUADRATIC = ("sdpa-causal", "sdpa")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- flop counts
+
+
+def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal: bool) -> float:
+    """Flops of one (batch, head) slice, forward + backward, recomputation not counted.
+
+    E = D + 1 value columns (the normaliser rides along as a column of ones). Forward: two feature
+    maps (2 L D M each); causal adds per chunk q k^T (2 L C M), its product with V (2 L C E), the
+    chunk states k^T V (2 L M E) and q times the prefix state (2 L M E). The backward is the
+    transposed products: A = dN V^T (2 L C E), A k and A^T q (2 x 2 L C M), P^T dN (2 L C E),
+    four state products (4 x 2 L M E), and the feature-map gradients (2 x 2 L M D).
+    """
+    e = head_dim + 1
+    features = 2 * 2 * length * head_dim * nb_features
+    if not causal:
+        return features + 2 * 2 * length * nb_features * e + 4 * 2 * length * nb_features * e + features
+    forward = features + 2 * length * chunk * (nb_features + e) + 2 * 2 * length * nb_features * e
+    backward = 2 * 2 * length * chunk * e + 2 * 2 * length * chunk * nb_features + 4 * 2 * length * nb_features * e
+    return forward + backward + features
+
+
+# ----------------------------------------------------------------------------- one configuration (worker)
+
+
+def build(implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str):
+    """The callable attention (q, k, v) -> out for one implementation, and its chunk length if any."""
+    from performer.attention.favor import causal_linear_attention
+    from performer.attention.fused import default_chunk_size, favor_attention
+    from performer.feature_maps import favor_features, gaussian_orthogonal_projection
+
+    projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=0).to(device)
+    # "ours-causal@128": our causal op with the chunk length forced to 128.
+    implementation, _, forced_chunk = implementation.partition("@")
+    chunk = int(forced_chunk) if forced_chunk else default_chunk_size(length, nb_features, head_dim)
+    if implementation in ("ours-causal", "ours-bidirectional"):
+        causal = implementation == "ours-causal"
+        return (lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk
+    if implementation == "ours-unfused-causal":
+        def unfused(q, k, v):
+            phi_q, phi_k = favor_features(q, projection, True), favor_features(k, projection, False)
+            return causal_linear_attention(phi_q, phi_k, v, chunk)
+        return unfused, chunk
+    if implementation.startswith("performer-pytorch"):
+        from performer_pytorch import FastAttention
+
+        attention = FastAttention(dim_heads=head_dim, nb_features=nb_features, causal=implementation.endswith("causal"))
+        return attention.to(device), None
+    if implementation in QUADRATIC:
+        causal = implementation == "sdpa-causal"
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), None
+    raise ValueError(f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
+
+
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device, dtype = args.device, DTYPES[args.dtype]
+    attention, chunk = build(args.impl, args.length, args.heads, args.head_dim, args.nb_features, device)
+    shape = (1, args.heads, args.length, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    upstream = torch.randn(shape, device=device, dtype=dtype)
+
+    def step():
+        for tensor in (q, k, v):
+            tensor.grad = None
+        attention(q, k, v).backward(upstream)
+
+    if device == "cpu":
+        before = common.resident_bytes()
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    first = common.median_seconds(step, repeats=1, device=device, warmup=0)["median_s"]
+    # Slow baselines (performer-pytorch's causal path takes minutes at 16k) get fewer repeats.
+    repeats = args.repeats if first < args.slow_call_s else max(1, args.repeats // 3)
+    timing = common.median_seconds(step, repeats=repeats, device=device, warmup=0)
+    added = (common.peak_resident_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()) - before
+    record = {"impl": args.impl, "length": args.length, "first_call_s": first, **timing, "memory_bytes": added}
+    if args.impl.startswith("ours") and chunk is not None:
+        record["chunk"] = chunk
+        causal = not args.impl.startswith("ours-bidirectional")
+        flops = args.heads * favor_flops(args.length, args.head_dim, args.nb_features, chunk, causal)
+        record["flops"] = flops
+        record["flop_rate"] = flops / timing["median_s"]
+    return record
+
+
+# ----------------------------------------------------------------------------- the sweep (driver)
+
+
+def predicted_seconds(previous: dict | None, implementation: str, length: int) -> float | None:
+    """Time of one call at ``length`` extrapolated from the previous length (quadratic or linear)."""
+    if not previous or "median_s" not in previous:
+        return None
+    ratio = length / previous["length"]
+    return previous["median_s"] * (ratio**2 if implementation in QUADRATIC else ratio)
+
+
+def sweep(args) -> dict:
+    script = Path(__file__).resolve()
+    shared = [
+        "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats),
+        "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--nb-features", str(args.nb_features),
+    ]  # fmt: skip
+    records = []
+    for implementation in args.impls.split(","):
+        previous = None
+        for length in (int(n) for n in args.lengths.split(",")):
+            if implementation.startswith("performer-pytorch") and length > args.max_baseline_length:
+                records.append({"impl": implementation, "length": length, "skipped": f"above --max-baseline-length {args.max_baseline_length}"})
+                continue
+            predicted = predicted_seconds(previous, implementation, length)
+            if predicted is not None and predicted * (args.repeats + 1) > args.budget_s:
+                records.append({"impl": implementation, "length": length, "skipped": f"predicted {predicted:.0f} s per call"})
+                continue
+            record = common.run_isolated(
+                script, [*shared, "--impl", implementation, "--length", str(length)], timeout_s=args.budget_s * 3
+            )
+            record.update(impl=implementation, length=length)
+            print(json.dumps(record), flush=True)
+            records.append(record)
+            previous = record if "median_s" in record else previous
+            if "error" in record:
+                break  # out of memory or time at this length: longer ones will fail too
+    dtype = DTYPES[args.dtype]
+    settings = {key: getattr(args, key) for key in ("device", "dtype", "threads", "repeats", "heads", "head_dim", "nb_features")}
+    return {
+        "settings": settings,
+        "machine": common.machine(),
+        "gemm_flop_rate": common.gemm_rate(args.device, dtype),
+        "records": records,
+        "summary": summarise(records),
+    }
+
+
+def _lookup(records: list[dict], implementation: str, length: int) -> dict | None:
+    for record in records:
+        if record["impl"] == implementation and record["length"] == length and "median_s" in record:
+            return record
+    return None
+
+
+def summarise(records: list[dict]) -> dict:
+    """The issue's target ratios, from records of the same run."""
+    summary: dict[str, object] = {}
+    lengths = sorted({record["length"] for record in records})
+    for length in lengths:
+        ours = _lookup(records, "ours-causal", length)
+        if not ours:
+            continue
+        for baseline in ("performer-pytorch-causal", "sdpa-causal", "ours-unfused-causal"):
+            other = _lookup(records, baseline, length)
+            if other:
+                summary[f"speedup_vs_{baseline}@{length}"] = other["median_s"] / ours["median_s"]
+                if other["memory_bytes"] > 0:
+                    summary[f"memory_ratio_vs_{baseline}@{length}"] = ours["memory_bytes"] / other["memory_bytes"]
+    crossover = None
+    for length in lengths:
+        ours, sdpa = _lookup(records, "ours-causal", length), _lookup(records, "sdpa-causal", length)
+        if ours and sdpa:
+            if ours["median_s"] < sdpa["median_s"]:
+                crossover = length if crossover is None else crossover
+            else:
+                crossover = None
+    summary["causal_crossover_vs_sdpa"] = crossover
+    for half, whole in zip(lengths, lengths[1:]):
+        small, large = _lookup(records, "ours-causal", half), _lookup(records, "ours-causal", whole)
+        if small and large and whole == 2 * half and small["memory_bytes"] > 0:
+            summary[f"memory_growth_ours-causal@{half}->{whole}"] = large["memory_bytes"] / small["memory_bytes"]
+    return summary
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def markdown(results: dict) -> str:
+    settings, records, gemm = results["settings"], results["records"], results["gemm_flop_rate"]
+    lengths = sorted({record["length"] for record in records})
+    implementations = list(dict.fromkeys(record["impl"] for record in records))
+    lines = [
+        f"Forward + backward, B=1, H={settings['heads']}, D={settings['head_dim']}, M={settings['nb_features']}, "
+        f"{settings['dtype']} on {settings['device']} ({settings['threads']} threads); median of {settings['repeats']} "
+        f"after a warm-up; memory = what the op adds. Dense matmul rate measured in the same run: "
+        f"{gemm / 1e9:,.0f} GFLOP/s.\n",
+    ]
+    header = ["implementation", *(f"n={n}" for n in lengths)]
+    rows = []
+    for implementation in implementations:
+        cells = []
+        for length in lengths:
+            record = next((r for r in records if r["impl"] == implementation and r["length"] == length), None)
+            if record is None:
+                cells.append("")
+            elif "skipped" in record:
+                cells.append(f"skipped ({record['skipped']})")
+            elif "error" in record:
+                cells.append(record["error"])
+            else:
+                cell = f"{common.seconds(record['median_s'])}, {common.mebibytes(record['memory_bytes'])}"
+                if "flop_rate" in record:
+                    cell += f", {record['flop_rate'] / gemm:.0%} of GEMM"
+                cells.append(cell)
+        rows.append([implementation, *cells])
+    lines.append(common.table(header, rows))
+    lines.append("\nRatios from this run:\n")
+    for key, value in results["summary"].items():
+        shown = "none" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
+        lines.append(f"- {key}: {shown}")
+    machine = results["machine"]
+    lines.append(f"\nMachine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, load average {machine['load_average_1m']}.\n")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for implementation in dict.fromkeys(record["impl"] for record in results["records"]):
+        measured = [r for r in results["records"] if r["impl"] == implementation and "median_s" in r]
+        if not measured:
+            continue
+        lengths = [r["length"] for r in measured]
+        time_axis.plot(lengths, [r["median_s"] for r in measured], marker="o", label=implementation)
+        memory_axis.plot(lengths, [max(r["memory_bytes"], 1) / 2**20 for r in measured], marker="o", label=implementation)
+    settings = results["settings"]
+    for axis, label in ((time_axis, "forward + backward (s)"), (memory_axis, "memory added by the op (MiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    time_axis.legend(fontsize=8)
+    figure.suptitle(f"Attention, {settings['dtype']} on {settings['device']}, H={settings['heads']} D={settings['head_dim']} M={settings['nb_features']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--impls", default=",".join(IMPLEMENTATIONS),
+        help="comma-separated: " + ", ".join(IMPLEMENTATIONS) + "; ours-causal@C forces chunk length C",
+    )  # fmt: skip
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,65536")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--nb-features", type=int, default=256)
+    parser.add_argument("--slow-call-s", type=float, default=10.0, help="calls slower than this get a third of the repeats")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="skip a configuration predicted to take longer")
+    parser.add_argument("--max-baseline-length", type=int, default=16384, help="performer-pytorch above this needs > 24 GB")
+    parser.add_argument("--name", default="attention", help="results file stem under benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return 0
+    results = sweep(args)
+    _, markdown_path = common.write_results(args.name, results, markdown(results))
+    plot(results, markdown_path.with_suffix(".png"))
+    print(markdown_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

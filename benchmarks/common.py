@@ -1,0 +1,127 @@
+"""What every benchmark here shares: isolated measurements, timing, the machine's GEMM rate, results files.
+
+Each measured configuration runs in its own Python process (``run_isolated``), so that its peak
+memory is its own and one configuration's allocator state cannot slow the next. Times are medians
+of several repeats after a warm-up; figures worth comparing are ratios against a baseline
+measured in the same run, because the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict:
+    """Where the numbers come from."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu", warmup: int = 1) -> dict:
+    """Median and spread of ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def resident_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def gemm_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 5) -> float:
+    """The machine's dense matmul rate in FLOP/s for ``dtype`` (square ``size`` x ``size`` products)."""
+    size = size or (2048 if device == "cpu" else 8192)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timing = median_seconds(lambda: a @ b, repeats, device, warmup=2)
+    return 2 * size**3 / timing["median_s"]
+
+
+def run_isolated(script: Path, arguments: list[str], timeout_s: float) -> dict:
+    """Run ``script --worker ...`` in a fresh process and return the JSON it prints last.
+
+    A worker that fails, runs out of memory or overruns ``timeout_s`` yields a record saying so
+    instead of stopping the whole benchmark.
+    """
+    command = [sys.executable, str(script), "--worker", *arguments]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {timeout_s:.0f} s limit"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        reason = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
+        return {"error": reason, "stderr_tail": done.stderr[-600:]}
+    return json.loads(lines[-1])
+
+
+def write_results(name: str, results: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """benchmarks/results/<name>.json and <name>.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    markdown_path.write_text(markdown)
+    return json_path, markdown_path
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def mebibytes(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
