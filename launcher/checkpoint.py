@@ -242,7 +242,8 @@ def _raise_if_any_failed(directory: Path, tag: str, failures: list, topology: To
     if previous:
         size = sum(p.stat().st_size for p in (directory / previous[-1]).rglob("*") if p.is_file())
         space += f", a checkpoint takes {size / 2**20:.0f} MB"
-    kept = f"the newest complete checkpoint, {previous[-1]}, is untouched" if previous else "there is no earlier checkpoint"
+    kept = (f"the newest complete checkpoint, {previous[-1]}, is untouched" if previous
+            else "there is no earlier checkpoint")  # fmt: skip
     raise CheckpointSaveError(
         f"checkpoint {tag} could not be written to {directory} ({'; '.join(failures)}; {space}); its partial "
         f"files are removed and {kept}. Free space (or fix the filesystem), then rerun with --resume auto"
@@ -257,8 +258,12 @@ def read_marker(tag_directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{marker} is unreadable ({error}); resume from another tag") from error
 
 
-def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology) -> None:
-    """Fail before any work when the checkpoint cannot continue this run."""
+def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology, reshard: bool = False) -> bool:
+    """Fail before any work when the checkpoint cannot continue this run.
+
+    Returns True when the checkpoint holds ZeRO shards of another world size and ``reshard`` asks
+    for them to be converted (``convert_to_universal``); resharding keeps the global batch.
+    """
     marker = read_marker(tag_directory)
     saved = config_from_dict(marker["run_config"])
     if saved.model_fingerprint() != config.model_fingerprint():
@@ -276,12 +281,86 @@ def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology)
             f"checkpoint {tag_directory.name} was saved with zero.stage={saved.zero.stage}, now {config.zero.stage}: "
             "resume with the same stage, or export it (performer export) and start from the weights"
         )
-    if marker["world_size"] != topology.world_size and config.zero.stage > 0:
+    saved_world = marker["world_size"]
+    if saved_world == topology.world_size or config.zero.stage == 0:
+        return False
+    if not reshard:
         raise CheckpointError(
-            f"checkpoint {tag_directory.name} holds ZeRO-{config.zero.stage} shards of {marker['world_size']} rank(s), "
-            f"this job has {topology.world_size}: resume with {marker['world_size']} rank(s), or export it "
-            "(performer export) and start from the consolidated weights"
+            f"checkpoint {tag_directory.name} holds ZeRO-{config.zero.stage} shards of {saved_world} rank(s), "
+            f"this job has {topology.world_size}: resume with {saved_world} rank(s), or add --reshard to convert "
+            "it (weights, optimizer state and data cursor carry over; keep the global batch)"
         )
+    if config.zero.stage == 3 or config.zero.offload != "none":
+        raise CheckpointError(
+            f"--reshard supports ZeRO-1 and ZeRO-2 without offload (tested); this run has zero.stage="
+            f"{config.zero.stage}, zero.offload={config.zero.offload}: resume with {saved_world} rank(s), or "
+            "export it (performer export) and start from the consolidated weights"
+        )
+    saved_batch = saved.train.micro_batch_size * saved.train.grad_accum * saved_world
+    batch = config.train.micro_batch_size * config.train.grad_accum * topology.world_size
+    if saved_batch != batch:
+        per_rank = saved_batch // topology.world_size
+        hint = (f"set train.grad_accum={per_rank // config.train.micro_batch_size}"
+                if per_rank * topology.world_size == saved_batch and per_rank % config.train.micro_batch_size == 0
+                else "choose train.micro_batch_size and train.grad_accum")  # fmt: skip
+        raise ConfigError(
+            f"--reshard keeps the global batch: {tag_directory.name} was trained with {saved_batch} rows per step "
+            f"({saved_world} rank(s)), this job would take {batch} ({topology.world_size} rank(s) x "
+            f"{config.train.micro_batch_size} x grad_accum {config.train.grad_accum}); {hint} so that "
+            f"micro_batch_size x grad_accum x {topology.world_size} = {saved_batch}"
+        )
+    return True
+
+
+UNIVERSAL_DIRECTORY = "universal"
+
+
+def convert_to_universal(directory: Path, tag: str, topology: Topology) -> Path:
+    """Convert a verified tag to DeepSpeed's universal format (rank 0 works; collective).
+
+    The universal format stores each parameter's fp32 master copy and Adam moments whole, so a
+    job of any world size re-partitions them exactly (``"checkpoint": {"load_universal": true}``).
+    Written to ``<directory>/universal/<tag>`` (not a tag ``--resume auto`` would pick) and
+    removed by ``remove_universal`` once loaded. Returns the directory to load ``tag`` from.
+    """
+    root = directory / UNIVERSAL_DIRECTORY
+    failure = None
+    if topology.is_main:
+        shutil.rmtree(root, ignore_errors=True)  # a conversion cut short is redone from scratch
+        try:
+            _ds_to_universal(directory / tag, root / tag)
+        except Exception as error:  # DeepSpeed's converter asserts; report whatever it raised
+            failure = f"{type(error).__name__}: {error}"
+    failures = [f for f in gather_objects(failure) if f]
+    if failures:
+        raise CheckpointError(f"--reshard: converting {tag} to a universal checkpoint failed ({failures[0]}); "
+                              "resume with the world size it was saved with")  # fmt: skip
+    return root
+
+
+def _ds_to_universal(source: Path, target: Path) -> None:
+    import argparse
+    import contextlib
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    arguments = argparse.Namespace(
+        input_folder=str(source), output_folder=str(target),
+        # One worker: the converter then runs in this process instead of forking a pool from a
+        # process that holds a live process group.
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # Our checkpoints carry no universal_checkpoint_info; the converter only needs its version.
+        inject_missing_state=True,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines are diagnostics, not output
+        ds_to_universal.main(arguments)
+
+
+def remove_universal(directory: Path, topology: Topology) -> None:
+    """Drop the converted copy once every rank has loaded it (collective)."""
+    barrier()
+    if topology.is_main:
+        shutil.rmtree(directory / UNIVERSAL_DIRECTORY, ignore_errors=True)
 
 
 def load(engine, directory: Path, tag: str) -> dict[str, Any]:

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. --set train.max_steps=50 zero.stage=2")
     parser.add_argument("--resume", default=None, metavar="auto|TAG",
                         help="auto: newest complete checkpoint (fresh start if none); TAG: that one or an error")
+    parser.add_argument("--reshard", action="store_true",
+                        help="with --resume: continue a ZeRO-1/2 checkpoint saved on another number of ranks "
+                             "(converted to DeepSpeed's universal format; keep the global batch)")
     # The deepspeed launcher appends --local_rank; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # fmt: skip
 
@@ -65,7 +68,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("pretrain", help="pretrain with DeepSpeed (see launcher/pretrain.py)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.set_defaults(func=lambda args: exit_without_teardown(run(args.config, args.set, args.resume)))
+    parser.set_defaults(func=lambda args: exit_without_teardown(run(args.config, args.set, args.resume, args.reshard)))
 
 
 class TooManyNonFinite(RuntimeError):
@@ -251,16 +254,20 @@ def _install_stop_signals(progress: Progress) -> None:
 # ------------------------------------------------------------------------------ the recipe
 
 
-def run(config_paths: list[str], overrides: list[str], resume: str | None) -> int:
+def run(config_paths: list[str], overrides: list[str], resume: str | None, reshard: bool = False) -> int:
     try:
         config = load_config(config_paths, overrides)
         faults = Faults.from_environment()
     except (ConfigError, FaultSpecError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if reshard and resume is None:
+        print("usage error: --reshard converts the checkpoint being resumed; add --resume auto (or a tag)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     topology = init_distributed(config.dist.timeout_s)
     try:
-        return train(config, topology, resume, faults)
+        return train(config, topology, resume, faults, reshard)
     except (ConfigError, checkpoint.CheckpointError) as error:
         print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -299,7 +306,8 @@ def explain_collective_failure(error: RuntimeError, timeout_s: float) -> str | N
     return None
 
 
-def train(config: RunConfig, topology: Topology, resume: str | None, faults: Faults | None = None) -> int:
+def train(config: RunConfig, topology: Topology, resume: str | None, faults: Faults | None = None,
+          reshard: bool = False) -> int:
     import deepspeed
 
     from data.shards import Manifest
@@ -309,14 +317,19 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
     output_dir = Path(config.train.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     resume_tag = checkpoint.resolve_resume_tag(checkpoint_dir, resume, topology)
-    if resume_tag is not None:
-        checkpoint.check_compatible(checkpoint_dir / resume_tag, config, topology)
+    load_dir = checkpoint_dir
+    convert = resume_tag is not None and checkpoint.check_compatible(checkpoint_dir / resume_tag, config, topology,
+                                                                      reshard)  # fmt: skip
+    if convert:
+        load_dir = checkpoint.convert_to_universal(checkpoint_dir, resume_tag, topology)
 
     manifest = Manifest.load(config.data.manifest)
     model_config = build_model_config(config, manifest.special)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model.kind, model_config)
     ds_config = build_deepspeed_config(config, topology.world_size)
+    if convert:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     faults = faults if faults is not None else Faults()
     faults.instrument_saves(engine, topology.rank)
@@ -326,7 +339,9 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
     progress = Progress()
     stream = make_stream(config, Path(config.data.manifest), topology)
     if resume_tag is not None:
-        client = checkpoint.load(engine, checkpoint_dir, resume_tag)
+        client = checkpoint.load(engine, load_dir, resume_tag)
+        if convert:
+            checkpoint.remove_universal(checkpoint_dir, topology)
         stream.load_state_dict(client["data"])
         for path, member, reason in client.get("data_lost_documents", []):
             stream.lost_documents[(path, member)] = reason
@@ -349,7 +364,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
     parameter_count = sum(p.numel() for p in model.parameters())
     micro_batch_flops = flops_per_micro_batch(model, config, stream.config.target_length)
     if resume_tag is not None:
-        metrics.message(f"resumed from {resume_tag} at step {start_step}")
+        resharded = f", resharded from {client['world_size']} to {topology.world_size} rank(s)" if convert else ""
+        metrics.message(f"resumed from {resume_tag} at step {start_step}{resharded}")
     metrics.message(f"{config.model.kind} model, {parameter_count / 1e6:.2f}M parameters, "
                     f"{topology.world_size} rank(s), ZeRO {config.zero.stage}, {config.precision}")  # fmt: skip
     report_bad_shards(metrics, start_step, "train", stream)
@@ -384,7 +400,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         # Per-step randomness (dropout) is a function of (seed, step, rank): nothing to save.
         torch.manual_seed(derive_seed(config.seed, engine.global_steps, engine.micro_steps, topology.rank))
         if faults:
-            faults.before_step(engine.global_steps + 1, topology.rank, engine.micro_steps % config.train.grad_accum == 0)
+            first_micro = engine.micro_steps % config.train.grad_accum == 0
+            faults.before_step(engine.global_steps + 1, topology.rank, first_micro)
         waited = time.perf_counter()
         batch = _to_device(next(batches), engine.device)
         window["wait"] += time.perf_counter() - waited
@@ -490,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args.config, args.set, args.resume)
+    return run(args.config, args.set, args.resume, args.reshard)
 
 
 if __name__ == "__main__":
