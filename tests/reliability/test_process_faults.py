@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -115,11 +114,12 @@ def test_kill9_during_a_save_never_commits_it_and_resume_takes_the_last_complete
 
 
 def test_sigterm_saves_at_the_next_step_boundary_exits_75_and_loses_nothing(prepared_data, tmp_path, reference):
-    """SIGTERM to both ranks (what srun does to a job step) while rank 0 is held 3 s into step 3:
-    both stop at the end of step 3, save it, exit 75; the resumed run continues at step 4 with the
-    uninterrupted run's losses, so zero steps are lost."""
+    """SIGTERM to both ranks (what srun does to a job step) while rank 0 is held 1 s into step 3 (so
+    the signal lands mid-run): both stop at the next step boundary, save that step, exit 75; the
+    resumed run continues at the following step with the uninterrupted run's losses, bit for bit,
+    so zero steps are lost."""
     directory = tmp_path / "run"
-    job = Job(prepared_data, directory, "zero.stage=1", faults="hang@step=3,rank=0,seconds=3")
+    job = Job(prepared_data, directory, "zero.stage=1", faults="hang@step=3,rank=0,seconds=1")
     try:
         job.wait_for_fault("hang at step 3")
         pids = job.rank_pids()
@@ -131,12 +131,16 @@ def test_sigterm_saves_at_the_next_step_boundary_exits_75_and_loses_nothing(prep
     finally:
         job.close()
     seconds = job.ended_at - signalled_at
-    print(f"FIGURE sigterm: exit {returncode} {seconds:.1f} s after SIGTERM (up to 3 s of it the injected delay)")
     assert returncode == 75, job.output[-4000:]
-    assert "stopping at step 3 (SIGTERM)" in job.output
-    assert _latest(directory) == "step00000003" and _logged_steps(directory) == [1, 2, 3]  # zero steps lost
+    saved = _latest(directory)
+    step = int(saved.removeprefix("step"))
+    lost = max(_logged_steps(directory)) - step
+    print(f"FIGURE sigterm: stopped at step {step}, steps lost {lost}, exit {returncode} {seconds:.1f} s after "
+          "SIGTERM (up to 1 s of it the injected delay)")  # fmt: skip
+    assert f"stopping at step {step} (SIGTERM)" in job.output
+    assert 3 <= step < 8 and _logged_steps(directory) == list(range(1, step + 1))  # zero steps lost
     assert seconds < 30
-    _resume_and_compare(prepared_data, directory, reference, "step00000003")
+    _resume_and_compare(prepared_data, directory, reference, saved)
 
 
 # ------------------------------------------------------------------------------ 5. a hung rank
@@ -186,6 +190,9 @@ def test_nonfinite_losses_leave_weights_and_optimizer_state_bitwise_untouched(pr
     skips = [(r["step"], r["skipped_total"]) for r in faulty.records("event") if "nonfinite_loss" in r]
     assert skips == [(2, 1), (2, 2), (2, 3)]
     assert _latest(faulty.directory) == "step00000002"
+    saved = torch.load(faulty.directory / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)  # our own test file
+    assert saved["skipped_nonfinite"] == 3  # the count survives a resume
     clean = run_pretrain(prepared_data, tmp_path / "clean", *common, "train.max_steps=2", "checkpoint.interval=2")
     assert clean.returncode == 0, clean.output[-4000:]
     assert all(math.isfinite(v) for v in clean.losses().values())
@@ -197,14 +204,6 @@ def test_nonfinite_losses_leave_weights_and_optimizer_state_bitwise_untouched(pr
     assert differing == []
 
 
-def test_a_single_nonfinite_loss_is_skipped_and_counted_in_the_metrics(prepared_data, tmp_path):
-    run = run_pretrain(prepared_data, tmp_path / "run", "zero.stage=1", "precision=bf16",
-                       extra_env={"PERFORMER_FAULTS": "inf_loss@3"})  # fmt: skip
-    assert run.returncode == 0, run.output[-4000:]
-    assert run.records("train")[-1]["skipped_steps"] == 1
-    assert sorted(run.losses()) == list(range(1, 9)) and all(math.isfinite(v) for v in run.losses().values())
-
-
 # ------------------------------------------------------------------------------ 11. disk full
 
 
@@ -214,10 +213,12 @@ def test_enospc_during_a_save_is_a_clear_error_and_the_previous_checkpoint_is_re
     every rank stops with exit 1 and the same message, the torn step-8 files are removed, step 4
     stays `latest`, verifies, and is what --resume auto continues from, exactly."""
     directory = tmp_path / "run"
-    failed = run_pretrain(prepared_data, directory, "zero.stage=1", extra_env={"PERFORMER_FAULTS": "enospc@save=2,rank=1"})
+    failed = run_pretrain(prepared_data, directory, "zero.stage=1",
+                          extra_env={"PERFORMER_FAULTS": "enospc@save=2,rank=1"})  # fmt: skip
     assert failed.returncode == 1, failed.output[-4000:]
     message = "checkpoint step00000008 could not be written"
     assert failed.output.count(message) == 2, failed.output[-4000:]  # both ranks say it
+    print("FIGURE enospc injected:", next(line for line in failed.output.splitlines() if "[rank 0] error" in line))
     assert "No space left on device" in failed.output and "step00000004, is untouched" in failed.output
     checkpoints = directory / "checkpoints"
     assert not (checkpoints / "step00000008").exists()
@@ -245,6 +246,7 @@ def test_a_really_full_disk_during_a_save_keeps_the_previous_checkpoint(prepared
         failed = run_pretrain(prepared_data, directory, "zero.stage=1")
         assert failed.returncode == 1, failed.output[-4000:]
         assert "checkpoint step00000008 could not be written" in failed.output
+        print("FIGURE enospc tmpfs:", next(line for line in failed.output.splitlines() if "[rank 0] error" in line))
         assert _latest(directory) == "step00000004"
         assert verification_problems(checkpoints / "step00000004", ONE_RANK) == []
         assert not (checkpoints / "step00000008").exists()
