@@ -1,0 +1,286 @@
+"""Learning parity: does FAVOR+ reach softmax attention's held-out loss in the same steps and tokens?
+
+    python benchmarks/parity.py --data runs/data            # all variants, on CUDA if present
+    python benchmarks/parity.py --data runs/data --lengths 1024 --steps 200   # a quicker look
+
+`--data` is a directory made by `performer data prepare` (train/ and heldout/ manifests; `make
+pretrain` makes runs/data). The shards are read once into two flat token arrays (or taken from a
+packed .npz given with `--packed`, which `--pack-only` writes).
+
+For each model kind (the `tiny` encoder-decoder with T5 span corruption, and a `tiny` decoder-only
+LM with next-token prediction) and each length, the variants are trained from the same
+initial weights on the same batches in the same order, with AdamW and a warm-up + cosine
+schedule:
+* softmax:          exact attention (SDPA);
+* favor:            FAVOR+ with fixed projections (never redrawn);
+* favor-redraw:     FAVOR+ with projections redrawn every --redraw-interval steps.
+Held-out loss is measured on the same held-out batches every --eval-interval steps. The batches
+are cut from random windows of the corpus with our objectives (data.objectives), not streamed:
+this measures the model, not the pipeline. At 4096 tokens span corruption uses a mean noise span
+of 8 (with the T5 default of 3 a 4096-token row needs more spans than the 100 sentinels).
+
+Writes benchmarks/results/parity.json, parity.md and parity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+VARIANTS = ("softmax", "favor", "favor-redraw")
+KINDS = ("seq2seq", "lm")
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def pack(data_dir: Path) -> dict[str, np.ndarray]:
+    """Flat uint16 token arrays of the train and held-out splits, documents joined by eos."""
+    import tarfile
+
+    from data.shards import Manifest
+
+    arrays = {}
+    for split in ("train", "heldout"):
+        manifest = Manifest.load(data_dir / split / "manifest.json")
+        pieces = []
+        eos = np.array([manifest.special.eos_id], dtype=manifest.dtype)
+        for shard in manifest.shards:
+            with tarfile.open(manifest.root / shard.path) as tar:
+                for member in tar:
+                    if member.isfile():
+                        pieces += [np.frombuffer(tar.extractfile(member).read(), dtype=manifest.dtype), eos]
+        arrays[split] = np.concatenate(pieces)
+    arrays["special"] = np.array(json.dumps(dataclasses.asdict(manifest.special)))
+    return arrays
+
+
+def special_tokens(packed: dict[str, np.ndarray]):
+    from data.tokenizer import SpecialTokens
+
+    return SpecialTokens.from_dict(json.loads(str(packed["special"])))
+
+
+def make_batches(tokens: np.ndarray, kind: str, length: int, rows: int, count: int, special, seed: int) -> list[dict]:
+    """``count`` batches of ``rows`` random windows, as int64 tensors; a pure function of its arguments."""
+    from data.objectives import span_corruption, span_corruption_lengths
+
+    rng = np.random.default_rng(seed)
+    mean_span = 3.0 if length <= 2048 else 8.0
+    if kind == "lm":
+        window = length + 1
+    else:
+        window, target_length = span_corruption_lengths(length, 0.15, mean_span)
+    batches = []
+    for _ in range(count):
+        starts = rng.integers(0, len(tokens) - window, size=rows)
+        windows = np.stack([tokens[s : s + window].astype(np.int64) for s in starts])
+        if kind == "lm":
+            batches.append({"input_ids": torch.from_numpy(windows[:, :-1]), "labels": torch.from_numpy(windows[:, 1:])})
+            continue
+        inputs = np.full((rows, length), special.pad_id, dtype=np.int64)
+        targets = np.full((rows, target_length), IGNORE, dtype=np.int64)
+        for row, window_tokens in enumerate(windows):
+            source, target = span_corruption(window_tokens, special, rng, 0.15, mean_span)
+            inputs[row, : min(len(source), length)] = source[:length]
+            targets[row, : min(len(target), target_length)] = target[:target_length]
+        decoder_inputs = np.where(targets == IGNORE, special.pad_id, targets)
+        decoder_inputs = np.concatenate([np.full((rows, 1), special.bos_id), decoder_inputs[:, :-1]], axis=1)
+        batches.append({
+            "input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(inputs != special.pad_id),
+            "decoder_input_ids": torch.from_numpy(decoder_inputs), "labels": torch.from_numpy(targets),
+        })  # fmt: skip
+    return batches
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build(kind: str, variant: str, vocab_size: int, seed: int, nb_features: int | None = None):
+    from performer.config import preset
+    from performer.models import PerformerLM, PerformerSeq2Seq
+
+    config = preset(
+        "tiny", vocab_size=vocab_size, dropout=0.0, attention_type="softmax" if variant == "softmax" else "favor",
+        projection_seed=seed, feature_redraw_interval=None, auto_check_redraw=False, max_positions=8192,
+        nb_features=nb_features,
+    )  # fmt: skip
+    torch.manual_seed(seed)  # the same initial weights for every variant (names do not depend on the kernel)
+    return (PerformerSeq2Seq if kind == "seq2seq" else PerformerLM)(config)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
+    model = build(kind, variant, vocab_size, args.seed, args.nb_features).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def to_device(batch):
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+    def held_out_loss() -> float:
+        model.eval()
+        with torch.no_grad(), torch.autocast(**autocast):
+            losses = [model(**to_device(batch)).loss.float().item() for batch in heldout]
+        model.train()
+        return float(np.mean(losses))
+
+    curve, train_losses = [], []
+    started = time.perf_counter()
+    for step, batch in enumerate(batches):
+        if variant == "favor-redraw" and step and step % args.redraw_interval == 0:
+            model.redraw_projection_matrices_(args.seed, step)
+        if step % args.eval_interval == 0:
+            curve.append({"step": step, "heldout_loss": held_out_loss()})
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, len(batches), args.lr, args.warmup)
+        with torch.autocast(**autocast):
+            loss = model(**to_device(batch)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        train_losses.append(loss.item())
+    final = held_out_loss()
+    curve.append({"step": len(batches), "heldout_loss": final})
+    return {
+        "kind": kind, "variant": variant, "final_heldout_loss": final, "curve": curve,
+        "train_loss_last_50": float(np.mean(train_losses[-50:])), "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def summarise(records: list[dict]) -> dict:
+    summary = {}
+    for record in records:
+        if record["variant"] == "softmax":
+            continue
+        softmax = next(
+            (r for r in records if r["variant"] == "softmax" and r["kind"] == record["kind"] and r["length"] == record["length"]),
+            None,
+        )
+        if softmax:
+            gap = record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1
+            summary[f"{record['kind']}@{record['length']} {record['variant']} vs softmax"] = gap
+    return summary
+
+
+def markdown(results: dict) -> str:
+    settings = results["settings"]
+    rows = []
+    for record in results["records"]:
+        key = f"{record['kind']}@{record['length']} {record['variant']} vs softmax"
+        gap = results["summary"].get(key)
+        rows.append([
+            record["kind"], record["length"], record["variant"], f"{record['final_heldout_loss']:.3f}",
+            f"{math.exp(record['final_heldout_loss']):.1f}", "-" if gap is None else f"{gap:+.1%}",
+            f"{record['train_loss_last_50']:.3f}",
+        ])  # fmt: skip
+    return (
+        f"`tiny` models (d_model 128, 4 heads, 2 + 2 layers; the LM 2 layers), {settings['steps_at_1024']} steps of "
+        f"{settings['tokens_per_step']:,} tokens at length 1024 (the same tokens per step at 4096), M = "
+        f"{settings['nb_features']} features per head, AdamW lr "
+        f"{settings['lr']}, redraw every {settings['redraw_interval']} steps, {settings['device']}"
+        f"{' (bf16 autocast)' if settings['device'] == 'cuda' else ' (fp32)'}; held-out loss on "
+        f"{settings['heldout_batches']} fixed batches of the held-out split:\n\n"
+        + common.table(["model", "length", "attention", "held-out loss", "perplexity", "vs softmax", "train loss (last 50)"], rows)
+    )
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["kind"], r["length"]) for r in results["records"]})
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for axis, (kind, length) in zip(axes[0], panels):
+        for record in results["records"]:
+            if (record["kind"], record["length"]) == (kind, length):
+                curve = record["curve"][1:]  # step 0 is the untrained model
+                axis.plot([p["step"] for p in curve], [p["heldout_loss"] for p in curve], label=record["variant"])
+        axis.set_title(f"{kind}, {length} tokens")
+        axis.set_xlabel("step")
+        axis.set_ylabel("held-out loss")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data")
+    parser.add_argument("--packed", type=Path, help="a .npz written by --pack-only (skips reading the shards)")
+    parser.add_argument("--pack-only", type=Path, metavar="NPZ", help="write the packed corpus there and stop")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--lengths", default="1024,4096")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps at length 1024 (fewer at 4096, same tokens)")
+    parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--redraw-interval", type=int, default=100)
+    parser.add_argument("--eval-interval", type=int, default=50)
+    parser.add_argument("--heldout-batches", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nb-features", type=int, help="FAVOR+ features per head (default round(D ln D) = 111)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--name", default="parity")
+    args = parser.parse_args(argv)
+
+    packed = dict(np.load(args.packed)) if args.packed else pack(args.data)
+    if args.pack_only:
+        np.savez_compressed(args.pack_only, **packed)
+        print(f"packed {len(packed['train']):,} train and {len(packed['heldout']):,} held-out tokens into {args.pack_only}")
+        return 0
+    special = special_tokens(packed)
+    records = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        rows = max(1, args.tokens_per_step // length)
+        steps = args.steps * 1024 // length if length > 1024 else args.steps
+        for kind in args.kinds.split(","):
+            batches = make_batches(packed["train"], kind, length, rows, steps, special, seed=args.seed)
+            heldout = make_batches(packed["heldout"], kind, length, rows, args.heldout_batches, special, seed=args.seed + 1)
+            for variant in args.variants.split(","):
+                record = train(kind, variant, batches, heldout, args, special.vocab_size, args.device)
+                record.update(length=length, steps=steps, rows=rows)
+                print(json.dumps({k: v for k, v in record.items() if k != "curve"}), flush=True)
+                records.append(record)
+    settings = {
+        "device": args.device, "steps_at_1024": args.steps, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
+        "redraw_interval": args.redraw_interval, "heldout_batches": args.heldout_batches, "seed": args.seed,
+        "nb_features": args.nb_features or "round(D ln D) = 111",
+    }  # fmt: skip
+    results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
+    _, markdown_path = common.write_results(args.name, results, markdown(results))
+    plot(results, markdown_path.with_suffix(".png"))
+    print(markdown_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
