@@ -9,6 +9,14 @@ from performer.attention.fused import favor_attention
 from performer.feature_maps import favor_features, gaussian_orthogonal_projection
 
 
+@pytest.fixture(autouse=True, params=["kept", "recomputed"])
+def operand_policy(request, monkeypatch):
+    """Every test runs twice: the backward reusing the forward's features, and recomputing them."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(fused, "KEPT_OPERANDS_BYTES", 0)
+    return request.param
+
+
 def _inputs(batch=2, heads=3, length=37, head_dim=8, nb_features=20, key_length=None, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     key_length = key_length or length
