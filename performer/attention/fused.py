@@ -41,12 +41,12 @@ def default_chunk_size(length: int, nb_features: int, head_dim: int) -> int:
     """Chunk length for causal FAVOR+ at (L, M, D).
 
     Per token, the chunk-local part costs ~2C(M + E) flops and the cross-chunk part ~4ME whatever
-    C, plus (L/C) M E of prefix states to write and read. Small chunks mean fewer flops but more
-    state traffic and smaller matmuls; measured on CPU (benchmarks/attention.py) 64 is best from
-    a few thousand tokens on when M >= 128, and short sequences prefer one chunk per 32 tokens.
+    C, plus (L/C) M E of prefix states to write and read: small chunks mean fewer flops but more
+    state traffic and smaller matmuls. Measured on CPU (fp32, one thread, forward + backward):
+    with M=256, D=64, C=64 was fastest at every length from 512 to 16384 (C=32 and C=128 5-20%
+    slower, C=256 up to 45%); with M=111, D=32, C=32 and C=64 were within 10%. On an H200 (bf16
+    inputs) C=64 to 256 were within 15% (benchmarks/results/attention-gpu.md).
     """
-    if length <= 256:
-        return 32
     return 64 if nb_features >= 128 else 32
 
 
