@@ -76,7 +76,7 @@ def build(implementation: str, length: int, heads: int, head_dim: int, nb_featur
     projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=0).to(device)
     # "ours-causal@128": our causal op with the chunk length forced to 128.
     implementation, _, forced_chunk = implementation.partition("@")
-    chunk = int(forced_chunk) if forced_chunk else default_chunk_size(length, nb_features, head_dim)
+    chunk = int(forced_chunk) if forced_chunk else default_chunk_size(nb_features)
     if implementation in ("ours-causal", "ours-bidirectional"):
         causal = implementation == "ours-causal"
         return (lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk

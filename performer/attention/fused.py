@@ -37,8 +37,8 @@ GPU_GROUP_BYTES = 4 * 2**30
 KEPT_OPERANDS_BYTES = 192 * 2**20
 
 
-def default_chunk_size(length: int, nb_features: int, head_dim: int) -> int:
-    """Chunk length for causal FAVOR+ at (L, M, D).
+def default_chunk_size(nb_features: int) -> int:
+    """Chunk length for causal FAVOR+ with M random features.
 
     Per token, the chunk-local part costs ~2C(M + E) flops and the cross-chunk part ~4ME whatever
     C, plus (L/C) M E of prefix states to write and read: small chunks mean fewer flops but more
@@ -370,7 +370,7 @@ def favor_attention(
     """
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal FAVOR+ needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    chunk = chunk_size or default_chunk_size(q.shape[2], projection.shape[0], q.shape[-1])
+    chunk = chunk_size or default_chunk_size(projection.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return _FavorAttention.apply(q, k, v, projection, key_padding_mask, causal, min(chunk, max(q.shape[2], 1)))
