@@ -2,7 +2,8 @@
 
 Scalar names: train/loss, train/lr, train/grad_norm, train/loss_scale, train/tokens_per_s,
 train/mfu, train/data_wait_fraction, train/skipped_steps, train/data_skipped_shards,
-train/data_lost_samples, eval/loss, eval/perplexity, redraw/step; events (data_bad_shard,
+train/data_lost_samples, eval/loss, eval/perplexity, memory/model_state_bytes,
+memory/peak_rss_bytes (maxima over ranks; per-rank figures in the JSONL), redraw/step; events (data_bad_shard,
 data_lost_document, redraws, non-finite losses) go to the JSONL with their numbers under events/.
 Each JSONL line has at least step, loss, lr, tokens_per_s for training records (kind "train").
 """
@@ -49,13 +50,13 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        """kind: train, eval or event; values: name -> number (or small JSON values for events)."""
+        """kind: train, eval, event or memory; values: name -> number (or small JSON values for events)."""
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            prefix = {"train": "train", "eval": "eval", "event": "events"}[kind]
+            prefix = {"train": "train", "eval": "eval", "event": "events", "memory": "memory"}[kind]
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)

@@ -42,6 +42,7 @@ from launcher.dist import (
 )
 from launcher.ds_config import build_deepspeed_config
 from launcher.faults import Faults, FaultSpecError
+from launcher.memory import model_state_bytes, peak_resident_bytes, resident_bytes
 from launcher.metrics import MetricsLogger, measure_peak_flops
 
 EXIT_FAILED = 1
@@ -239,6 +240,19 @@ def evaluate(engine, stream, start_state: dict, batches: int) -> dict[str, float
     return {"loss": mean_loss, "perplexity": float(torch.tensor(mean_loss).exp())}
 
 
+def log_memory(metrics: MetricsLogger, step: int, held: dict[str, int] | None) -> None:
+    """One "memory" record per log interval: each rank's model-state bytes by role (taken after the
+    backward of this step, before the optimizer step), resident set and peak resident set; the
+    maxima over ranks as scalars. One gather of a few integers per rank."""
+    mine = {**(held or {}), "rss_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes()}
+    ranks = gather_objects(mine)
+    metrics.log("memory", step, {
+        "model_state_bytes": max(r.get("total", 0) for r in ranks),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+        "per_rank": ranks,
+    })  # fmt: skip
+
+
 def _to_device(batch: dict, device) -> dict:
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
@@ -394,6 +408,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
     last_saved_step = start_step if resume_tag is not None else -1
     exit_code = 0
     started_at = time.monotonic()
+    held = None  # model-state bytes of the step being logged
     watchdog = HangWatchdog(config.dist.timeout_s, topology.rank, EXIT_FAILED)
     while engine.global_steps < config.train.max_steps:
         watchdog.arm()  # disarmed at the step boundary: eval and saves are long by nature
@@ -426,6 +441,10 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         consecutive_nonfinite = 0
         boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(loss)
+        if boundary and ((engine.global_steps + 1) % config.log.interval == 0
+                         or engine.global_steps + 1 == config.train.max_steps):
+            # Before the step, while weights, gradients and optimizer state are all alive.
+            held = model_state_bytes(engine)
         engine.step()
         window["loss"] += loss.item()
         window["micro"] += 1
@@ -462,6 +481,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
                 "data_skipped_shards": len(stream.bad_shards),
                 "data_lost_samples": stream.lost_samples - len(stream.lost_documents) + len(reported_lost),
             })  # fmt: skip
+            log_memory(metrics, step, held)
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "started": time.perf_counter()}
         if eval_stream is not None and (
             step % config.eval.interval == 0 or step == config.train.max_steps

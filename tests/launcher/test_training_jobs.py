@@ -239,3 +239,25 @@ def test_config_errors_fail_before_any_work(prepared_data, tmp_path):
     missing = run_pretrain(prepared_data, tmp_path / "b", ranks=1, resume="step00000042")
     assert missing.returncode == 2 and "no checkpoint 'step00000042'" in missing.output
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
+def test_memory_records_count_what_each_rank_holds(runs, name):
+    """The trainer's "memory" record (launcher/memory.py) per log interval: every rank's model-state
+    bytes by role, taken after the backward, and its resident set; Adam's moments and the fp32
+    master weights are split over the 2 ranks from ZeRO-1 on (fp32 run: 4 bytes each)."""
+    records = runs(name).records("memory")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    last = records[-1]
+    assert len(last["per_rank"]) == 2
+    for rank in last["per_rank"]:
+        assert rank["total"] == sum(rank[role] for role in ("parameters", "gradients", "optimizer", "buffers"))
+        assert 0 < rank["rss_bytes"] <= rank["peak_rss_bytes"]
+    assert last["model_state_bytes"] == max(rank["total"] for rank in last["per_rank"])
+    parameters = runs("zero0").records("memory")[-1]["per_rank"][0]["parameters"] // 4  # fp32, all whole
+    optimizer = [rank["optimizer"] for rank in last["per_rank"]]
+    if name == "zero0":
+        assert all(rank["gradients"] == 4 * parameters for rank in last["per_rank"])
+        assert all(8 * parameters <= bytes_ < 8 * parameters + 4096 for bytes_ in optimizer)  # + step counters
+    else:  # fp32 master partition + two moments, a half each (DeepSpeed pads partitions a little)
+        assert all(abs(bytes_ - 12 * parameters / 2) < 0.01 * 12 * parameters / 2 for bytes_ in optimizer), optimizer
