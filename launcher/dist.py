@@ -139,42 +139,75 @@ def set_default_timeouts(timeout_s: float) -> datetime.timedelta:
     return timeout
 
 
-class HangWatchdog:
-    """Ends this rank when the training loop stops making progress for the collective timeout.
+ABORT_KEY = "performer/abort"
 
-    A collective that waits too long raises on the ranks waiting in it, but a rank hung outside
-    any collective (a deadlock, a stuck read, an injected sleep) never reaches one, and it defers
-    the launcher's SIGTERM to a step boundary it will never reach: it would hold its GPU until the
-    launcher's SIGKILL (30 s later under the deepspeed launcher, never under some). The loop arms
-    the watchdog before each micro-step and disarms it around evaluation and checkpoint saves
-    (long by nature, and bounded by their own collectives); if it stays armed past `timeout_s`,
-    a daemon thread prints what happened and ends the process with `exit_code`.
+
+def _default_store():
+    """The rendezvous store of the default process group (hosted by rank 0), or None."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() < 2:
+        return None
+    return torch_dist.distributed_c10d._get_default_store()
+
+
+def post_abort(rank: int, reason: str) -> None:
+    """Tell every rank's PeerAbortWatchdog that this rank has given up on the job (best effort)."""
+    try:
+        store = _default_store()
+        if store is not None:
+            store.set(ABORT_KEY, f"rank {rank}: {reason}")
+    except Exception:  # the store may be gone with rank 0; the watchdog treats that as an abort too
+        pass
+
+
+class PeerAbortWatchdog:
+    """Ends this rank, even a hung one, once another rank has given up on the job.
+
+    A rank whose collective times out or breaks stops with a clear error and posts an abort flag in
+    the rendezvous store (`post_abort`). The rank it waited for may be hung outside any collective
+    (a deadlock, a stuck read, an injected sleep), where no timeout reaches it, and it defers the
+    launcher's SIGTERM to a step boundary it never reaches: it would hold its devices until a
+    SIGKILL (30 s later under the deepspeed launcher, never under srun without kill-on-bad-exit).
+    While the training loop is inside a step (`arm`), a daemon thread checks the flag every
+    `poll_s` and ends the process when it is set, or when the store itself is gone (rank 0, which
+    hosts it, has exited while this rank was mid-step). Nothing is timed here: a step may take as
+    long as it needs; the collectives' `dist.timeout_s` decides when a peer has waited too long.
+    The loop disarms it at step boundaries and before it ends, so a rank 0 that finishes or stops
+    first never trips the others.
     """
 
-    def __init__(self, timeout_s: float, rank: int, exit_code: int, poll_s: float = 0.2):
+    def __init__(self, rank: int, timeout_s: float, exit_code: int, poll_s: float = 0.5):
         import threading
 
-        self.timeout_s, self.rank, self.exit_code, self.poll_s = timeout_s, rank, exit_code, poll_s
-        self._deadline: float | None = None
-        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
-        self._thread.start()
+        self.rank, self.timeout_s, self.exit_code, self.poll_s = rank, timeout_s, exit_code, poll_s
+        self._step: int | None = None
+        self._store = _default_store()
+        if self._store is not None:
+            threading.Thread(target=self._watch, name="peer-abort-watchdog", daemon=True).start()
 
-    def arm(self) -> None:
-        self._deadline = time.monotonic() + self.timeout_s
+    def arm(self, step: int) -> None:
+        self._step = step
 
     def disarm(self) -> None:
-        self._deadline = None
+        self._step = None
 
     def _watch(self) -> None:
         while True:
             time.sleep(self.poll_s)
-            deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"[rank {self.rank}] error: no progress in the training loop for dist.timeout_s="
-                      f"{self.timeout_s:g} s: this rank is hung, so it stops instead of holding the job; find "
-                      "where (py-spy dump, its log), or raise dist.timeout_s if a micro-step legitimately takes "
-                      "longer", file=sys.stderr, flush=True)  # fmt: skip
-                os._exit(self.exit_code)
+            if self._step is None:
+                continue
+            try:
+                reason = self._store.get(ABORT_KEY).decode() if self._store.check([ABORT_KEY]) else None
+            except Exception as error:  # noqa: BLE001 - any failure to reach the store means rank 0 is gone
+                reason = f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
+            step = self._step
+            if reason is None or step is None:
+                continue
+            print(f"[rank {self.rank}] error: the job is over ({reason}) while this rank was still inside step "
+                  f"{step}: this rank is hung or far slower than the others (the collectives wait at most "
+                  f"dist.timeout_s={self.timeout_s:g} s), so it stops too instead of holding the job; find where "
+                  "(py-spy dump, its log), or raise dist.timeout_s if steps legitimately take longer",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(self.exit_code)
 
 
 def _skip_shared_memory_inference_op() -> None:

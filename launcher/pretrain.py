@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 from launcher import checkpoint
 from launcher.config import ConfigError, RunConfig, load_config, save_config
 from launcher.dist import (
-    HangWatchdog,
+    PeerAbortWatchdog,
     Topology,
     all_agree,
     all_mean,
@@ -38,6 +39,7 @@ from launcher.dist import (
     broadcast_int,
     gather_objects,
     init_distributed,
+    post_abort,
     shutdown,
 )
 from launcher.ds_config import build_deepspeed_config
@@ -293,10 +295,15 @@ def run(config_paths: list[str], overrides: list[str], resume: str | None, resha
         return EXIT_FAILED
     except RuntimeError as error:
         explanation = explain_collective_failure(error, config.dist.timeout_s)
+        # The first clause ("a collective waited longer than dist.timeout_s=60 s for another rank").
+        post_abort(topology.rank, re.split(r"[:;]", explanation)[0] if explanation else f"{type(error).__name__}")
         if explanation is None:
             raise
         print(f"[rank {topology.rank}] error: {explanation}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except Exception as error:
+        post_abort(topology.rank, type(error).__name__)  # a peer hung mid-step must not outlive this rank
+        raise
     finally:
         shutdown()
 
@@ -409,9 +416,9 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
     exit_code = 0
     started_at = time.monotonic()
     held = None  # model-state bytes of the step being logged
-    watchdog = HangWatchdog(config.dist.timeout_s, topology.rank, EXIT_FAILED)
+    watchdog = PeerAbortWatchdog(topology.rank, config.dist.timeout_s, EXIT_FAILED)
     while engine.global_steps < config.train.max_steps:
-        watchdog.arm()  # disarmed at the step boundary: eval and saves are long by nature
+        watchdog.arm(engine.global_steps + 1)  # inside a step; disarmed at its boundary
         # Per-step randomness (dropout) is a function of (seed, step, rank): nothing to save.
         torch.manual_seed(derive_seed(config.seed, engine.global_steps, engine.micro_steps, topology.rank))
         if faults:

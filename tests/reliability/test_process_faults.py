@@ -146,12 +146,15 @@ def test_sigterm_saves_at_the_next_step_boundary_exits_75_and_loses_nothing(prep
 # ------------------------------------------------------------------------------ 5. a hung rank
 
 
-def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(prepared_data, tmp_path):
-    """Rank 1 sleeps at step 3: rank 0's collective times out and rank 1's watchdog fires, both
-    within dist.timeout_s + 10% of the hang, and the messages name the hang and the knob."""
+@pytest.mark.parametrize("hung", [1, 0])
+def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(prepared_data, tmp_path, hung):
+    """One rank sleeps at step 3: the other's collective times out and posts an abort in the
+    rendezvous store, which ends the hung rank too (its watchdog), both within dist.timeout_s + 10%
+    of the hang; the messages name the hang and the knob. Rank 0 hung is the case where the store's
+    host is the hung process; rank 1 hung, the one where the store goes away with rank 0."""
     timeout_s = 15
     job = Job(prepared_data, tmp_path / "run", "zero.stage=1", f"dist.timeout_s={timeout_s}",
-              faults="hang@step=3,rank=1")  # fmt: skip
+              faults=f"hang@step=3,rank={hung}")  # fmt: skip
     try:
         hung_at = float(job.wait_for_fault("hang at step 3")["time"])
         pids = job.rank_pids()
@@ -161,12 +164,14 @@ def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(prepared_data
     finally:
         job.close()
     after = {rank: round(at - hung_at, 1) for rank, at in sorted(gone.items())}
-    print(f"FIGURE hang: ranks gone after {after} s (dist.timeout_s={timeout_s}); launcher exit "
+    print(f"FIGURE hang of rank {hung}: ranks gone after {after} s (dist.timeout_s={timeout_s}); launcher exit "
           f"{returncode} after {job.ended_at - hung_at:.1f} s")  # fmt: skip
     assert returncode != 0, job.output[-4000:]
     assert sorted(gone) == [0, 1] and max(after.values()) <= 1.1 * timeout_s, (after, job.output[-4000:])
-    assert f"collective waited longer than dist.timeout_s={timeout_s}" in job.output  # rank 0
-    assert f"no progress in the training loop for dist.timeout_s={timeout_s}" in job.output  # rank 1, the hung one
+    waiter = next(line for line in job.output.splitlines() if line.startswith(f"[rank {1 - hung}] error"))
+    assert f"a collective waited longer than dist.timeout_s={timeout_s} s for another rank" in waiter
+    stuck = next(line for line in job.output.splitlines() if line.startswith(f"[rank {hung}] error"))
+    assert "while this rank was still inside step 3" in stuck and f"dist.timeout_s={timeout_s}" in stuck
 
 
 # ------------------------------------------------------------------------------ 6. non-finite losses
@@ -235,7 +240,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return mounted.returncode == 0
 
 
-def test_a_really_full_disk_during_a_save_keeps_the_previous_checkpoint(prepared_data, tmp_path, reference):
+def test_a_really_full_disk_during_a_save_keeps_the_previous_checkpoint(prepared_data, tmp_path):
     """The same on a real 7 MB tmpfs under checkpoints/ (one test checkpoint is 4.7 MB): the second
     save runs out of space for real. Skipped where mounting is not allowed."""
     directory = tmp_path / "run"
@@ -250,8 +255,6 @@ def test_a_really_full_disk_during_a_save_keeps_the_previous_checkpoint(prepared
         assert _latest(directory) == "step00000004"
         assert verification_problems(checkpoints / "step00000004", ONE_RANK) == []
         assert not (checkpoints / "step00000008").exists()
-        # Space freed (as an operator would), then the same command resumes from step 4.
-        subprocess.run(["mount", "-o", "remount,size=20m", str(checkpoints)], check=True)
-        _resume_and_compare(prepared_data, directory, reference, "step00000004")
+        assert resolve_resume_tag(checkpoints, "auto", ONE_RANK) == "step00000004"  # (resumed in the test above)
     finally:
         subprocess.run(["umount", "-l", str(checkpoints)], capture_output=True)
