@@ -203,9 +203,9 @@ class PeerAbortWatchdog:
             if reason is None or step is None:
                 continue
             print(f"[rank {self.rank}] error: the job is over ({reason}) while this rank was still inside step "
-                  f"{step}: this rank is hung or far slower than the others (the collectives wait at most "
-                  f"dist.timeout_s={self.timeout_s:g} s), so it stops too instead of holding the job; find where "
-                  "(py-spy dump, its log), or raise dist.timeout_s if steps legitimately take longer",
+                  f"{step}, so it stops too instead of waiting or holding the job. If this rank is the hung one "
+                  f"(the others gave up after dist.timeout_s={self.timeout_s:g} s), find where it was (py-spy dump, "
+                  "its log); raise dist.timeout_s if steps legitimately take longer",
                   file=sys.stderr, flush=True)  # fmt: skip
             os._exit(self.exit_code)
 
