@@ -123,6 +123,10 @@ class ZeroSection:
     "ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."
     offload: str = "none"
     "none, optimizer (optimizer states on CPU) or all (optimizer and parameters; stage 3 only)."
+    bucket_elements: int | None = None
+    "Stages 1-3: elements per gradient-reduction and all-gather bucket (DeepSpeed's reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size); null = DeepSpeed's 5e8, a 1-2 GB buffer per rank whatever the model's size (ZeRO-3 holds it, ZeRO-1/2 allocate it at each backward)."
+    persistence_threshold: int | None = None
+    "Stage 3: parameters with fewer elements stay whole on every rank instead of partitioned (stage3_param_persistence_threshold); null = DeepSpeed's 1e5."
 
 
 @dataclass
@@ -199,6 +203,10 @@ class RunConfig:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
+        if self.zero.bucket_elements is not None and self.zero.bucket_elements < 1:
+            raise ConfigError(f"zero.bucket_elements must be >= 1 (or null for DeepSpeed's default), got {self.zero.bucket_elements}")
+        if self.zero.persistence_threshold is not None and self.zero.persistence_threshold < 0:
+            raise ConfigError(f"zero.persistence_threshold must be >= 0 (or null), got {self.zero.persistence_threshold}")
         if self.model.activation_checkpointing < 0:
             raise ConfigError("model.activation_checkpointing must be 0 (off), 1 (every layer) or k >= 2 (every k-th)")
         _check_model_section(self.model)

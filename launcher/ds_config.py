@@ -47,6 +47,14 @@ def _zero_section(config: RunConfig) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if config.zero.offload == "all":
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if config.zero.stage >= 1 and config.zero.bucket_elements is not None:
+        # DeepSpeed's 5e8-element default buckets are sized for billion-parameter models: on a small
+        # one the bucket alone outweighs the model states (benchmarks/zero_memory.py).
+        zero.update(reduce_bucket_size=config.zero.bucket_elements, allgather_bucket_size=config.zero.bucket_elements)
+        if config.zero.stage == 3:
+            zero["stage3_prefetch_bucket_size"] = config.zero.bucket_elements
+    if config.zero.stage == 3 and config.zero.persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = config.zero.persistence_threshold
     if config.zero.stage == 3:
         # Gather 16-bit weights on save so exports need no extra pass; tied embeddings are shared
         # parameters, which stage 3 handles as long as they are used through the same module.

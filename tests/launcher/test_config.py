@@ -204,7 +204,7 @@ def test_unknown_key_has_did_you_mean_with_full_dotted_key(override, unknown, hi
 
 def test_unknown_key_in_a_file_without_close_match_lists_known_keys(tmp_path):
     path = _write(tmp_path, "odd.yaml", "zero:\n  stage: 1\n  qqqqqq: 2\n")
-    with pytest.raises(ConfigError, match=r"'zero\.qqqqqq'.*known here: offload, stage") as caught:
+    with pytest.raises(ConfigError, match=r"'zero\.qqqqqq'.*known here: bucket_elements, offload, persistence_threshold, stage") as caught:
         load_config([path])
     assert "did you mean" not in str(caught.value)
 
@@ -579,3 +579,24 @@ def test_yaml_1_1_exponent_floats_are_numbers_in_float_fields_only():
         load_config([], ["train.max_steps=1e3"])
     with pytest.raises(ConfigError, match="optimizer.lr"):
         load_config([], ["optimizer.lr=fast"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_bucket_and_persistence_reach_deepspeed_only_where_they_apply(stage):
+    default = build_deepspeed_config(_tiny(f"zero.stage={stage}"), 2)["zero_optimization"]
+    assert not {"reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold"} & set(default)  # null: DeepSpeed's own defaults
+    zero = build_deepspeed_config(_tiny(f"zero.stage={stage}", "zero.bucket_elements=65536",
+                                        "zero.persistence_threshold=2560"), 2)["zero_optimization"]
+    if stage == 0:
+        assert set(zero) == {"stage"}
+    else:
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 65536
+    assert zero.get("stage3_prefetch_bucket_size") == (65536 if stage == 3 else None)
+    assert zero.get("stage3_param_persistence_threshold") == (2560 if stage == 3 else None)
+
+
+@pytest.mark.parametrize("setting", ["zero.bucket_elements=0", "zero.persistence_threshold=-1"])
+def test_zero_bucket_and_persistence_must_be_sensible(setting):
+    with pytest.raises(ConfigError, match=setting.split("=")[0].replace(".", r"\.")):
+        _tiny(setting)
