@@ -155,7 +155,9 @@ def sweep(args) -> dict:
                 records.append({"impl": implementation, "length": length, "skipped": f"above --max-baseline-length {args.max_baseline_length}"})
                 continue
             predicted = predicted_seconds(previous, implementation, length)
-            if predicted is not None and predicted * (args.repeats + 1) > args.budget_s:
+            # The worker gives slow calls a third of the repeats (see measure).
+            calls = 1 + (args.repeats if (predicted or 0) < args.slow_call_s else max(1, args.repeats // 3))
+            if predicted is not None and predicted * calls > args.budget_s:
                 records.append({"impl": implementation, "length": length, "skipped": f"predicted {predicted:.0f} s per call"})
                 continue
             record = common.run_isolated(

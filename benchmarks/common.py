@@ -120,7 +120,9 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 def seconds(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.2f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1e3:.2f} ms" if value < 0.01 else f"{value * 1e3:.0f} ms"
 
 
 def mebibytes(value: float | None) -> str:
