@@ -5,7 +5,8 @@
 
 Models, all with the `small` preset's shape (d_model 256, 4 heads of 64, 4 + 4 layers, feed-forward
 4 x d_model) and M=256 random features, batch 1, encoder length L, decoder length L/4 (the
-span-corruption shape: targets are about a quarter of the inputs):
+span-corruption shape: targets are about a quarter of the inputs; --decoder-fraction 1 gives
+the decoder as many tokens as the encoder):
 * ours:               PerformerSeq2Seq, FAVOR+ (bidirectional encoder, causal decoder, cross);
 * ours-softmax:       the same model with exact softmax attention (SDPA);
 * performer-pytorch:  performer-pytorch 1.1 PerformerEncDec of the same shape (GELU feed-forward,
@@ -54,7 +55,7 @@ def _ours(preset: str, attention: str, device: str):
     return model, loss, dict(d_model=config.d_model, heads=config.num_heads, layers=layers)
 
 
-def _performer_pytorch(preset: str, length: int, device: str):
+def _performer_pytorch(preset: str, length: int, decoder_length: int, device: str):
     from performer_pytorch import PerformerEncDec
 
     from performer.config import PRESETS
@@ -63,7 +64,7 @@ def _performer_pytorch(preset: str, length: int, device: str):
     model = PerformerEncDec(
         dim=shape["d_model"], enc_num_tokens=VOCAB, enc_depth=shape["num_encoder_layers"], enc_heads=shape["num_heads"],
         enc_max_seq_len=length, dec_num_tokens=VOCAB, dec_depth=shape["num_decoder_layers"],
-        dec_heads=shape["num_heads"], dec_max_seq_len=length // 4 + 1, nb_features=NB_FEATURES,
+        dec_heads=shape["num_heads"], dec_max_seq_len=decoder_length + 1, nb_features=NB_FEATURES,
         ff_mult=shape["d_ff"], tie_token_embeds=False,
     ).to(device)  # fmt: skip
 
@@ -74,17 +75,21 @@ def _performer_pytorch(preset: str, length: int, device: str):
     return model, loss, dict(d_model=shape["d_model"], heads=shape["num_heads"])
 
 
+def _decoder_length(args) -> int:
+    return max(1, int(args.length * args.decoder_fraction))
+
+
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, dtype = args.device, DTYPES[args.dtype]
     if args.model == "performer-pytorch":
-        model, loss_fn, shape = _performer_pytorch(args.preset, args.length, device)
+        model, loss_fn, shape = _performer_pytorch(args.preset, args.length, _decoder_length(args), device)
     else:
         model, loss_fn, shape = _ours(args.preset, "softmax" if args.model == "ours-softmax" else "favor", device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = torch.randint(5, VOCAB, (1, args.length), device=device)
-    targets = torch.randint(5, VOCAB, (1, args.length // 4), device=device)
+    targets = torch.randint(5, VOCAB, (1, _decoder_length(args)), device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -98,7 +103,7 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     timing = common.median_seconds(step, args.repeats, device, warmup=1)
     peak = common.peak_resident_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()
-    tokens = args.length + args.length // 4
+    tokens = args.length + _decoder_length(args)
     parameters = sum(p.numel() for p in model.parameters())
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     record = {
@@ -141,7 +146,7 @@ def markdown(results: dict) -> str:
         rows.append([model, f"{parameters / 1e6:.1f}M" if parameters else "-", *cells])
     lines = [
         f"Training step (forward, backward, AdamW), `{settings['preset']}` shape, M={NB_FEATURES}, batch 1, encoder "
-        f"L / decoder L/4 tokens, {settings['dtype']} on {settings['device']} ({settings['threads']} threads), median of "
+        f"L / decoder {settings['decoder_fraction']:g} L tokens, {settings['dtype']} on {settings['device']} ({settings['threads']} threads), median of "
         f"{settings['repeats']}:\n",
         common.table(["model", "parameters", *(f"L={n}" for n in lengths)], rows),
         "",
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="ours,ours-softmax,performer-pytorch")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--decoder-fraction", type=float, default=0.25, help="decoder tokens per encoder token")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -172,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args)))
         return 0
     script = Path(__file__).resolve()
-    shared = ["--preset", args.preset, "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-              "--repeats", str(args.repeats)]  # fmt: skip
+    shared = [
+        "--preset", args.preset, "--decoder-fraction", str(args.decoder_fraction), "--device", args.device,
+        "--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats),
+    ]  # fmt: skip
     records = []
     for model in args.models.split(","):
         for length in (int(n) for n in args.lengths.split(",")):
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             record.update(model=model, length=length)
             print(json.dumps(record), flush=True)
             records.append(record)
-    settings = {key: getattr(args, key) for key in ("preset", "device", "dtype", "threads", "repeats")}
+    settings = {key: getattr(args, key) for key in ("preset", "device", "dtype", "threads", "repeats", "decoder_fraction")}
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
     if args.device != "cpu":
         results["gemm_flop_rate"] = common.gemm_rate(args.device, DTYPES[args.dtype])
