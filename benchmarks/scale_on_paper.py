@@ -225,9 +225,8 @@ def measured_mfu(model_step: dict, tokens_per_step: int) -> tuple[float, dict]:
 
 
 def compute(args) -> dict:
-    zero_memory = json.loads(Path(args.zero_memory).read_text())
-    model_step = json.loads(Path(args.model_step).read_text())
-    attention = json.loads(Path(args.attention).read_text())
+    zero_memory, model_step, attention = (json.loads((ROOT / path).read_text())  # relative to the repository
+                                          for path in (args.zero_memory, args.model_step, args.attention))
     per_parameter = bytes_per_parameter(zero_memory)
     activation_figures = activation_bytes_per_token_layer_width(model_step)
     per_token = max(activation_figures.values())  # the larger of the measured lengths: conservative
@@ -405,10 +404,9 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    results_dir = ROOT / "benchmarks" / "results"
-    parser.add_argument("--zero-memory", default=str(results_dir / "zero_memory.json"))
-    parser.add_argument("--model-step", default=str(results_dir / "model_step-gpu.json"))
-    parser.add_argument("--attention", default=str(results_dir / "attention-gpu.json"))
+    parser.add_argument("--zero-memory", default="benchmarks/results/zero_memory.json")
+    parser.add_argument("--model-step", default="benchmarks/results/model_step-gpu.json")
+    parser.add_argument("--attention", default="benchmarks/results/attention-gpu.json")
     parser.add_argument("--gpus", type=lambda text: [int(n) for n in text.split(",")], default=[8, 64, 512])
     parser.add_argument("--gpu-gib", type=float, default=80.0)
     parser.add_argument("--reserve-fraction", type=float, default=0.10)

@@ -1,6 +1,10 @@
 """Training throughput against input length, FAVOR+ vs softmax, one process and 2 DeepSpeed ranks.
 
+    performer data prepare --source stdlib --num-sentinels 512 --out runs/data-s512   # once (~1 min)
     python benchmarks/throughput.py           # tiny preset, CPU: the README's table and plot (~10 min)
+
+Span corruption of an 8192-token row makes about 455 noise spans, one sentinel each: the default
+data (`make pretrain`'s runs/data, 100 sentinels) stops at about L=1800, hence the data above.
 
 The model is configs/tiny.yaml's: the `tiny` preset seq2seq (d_model 128, 4 heads of 32, 2 encoder +
 2 decoder layers, SwiGLU feed-forward, rotary positions, tied embeddings, the data's vocabulary),
@@ -50,6 +54,20 @@ from benchmarks import common  # noqa: E402
 BIN = Path(sys.executable).parent
 ATTENTIONS = ("favor", "softmax")
 MODES = ("single", "deepspeed")
+
+
+def check_sentinels(manifest: str, length: int) -> None:
+    """Stop before any run when the data's tokenizer has too few sentinels for `length`."""
+    from data.objectives import span_corruption_lengths
+    from data.shards import Manifest
+
+    raw = span_corruption_lengths(length)[0]
+    spans = round(round(raw * 0.15) / 3.0)  # T5 defaults: noise density 0.15, mean span 3
+    have = Manifest.load(manifest).special.num_sentinels
+    if spans > have:
+        raise SystemExit(f"{manifest}: {have} sentinels, but span corruption at L={length} makes about {spans} "
+                         f"spans; prepare data with more: performer data prepare --source stdlib "
+                         f"--num-sentinels 512 --out runs/data-s512")
 
 
 def trainer_settings(args, attention: str, length: int) -> list[str]:
@@ -252,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attentions", default=",".join(ATTENTIONS))
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--tokens", type=int, default=8192, help="input tokens per step and process")
-    parser.add_argument("--data", default="runs/data/train", help="train manifest ('performer data prepare')")
+    parser.add_argument("--data", default="runs/data-s512/train",
+                        help="train manifest ('performer data prepare'), with sentinels for the longest length")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="single mode")
     parser.add_argument("--repeats", type=int, default=5, help="single mode: timed steps")
     parser.add_argument("--ranks", type=int, default=2, help="deepspeed mode")
@@ -264,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure_single(args)))
         return 0
+    check_sentinels(args.data, max(int(n) for n in args.lengths.split(",")))
     script = Path(__file__).resolve()
     records = []
     with tempfile.TemporaryDirectory(prefix="throughput-") as out_dir:
