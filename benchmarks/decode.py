@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--position", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--positions", default="256,4096,16384")
     parser.add_argument("--models", default="ours,performer-pytorch")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per timed repeat (ours)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per timed repeat (ours)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--budget-s", type=float, default=240.0)
