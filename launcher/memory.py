@@ -1,25 +1,27 @@
 """What a rank holds: the bytes of its model states (by role) and its peak resident set.
 
-``model_state_bytes(engine)`` counts the tensors a DeepSpeed engine keeps alive between steps,
-whatever the ZeRO stage, by walking what it references instead of trusting a formula:
+``model_state_bytes(engine)`` counts the tensors a DeepSpeed engine holds when it is called (the
+trainer calls it after the backward, when weights, gradients and optimizer state are all alive),
+whatever the ZeRO stage, by walking what the engine references instead of trusting a formula:
 
 * parameters: every module parameter's storage, and under ZeRO-3 its partition (``ds_tensor``):
   the working (16-bit, or fp32) weights this rank holds;
 * optimizer: the inner torch optimizer's parameters (the fp32 master weights, or their ZeRO
   partitions) and its state (Adam's two moments), and the wrapper's fp32 tensors
   named fp32 or master (ZeRO-3's fp32 partitions, outside the torch optimizer between steps);
-* gradients: the module parameters' and the master weights' ``.grad``, and the tensors of the ZeRO wrapper whose attribute
-  names say gradient (``averaged_gradients``, ``grads_in_partition``, ``grad_partitions_flat_buffer``...);
-* buffers: every other tensor the ZeRO wrapper references (reduce buckets, the flat buffers the
-  16-bit weights live in are counted once, under parameters, whichever is met first).
+* gradients: the module parameters' and the master weights' ``.grad``, and the tensors of the
+  ZeRO wrapper whose attribute names say gradient (``averaged_gradients``, ``grads_in_partition``,
+  ``grad_partitions_flat_buffer``...);
+* buffers: every other tensor the ZeRO wrapper references (reduce buckets and other staging
+  tensors; the flat buffers the 16-bit weights live in were already counted under parameters).
 
 Tensors are deduplicated by the storage they live in and counted by the storage's size, so a
 parameter that is a view into a flat buffer is counted once and a buffer is counted whole even if
 only part of it is in use. ``torch.empty`` buffers count at their full size although a CPU
 process's resident set only grows when they are written: on an accelerator they are allocated.
 The walk follows lists, tuples, dicts and the attributes of DeepSpeed's and torch.optim's own
-objects (not modules, process groups or anything else), to a bounded depth, so it costs
-milliseconds: call it once per log interval or less.
+objects (not modules, process groups or anything else), to a bounded depth: cheap next to a
+step, but a walk all the same, so the trainer calls it once per log interval.
 """
 
 from __future__ import annotations
