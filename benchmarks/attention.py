@@ -311,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args)))
         return 0
     results = sweep(args)
-    _, markdown_path = common.write_results(args.name, results, markdown(results))
-    plot(results, markdown_path.with_suffix(".png"))
-    print(markdown_path.read_text())
+    common.publish(args.name, results, markdown(results), plot)
     return 0
 
 

@@ -110,6 +110,15 @@ def write_results(name: str, results: dict, markdown: str, out_dir: Path = RESUL
     return json_path, markdown_path
 
 
+def publish(name: str, results: dict, markdown: str, plot: Callable[[dict, Path], None] | None = None) -> Path:
+    """Write <name>.json and <name>.md (and <name>.png with ``plot``), print the markdown; returns its path."""
+    _, markdown_path = write_results(name, results, markdown)
+    if plot is not None:
+        plot(results, markdown_path.with_suffix(".png"))
+    print(markdown_path.read_text())
+    return markdown_path
+
+
 def table(header: list[str], rows: list[list[object]]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

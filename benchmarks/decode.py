@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "summary": summarise(records),
     }
-    _, markdown_path = common.write_results("decode", results, markdown(results))
-    print(markdown_path.read_text())
+    common.publish("decode", results, markdown(results))
     return 0
 
 

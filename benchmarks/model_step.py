@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
     if args.device != "cpu":
         results["gemm_flop_rate"] = common.gemm_rate(args.device, DTYPES[args.dtype])
-    _, markdown_path = common.write_results(args.name, results, markdown(results))
-    print(markdown_path.read_text())
+    common.publish(args.name, results, markdown(results))
     return 0
 
 
