@@ -8,11 +8,13 @@ run's records.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,23 @@ TEST_SETTINGS = [
     "eval.interval=4",
     "eval.batches=2",
 ]
+
+
+@contextlib.contextmanager
+def removing_new_open_mpi_segments() -> Iterator[None]:
+    """Remove the 16 MB /dev/shm segments Open MPI leaves behind when a rank dies or an MPI
+    singleton exits on an error (the tests cause both on purpose); only those made inside."""
+    shared_memory = Path("/dev/shm")
+
+    def segments() -> set[Path]:
+        return set(shared_memory.glob("sm_segment.*")) if shared_memory.is_dir() else set()
+
+    before = segments()
+    try:
+        yield
+    finally:
+        for segment in segments() - before:
+            segment.unlink(missing_ok=True)
 
 
 def free_port() -> int:

