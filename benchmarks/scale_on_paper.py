@@ -431,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="scale_on_paper")
     args = parser.parse_args(argv)
     results = compute(args)
-    _, markdown_path = common.write_results(args.name, results, markdown(results))
-    print(markdown_path.read_text())
+    common.publish(args.name, results, markdown(results))
     return 0
 
 

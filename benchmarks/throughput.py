@@ -302,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {key: getattr(args, key) for key in ("tokens", "threads", "repeats", "ranks", "threads_per_rank",
                                                      "steps", "data")}  # fmt: skip
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
-    _, markdown_path = common.write_results(args.name, results, markdown(results))
-    plot(results, markdown_path.with_suffix(".png"))
-    print(markdown_path.read_text())
+    common.publish(args.name, results, markdown(results), plot)
     return 0
 
 

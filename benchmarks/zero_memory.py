@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"settings": settings, "machine": common.machine(), "counts": counts,
                "estimates": estimates(counts, args.ranks), "records": records}  # fmt: skip
     results["summary"] = summarise(records, counts)
-    _, markdown_path = common.write_results(args.name, results, markdown(results))
-    print(markdown_path.read_text())
+    common.publish(args.name, results, markdown(results))
     return 0
 
 
