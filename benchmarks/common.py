@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,44 @@ def run_isolated(script: Path, arguments: list[str], timeout_s: float) -> dict:
         reason = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}"
         return {"error": reason, "stderr_tail": done.stderr[-600:]}
     return json.loads(lines[-1])
+
+
+# Trainer settings every benchmark run of the trainer shares: no checkpoints, evaluation,
+# TensorBoard or progress bar in the timed steps, a metrics record every step.
+QUIET_TRAINER_SETTINGS = [
+    "data.verify_sha256=false", "schedule.warmup_steps=1", "log.interval=1", "log.progress=false",
+    "log.tensorboard=false", "log.peak_flops_per_rank=1.0e10", "checkpoint.interval=1000000", "eval.interval=0",
+]  # fmt: skip
+
+
+def run_trainer(configs: list[str], settings: list[str], run_dir: Path, ranks: int, threads_per_rank: int,
+                timeout_s: float) -> dict:  # fmt: skip
+    """The real trainer under the deepspeed launcher on ``ranks`` CPU ranks, writing into ``run_dir``.
+
+    Returns {"returncode", "wall_s", "metrics" (the run's metrics.jsonl records), "output_tail"},
+    or {"error": ...} when it overran ``timeout_s``.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+        "--module", "launcher.pretrain", *(part for config in configs for part in ("--config", config)),
+        "--set", f"train.output_dir={run_dir}", *QUIET_TRAINER_SETTINGS, *settings,
+    ]  # fmt: skip
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment.update(OMP_NUM_THREADS=str(threads_per_rank), PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {timeout_s:.0f} s limit"}
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
+    return {
+        "returncode": done.returncode, "wall_s": time.perf_counter() - started, "metrics": metrics,
+        "output_tail": (done.stdout + done.stderr)[-1500:],
+    }  # fmt: skip
 
 
 def write_results(name: str, results: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:

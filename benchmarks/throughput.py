@@ -35,13 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -51,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
 
-BIN = Path(sys.executable).parent
 ATTENTIONS = ("favor", "softmax")
 MODES = ("single", "deepspeed")
 
@@ -122,41 +117,24 @@ def measure_single(args) -> dict:
 # ----------------------------------------------------------------------------- 2 DeepSpeed ranks (trainer)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def measure_deepspeed(args, attention: str, length: int, out_dir: Path) -> dict:
     """One (attention, length) through the real trainer on --ranks ranks; tokens/s from metrics.jsonl."""
-    run_dir = out_dir / f"{attention}-{length}"
     settings = [
-        *trainer_settings(args, attention, length), f"train.output_dir={run_dir}", f"train.max_steps={args.steps}",
-        "data.verify_sha256=false", "schedule.warmup_steps=1", "log.interval=1", "log.progress=false",
-        "log.tensorboard=false", "log.peak_flops_per_rank=1.0e10", "checkpoint.interval=1000000", "eval.interval=0",
-        "model.redraw_interval=null",
-    ]  # fmt: skip
-    command = [str(BIN / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(_free_port()),
-               "--module", "launcher.pretrain", "--config", "configs/tiny.yaml", "--set", *settings]  # fmt: skip
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environment.update(OMP_NUM_THREADS=str(args.threads_per_rank), PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=args.budget_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over the {args.budget_s:.0f} s limit"}
-    metrics = run_dir / "metrics.jsonl"
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    train = [r for r in lines if r["kind"] == "train" and r["step"] > 1]  # step 1 carries the warm-up
-    if done.returncode != 0 or not train:
-        return {"error": f"exit {done.returncode}", "output_tail": (done.stdout + done.stderr)[-1500:]}
+        *trainer_settings(args, attention, length), f"train.max_steps={args.steps}", "model.redraw_interval=null",
+    ]
+    run = common.run_trainer(["configs/tiny.yaml"], settings, out_dir / f"{attention}-{length}", args.ranks,
+                             args.threads_per_rank, args.budget_s)  # fmt: skip
+    if "error" in run:
+        return run
+    train = [r for r in run["metrics"] if r["kind"] == "train" and r["step"] > 1]  # step 1 carries the warm-up
+    if run["returncode"] != 0 or not train:
+        return {"error": f"exit {run['returncode']}", "output_tail": run["output_tail"]}
     rates = [r["tokens_per_s"] for r in train]
-    memory = [r for r in lines if r["kind"] == "memory"]
+    memory = [r for r in run["metrics"] if r["kind"] == "memory"]
     return {
         "batch": max(1, args.tokens // length), "ranks": args.ranks, "threads_per_rank": args.threads_per_rank,
         "tokens_per_s": statistics.median(rates), "min_tokens_per_s": min(rates), "max_tokens_per_s": max(rates),
-        "steps_timed": len(rates), "wall_s": time.perf_counter() - started,
+        "steps_timed": len(rates), "wall_s": run["wall_s"],
         "peak_rss_bytes": memory[-1]["peak_rss_bytes"] if memory else None,
     }  # fmt: skip
 

@@ -30,12 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
 
-BIN = Path(sys.executable).parent
 STAGES = {
     "zero0": ([], ["zero.stage=0"]),
     "zero1": (["configs/zero1.yaml"], []),
@@ -58,42 +53,24 @@ ROLES = ("parameters", "gradients", "optimizer", "buffers")
 TARGET_RATIO = 0.55
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_stage(name: str, args, out_dir: Path) -> dict:
     """One 2-rank job of the trainer; its last "memory" record and its tokens/s."""
     overlays, sets = STAGES[name]
-    run_dir = out_dir / name
     settings = [
-        f"data.manifest={args.data}", f"train.output_dir={run_dir}", f"train.max_steps={args.steps}",
-        f"train.micro_batch_size={args.micro_batch}", f"data.input_length={args.length}", "data.num_workers=0",
-        "data.verify_sha256=false", "schedule.warmup_steps=1", "log.interval=1", "log.progress=false",
-        "log.tensorboard=false", "log.peak_flops_per_rank=1.0e10", "checkpoint.interval=1000000",
-        "eval.interval=0", f"precision={args.precision}", *sets, *args.set,
+        f"data.manifest={args.data}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+        f"data.input_length={args.length}", "data.num_workers=0", f"precision={args.precision}", *sets, *args.set,
     ]  # fmt: skip
-    command = [str(BIN / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(_free_port()),
-               "--module", "launcher.pretrain", "--config", "configs/small.yaml",
-               *(part for overlay in overlays for part in ("--config", overlay)), "--set", *settings]  # fmt: skip
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environment.update(OMP_NUM_THREADS=str(args.threads_per_rank), PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=args.budget_s)
-    except subprocess.TimeoutExpired:
-        return {"stage": name, "error": f"over the {args.budget_s:.0f} s limit"}
-    record: dict = {"stage": name, "wall_s": time.perf_counter() - started}
-    metrics = run_dir / "metrics.jsonl"
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    memory = [r for r in lines if r["kind"] == "memory"]
-    if done.returncode != 0 or not memory:
-        return {**record, "error": f"exit {done.returncode}", "output_tail": (done.stdout + done.stderr)[-1500:]}
+    run = common.run_trainer(["configs/small.yaml", *overlays], settings, out_dir / name, args.ranks,
+                             args.threads_per_rank, args.budget_s)  # fmt: skip
+    if "error" in run:
+        return {"stage": name, "error": run["error"]}
+    record: dict = {"stage": name, "wall_s": run["wall_s"]}
+    memory = [r for r in run["metrics"] if r["kind"] == "memory"]
+    if run["returncode"] != 0 or not memory:
+        return {**record, "error": f"exit {run['returncode']}", "output_tail": run["output_tail"]}
     last = memory[-1]
     record.update(step=last["step"], per_rank=last["per_rank"])
-    train = [r for r in lines if r["kind"] == "train" and r["step"] > 1]
+    train = [r for r in run["metrics"] if r["kind"] == "train" and r["step"] > 1]
     if train:
         record["tokens_per_s"] = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]
     return record
