@@ -70,6 +70,11 @@ def gaussian_orthogonal_projection(
     return (directions * norms.unsqueeze(1)).float()
 
 
+def key_feature_offsets(projection: torch.Tensor) -> torch.Tensor:
+    """(M, D) -> (M,): the per-feature key constants c_i = |w_i|^2 / 2 - KEY_FEATURE_HEADROOM."""
+    return 0.5 * (projection * projection).sum(dim=-1) - KEY_FEATURE_HEADROOM
+
+
 def favor_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) -> torch.Tensor:
     """Positive random features phi(x) in float32.
 
@@ -82,7 +87,7 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool) ->
     projection = projection.float()
     logits = x @ projection.T  # (..., L, M)
     half_sq_norm = 0.5 * (x * x).sum(dim=-1, keepdim=True)  # (..., L, 1)
-    feature_offsets = 0.5 * (projection * projection).sum(dim=-1) - KEY_FEATURE_HEADROOM  # (M,)
+    feature_offsets = key_feature_offsets(projection)  # (M,)
     nb_features = projection.shape[0]
     if is_query:
         exponent = logits - half_sq_norm + feature_offsets

@@ -162,7 +162,9 @@ def causal_linear_attention_step(
         outputs = []
         for start in range(0, length, chunk_size):
             piece = slice(start, start + chunk_size)
-            out, state = causal_linear_attention_step(phi_q[:, :, piece], phi_k[:, :, piece], v[:, :, piece], state, chunk_size)
+            out, state = causal_linear_attention_step(
+                phi_q[:, :, piece], phi_k[:, :, piece], v[:, :, piece], state, chunk_size
+            )
             outputs.append(out)
         return torch.cat(outputs, dim=2), state
     scores = (phi_q @ phi_k.transpose(-2, -1)).tril()  # (B, H, T, T)

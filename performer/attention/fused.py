@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from performer.attention.favor import DENOMINATOR_FLOOR
-from performer.feature_maps import KEY_FEATURE_HEADROOM
+from performer.feature_maps import key_feature_offsets
 
 # Per-group working set of the backward, in bytes: a few features-sized tensors of one group of
 # slices. Small enough to stay near the caches, large enough that batched matmuls are not tiny.
@@ -120,18 +120,21 @@ def _with_ones(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return values if keep is None else torch.where(keep, values, 0.0)
 
 
+def _inverse_normaliser(denominator: torch.Tensor) -> torch.Tensor:
+    """1 / den, and 0 where no key is visible (den below DENOMINATOR_FLOOR): (G, L) -> (G, L, 1)."""
+    has_key = denominator > DENOMINATOR_FLOOR
+    return torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0).unsqueeze(-1)
+
+
 def _normalised(numerator: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, L, E) -> output (G, L, D) and normaliser (G, L); 0 output where no key is visible."""
     denominator = numerator[..., head_dim]
-    has_key = denominator > DENOMINATOR_FLOOR
-    inverse = torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0)
-    return numerator[..., :head_dim] * inverse.unsqueeze(-1), denominator
+    return numerator[..., :head_dim] * _inverse_normaliser(denominator), denominator
 
 
 def _output_grad(grad_out: torch.Tensor, out: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """dN = [dout / den, -(dout . out) / den, zeros] (G, L, E); zero where no key was visible."""
-    has_key = denominator > DENOMINATOR_FLOOR
-    inverse = torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0).unsqueeze(-1)
+    inverse = _inverse_normaliser(denominator)
     head_dim = grad_out.shape[-1]
     grad = grad_out.new_zeros(*grad_out.shape[:-1], _value_width(head_dim), dtype=torch.float32)
     torch.mul(grad_out, inverse, out=grad[..., :head_dim])
@@ -139,20 +142,13 @@ def _output_grad(grad_out: torch.Tensor, out: torch.Tensor, denominator: torch.T
     return grad
 
 
-def _group_masks(key_keep: torch.Tensor | None, heads: int, start: int, stop: int) -> torch.Tensor | None:
-    """Key-keep mask (B, Lk) -> (stop - start, Lk, 1) for slices start..stop of the (B*H) axis."""
-    if key_keep is None:
-        return None
-    return key_keep.repeat_interleave(heads, dim=0)[start:stop, :, None]
+def _slice_masks(key_keep: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """Key-keep mask (B, Lk) -> (B*H, Lk, 1), one row per (batch, head) slice."""
+    return None if key_keep is None else key_keep.repeat_interleave(heads, dim=0)[:, :, None]
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-2:])
-
-
-def _offsets(projection: torch.Tensor) -> torch.Tensor:
-    """Per-feature key constant c_i = |w_i|^2 / 2 - headroom (see performer.feature_maps)."""
-    return 0.5 * (projection * projection).sum(dim=-1) - KEY_FEATURE_HEADROOM
 
 
 # ----------------------------------------------------------------------------- chunk helpers
@@ -192,24 +188,19 @@ def _exclusive_scan(first: torch.Tensor, second: torch.Tensor, reverse: bool = F
     """
     nb_chunks = first.shape[0]
     out = first.new_empty(nb_chunks, first.shape[1], first.shape[-1], second.shape[-1])
-    if first.device.type != "cpu":
-        # On a GPU one cumsum kernel beats N launches of a small add.
-        out[0 if not reverse else -1].zero_()
-        if reverse:
-            torch.matmul(first[1:].transpose(-2, -1), second[1:], out=out[:-1])
-            return out.flip(0).cumsum(0).flip(0)
-        torch.matmul(first[:-1].transpose(-2, -1), second[:-1], out=out[1:])
-        return out.cumsum(0)
     if reverse:
         out[-1].zero_()
         torch.matmul(first[1:].transpose(-2, -1), second[1:], out=out[:-1])
-        for index in range(nb_chunks - 2, -1, -1):
-            out[index].add_(out[index + 1])
     else:
         out[0].zero_()
         torch.matmul(first[:-1].transpose(-2, -1), second[:-1], out=out[1:])
-        for index in range(1, nb_chunks):
-            out[index].add_(out[index - 1])
+    if first.device.type != "cpu":
+        # On a GPU one cumsum kernel beats N launches of a small add.
+        return out.flip(0).cumsum(0).flip(0) if reverse else out.cumsum(0)
+    order = range(nb_chunks - 2, -1, -1) if reverse else range(1, nb_chunks)
+    step = 1 if reverse else -1
+    for index in order:
+        out[index].add_(out[index + step])
     return out
 
 
@@ -280,7 +271,7 @@ class _FavorAttention(torch.autograd.Function):
         batch, heads, query_length, head_dim = q.shape
         key_length, nb_features = k.shape[2], projection.shape[0]
         projection = projection.float()
-        offsets = _offsets(projection)
+        offsets = key_feature_offsets(projection)
         layout_chunk = chunk if causal else None
         flat_q, flat_k, flat_v = _flatten(q), _flatten(k), _flatten(v)
         slices = flat_q.shape[0]
@@ -290,9 +281,10 @@ class _FavorAttention(torch.autograd.Function):
         # Short sequences keep the features for the backward (recomputing them costs ~15% of the
         # op); long ones recompute them, so memory stays O(L D) per slice.
         kept_operands = [] if _keeps_operands(slices, query_length, key_length, nb_features, head_dim) else None
+        slice_keep = _slice_masks(key_keep, heads)
         for start in range(0, slices, group):
             stop = min(start + group, slices)
-            keep = _group_masks(key_keep, heads, start, stop)
+            keep = None if slice_keep is None else slice_keep[start:stop]
             operands = _group_operands(
                 flat_q[start:stop], flat_k[start:stop], flat_v[start:stop], keep, projection, offsets, layout_chunk
             )
@@ -317,11 +309,12 @@ class _FavorAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, projection, key_keep, out, denominator = ctx.saved_tensors
         chunk = ctx.layout_chunk
-        offsets = _offsets(projection)
+        offsets = key_feature_offsets(projection)
         flat_q, flat_k, flat_v, flat_grad = _flatten(q), _flatten(k), _flatten(v), _flatten(grad_out)
         query_length, key_length = flat_q.shape[1], flat_k.shape[1]
         grad_q, grad_k, grad_v = torch.empty_like(flat_q), torch.empty_like(flat_k), torch.empty_like(flat_v)
         kept_operands, ctx.kept_operands = ctx.kept_operands, None
+        slice_keep = _slice_masks(key_keep, ctx.heads) if kept_operands is None else None
         for index, start in enumerate(range(0, flat_q.shape[0], ctx.group)):
             stop = min(start + ctx.group, flat_q.shape[0])
             if kept_operands is not None:
@@ -330,7 +323,7 @@ class _FavorAttention(torch.autograd.Function):
             else:
                 scaled_q, scaled_k, phi_q, phi_k, values, keep = _group_operands(
                     flat_q[start:stop], flat_k[start:stop], flat_v[start:stop],
-                    _group_masks(key_keep, ctx.heads, start, stop), projection, offsets, chunk,
+                    None if slice_keep is None else slice_keep[start:stop], projection, offsets, chunk,
                 )  # fmt: skip
             grad_numerator = _chunk_major(
                 _output_grad(flat_grad[start:stop], out[start:stop], denominator[start:stop]), chunk
