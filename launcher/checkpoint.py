@@ -199,6 +199,7 @@ def save(engine, directory: Path, step: int, client_state: dict[str, Any], topol
             "saved_at": time.time(),
             "run_config": config.to_dict(),
             "model_config": client_state["model_config"],
+            "projection": client_state.get("projection"),
         }
         try:
             _write_atomically(directory / tag / COMPLETE_MARKER, json.dumps(marker) + "\n")

@@ -24,6 +24,8 @@ import torch
 
 from launcher.checkpoint import CheckpointError, read_marker, resolve_resume_tag
 from launcher.config import config_from_dict
+from performer.models import is_projection_key
+from performer.redraw import RedrawSchedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,6 +78,43 @@ def find_tokenizer(run_config, explicit: str | None) -> Path | None:
     return candidate
 
 
+def trained_projection(marker: dict, run_config) -> dict:
+    """The projection the checkpoint's last steps trained with: base seed (None = as stored), draw
+    and trained steps. Markers before this record existed are read from the redraw schedule."""
+    if marker.get("projection") is not None:
+        return marker["projection"]
+    redraws = RedrawSchedule(run_config.model.redraw_interval)
+    trained = redraws.trained_steps(marker["step"])
+    return {"base_seed": None, "draw": redraws.draw_for_step(marker["step"]),
+            "trained_steps": list(trained) if trained else None}  # fmt: skip
+
+
+def with_trained_projections(state_dict: dict[str, torch.Tensor], model_config, model_kind: str,
+                             projection: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``state_dict`` with the projections of ``projection["draw"]``.
+
+    Checkpoints written before redraws were moved after the save hold, at a redraw step, the draw
+    made for the next step, which no step trained with; the draw that did is a function of
+    (base seed, step), so it is drawn again here.
+    """
+    from performer.models import build_model
+
+    draws = {name: tensor for name, tensor in state_dict.items() if name.endswith("projection_draw")}
+    stored = {int(tensor[2]) for tensor in draws.values()}
+    if not draws or stored == {projection["draw"]}:
+        return state_dict
+    base_seed = int(next(iter(draws.values()))[0])
+    print(f"note: the checkpoint holds projection draw {sorted(stored)}, which no training step used "
+          f"(saved before redraws followed the save); exporting draw {projection['draw']}, which steps "
+          f"{projection['trained_steps']} trained with", file=sys.stderr)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(model_kind, model_config)
+    model.load_state_dict(state_dict)
+    model.redraw_projection_matrices_(seed=base_seed, step=projection["draw"])
+    redrawn = {name: tensor for name, tensor in model.state_dict().items() if is_projection_key(name)}
+    return {**state_dict, **redrawn}
+
+
 def model_card(run_dir: Path, marker: dict) -> dict:
     """Facts for the export's README: data, steps, tokens, last eval loss."""
     run_config = marker["run_config"]
@@ -114,10 +153,14 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: s
     marker = read_marker(checkpoint_dir / resolved)
     run_config = config_from_dict(marker["run_config"])
     model_config = ModelConfig.from_dict(marker["model_config"])
-    state_dict = consolidated_state_dict(checkpoint_dir, resolved, run_config)
+    projection = trained_projection(marker, run_config)
+    state_dict = with_trained_projections(consolidated_state_dict(checkpoint_dir, resolved, run_config),
+                                          model_config, run_config.model.kind, projection)  # fmt: skip
+    trained = projection["trained_steps"]
     return save_pretrained_from_state_dict(
         state_dict, model_config, run_config.model.kind, out, dtype=DTYPES[dtype],
         tokenizer_dir=find_tokenizer(run_config, tokenizer), card=model_card(run_dir, marker),
+        trained_steps=tuple(trained) if trained else None,
     )  # fmt: skip
 
 

@@ -6,7 +6,9 @@
 
 The recipe, top to bottom: config -> process group (timeouts first) -> model -> DeepSpeed engine
 -> projection seed from rank 0 -> data stream -> resume -> loop (forward, non-finite check,
-backward, step; redraw, log, eval, checkpoint at optimizer-step boundaries) -> final save.
+backward, step; at optimizer-step boundaries: log, eval, checkpoint, then redraw for the next
+step, so evaluations, checkpoints and exports carry the projection the weights trained with)
+-> final save.
 Exit codes: 0 done, 1 failed (a rank died or hung past dist.timeout_s, a checkpoint could not
 be written), 2 bad input (config, checkpoint, PERFORMER_FAULTS), 3 too many non-finite losses,
 75 stopped early by a signal or the time budget after saving (requeue and resume with
@@ -46,6 +48,7 @@ from launcher.ds_config import build_deepspeed_config
 from launcher.faults import Faults, FaultSpecError
 from launcher.memory import model_state_bytes, peak_resident_bytes, resident_bytes
 from launcher.metrics import MetricsLogger, measure_peak_flops
+from performer.redraw import RedrawSchedule
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -216,9 +219,14 @@ def redraw_everywhere(model, seed: int, step: int) -> str:
     return digest
 
 
-def last_redraw_step(step: int, interval: int | None) -> int:
-    """Projections in force after `step` optimizer steps: drawn at the last multiple of interval."""
-    return 0 if not interval else (step // interval) * interval
+def projection_record(model, redraws: RedrawSchedule, step: int) -> dict | None:
+    """The projection in force after ``step`` optimizer steps, for checkpoints and exports:
+    base seed, the draw, and the steps that trained with it (None when no step has yet)."""
+    state = model.projection_state()
+    if state is None:
+        return None
+    trained = redraws.trained_steps(step)
+    return {"base_seed": state[0], "draw": state[1], "trained_steps": list(trained) if trained else None}
 
 
 def evaluate(engine, stream, start_state: dict, batches: int) -> dict[str, float]:
@@ -369,7 +377,9 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         projection_seed = int(client["projection_seed"])
         progress = Progress(samples=client["samples"], tokens=client["tokens"],
                             skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
-    redraw_everywhere(model, projection_seed, last_redraw_step(engine.global_steps, config.model.redraw_interval))
+    redraws = RedrawSchedule(config.model.redraw_interval)
+    # The draw the next step trains with (a function of (seed, step): resuming restores it exactly).
+    redraw_everywhere(model, projection_seed, redraws.draw_for_step(engine.global_steps + 1))
     if topology.is_main:
         save_config(config, output_dir / "config.yaml")
         (output_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
@@ -398,7 +408,8 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         return {
             "step": engine.global_steps, "samples": progress.samples, "tokens": progress.tokens,
             "skipped_nonfinite": progress.skipped_nonfinite, "data": stream.state_dict(),
-            "projection_seed": projection_seed, "config_fingerprint": config.fingerprint(),
+            "projection_seed": projection_seed, "projection": projection_record(model, redraws, engine.global_steps),
+            "config_fingerprint": config.fingerprint(),
             "model_config": model_config.to_dict(), "run_config": config.to_dict(),
             "world_size": topology.world_size,
             "data_lost_documents": [[path, member, reason] for (path, member), reason in sorted(reported_lost.items())],
@@ -463,10 +474,6 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         watchdog.disarm()
         step = engine.global_steps
         metrics.advance()
-        interval = config.model.redraw_interval
-        if interval and step % interval == 0:
-            digest = redraw_everywhere(model, projection_seed, step)
-            metrics.log("event", step, {"redraw": step, "projection_digest": digest})
         if step % config.log.interval == 0 or step == config.train.max_steps:
             elapsed = time.perf_counter() - window["started"]
             new_lost = sum(key not in reported_lost for key in stream.lost_documents)
@@ -506,6 +513,10 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
             metrics.message(f"stopping at step {step} ({reason}): checkpoint saved; resume with --resume auto")
             exit_code = EXIT_PREEMPTED
             break
+        if redraws.redraws_after(step) and step < config.train.max_steps:
+            # Last at the boundary: everything above saw the projection this step trained with.
+            digest = redraw_everywhere(model, projection_seed, step)
+            metrics.log("event", step, {"redraw": step, "first_step": step + 1, "projection_digest": digest})
     watchdog.disarm()
     if last_saved_step != engine.global_steps:
         save()

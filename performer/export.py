@@ -94,12 +94,14 @@ def save_pretrained_from_state_dict(
     dtype: torch.dtype = torch.float32,
     tokenizer_dir: str | os.PathLike | None = None,
     card: Mapping[str, Any] | None = None,
+    trained_steps: tuple[int, int] | None = None,
 ) -> Path:
     """Export from a plain state dict, e.g. DeepSpeed's consolidated fp32 weights.
 
     Every parameter must be there, and for a FAVOR+ model the projection buffers too (they are
     what the model was trained with; drawing new ones would silently change the model). Keys may
-    carry a wrapper prefix ("module.", "_orig_mod."); it is removed.
+    carry a wrapper prefix ("module.", "_orig_mod."); it is removed. trained_steps: the first and
+    last optimizer steps that trained with these projections, recorded in config.json.
     """
     _check_kind(model_kind)
     dtype_name = _dtype_name(dtype)
@@ -127,6 +129,7 @@ def save_pretrained_from_state_dict(
         "projections": None if projection_state is None else {
             "fixed": True, "dtype": "float32", "base_seed": projection_state[0], "redraw_step": projection_state[1],
             "nb_features": model.favor_attentions()[0].nb_features,
+            "trained_steps": list(trained_steps) if trained_steps else None,
         },
         "tied_weights": tied,
         "tokenizer": TOKENIZER_DIR if tokenizer_dir is not None else None,
@@ -251,8 +254,13 @@ def render_card(metadata: Mapping[str, Any]) -> str:
     """The README.md of an export: what it is, the card facts as a table, how to load it."""
     config, kind = metadata["model"], metadata["model_kind"]
     attention = config["attention_type"]
-    if metadata.get("projections"):
-        attention += f" ({metadata['projections']['nb_features']} random features per head, fixed)"
+    projections = metadata.get("projections")
+    if projections:
+        attention += f" ({projections['nb_features']} random features per head, fixed"
+        if projections.get("trained_steps"):
+            first, last = projections["trained_steps"]
+            attention += f"; draw {projections['redraw_step']}, trained with in steps {first}-{last}"
+        attention += ")"
     layers = {"seq2seq": f"{config['num_encoder_layers']} encoder + {config['num_decoder_layers']} decoder",
               "lm": f"{config['num_decoder_layers']} decoder", "encoder": f"{config['num_encoder_layers']} encoder"}
     rows = {

@@ -11,6 +11,9 @@ Rules (see DESIGN.md, "Redraw"):
   outermost module; a trainer calls ``redraw_projection_matrices_(seed=..., step=...)`` at
   optimizer-step boundaries instead.
 * ``fix_projection_matrices_()`` freezes projections for good (stored in ``state_dict``).
+* A redraw takes effect for the next optimizer step, never for the one just taken: whatever
+  looks at the model at a step boundary (evaluation, a checkpoint, an export) sees the
+  projection its last update trained with. ``RedrawSchedule`` says which draw trains which step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import functools
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -26,6 +30,39 @@ import torch.nn as nn
 from performer.attention.module import Attention
 
 _depth = threading.local()
+
+
+@dataclass(frozen=True)
+class RedrawSchedule:
+    """Which projection draw trains which optimizer step, for a trainer that redraws every
+    ``interval`` steps (None = never: draw 0 trains every step).
+
+    Steps count from 1. A draw is named by the boundary it is made at: draw s is made after step s
+    and trains steps s + 1 onwards, so steps 1..interval train with draw 0, the next interval
+    steps with draw ``interval``, and so on.
+    """
+
+    interval: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"redraw interval must be >= 1 or None, got {self.interval}")
+
+    def draw_for_step(self, step: int) -> int:
+        """The draw that optimizer step ``step`` (>= 1) trains with; 0 for step 0 (nothing trained)."""
+        if not self.interval or step <= 1:
+            return 0
+        return ((step - 1) // self.interval) * self.interval
+
+    def trained_steps(self, step: int) -> tuple[int, int] | None:
+        """(first, last) steps that trained the projection in force after ``step`` steps; None if none did."""
+        if step < 1:
+            return None
+        return self.draw_for_step(step) + 1, step
+
+    def redraws_after(self, step: int) -> bool:
+        """Whether the boundary after ``step`` makes a new draw (for step + 1)."""
+        return bool(self.interval) and step >= 1 and step % self.interval == 0
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from performer import EncoderDecoderTransformer, PerformerDecoder, PerformerEncoder, PerformerLayer
@@ -131,3 +132,19 @@ def test_checkpoint_recompute_gives_the_same_gradients_and_never_redraws():
         assert torch.allclose(gradients[0][name], gradients[1][name], atol=1e-6), name
     # One outer forward each: one redraw each (interval 1 redraws before the 2nd forward only).
     assert plain.encoder.projection_state() == checkpointed.encoder.projection_state()
+
+
+def test_redraw_schedule_names_the_draw_each_step_trains_with():
+    from performer.redraw import RedrawSchedule
+
+    every_three = RedrawSchedule(3)
+    assert [every_three.draw_for_step(step) for step in range(0, 11)] == [0, 0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
+    assert [step for step in range(0, 11) if every_three.redraws_after(step)] == [3, 6, 9]
+    # The draw in force after step s (what an eval, a checkpoint or an export at s sees) trained s.
+    assert every_three.trained_steps(6) == (4, 6) and every_three.trained_steps(7) == (7, 7)
+    assert every_three.trained_steps(0) is None
+    never = RedrawSchedule(None)
+    assert {never.draw_for_step(step) for step in range(0, 50)} == {0} and not any(map(never.redraws_after, range(50)))
+    assert never.trained_steps(600) == (1, 600)
+    with pytest.raises(ValueError, match="interval"):
+        RedrawSchedule(0)
