@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import performer
+from performer.optim import weight_decay_groups
 
 # The project's special ids (data/tokenizer.py); the export's tokenizer/tokenizer.json, when it
 # has one, is read instead so the example never disagrees with the tokenizer it ships with.
@@ -55,7 +56,8 @@ def finetune(model: torch.nn.Module, args: argparse.Namespace, special: dict[str
     """Train ``args.steps`` AdamW steps on the toy task; returns the loss of every step."""
     generator = torch.Generator().manual_seed(args.seed)
     num_symbols = min(args.num_symbols, model.config.vocab_size - FIRST_ORDINARY_ID)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    # Matrices decay; norms, biases and the embedding table do not (performer.optim).
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay=0.01), lr=args.lr)
     model.train()
     losses = []
     for step in range(1, args.steps + 1):

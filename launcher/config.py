@@ -104,7 +104,9 @@ class OptimizerSection:
     eps: float = 1e-8
     "AdamW epsilon."
     weight_decay: float = 0.01
-    "Decoupled weight decay."
+    "Decoupled weight decay of the weight matrices (the kinds not listed in no_decay)."
+    no_decay: list = field(default_factory=lambda: ["norms", "biases", "embeddings"])
+    "Parameter kinds exempt from weight decay: any of norms, biases, embeddings, matrices (performer.optim)."
     grad_clip: float = 1.0
     "Clip the global gradient norm to this value; 0 = off."
 
@@ -112,9 +114,9 @@ class OptimizerSection:
 @dataclass
 class ScheduleSection:
     warmup_steps: int = 100
-    "Linear warmup from 0 to the peak learning rate."
+    "Linear warmup: optimizer step s <= warmup_steps runs at lr x s / warmup_steps (launcher/schedule.py)."
     min_lr_ratio: float = 0.1
-    "Cosine decay ends at lr x min_lr_ratio at train.max_steps."
+    "Cosine decay from the peak after warmup to exactly lr x min_lr_ratio at train.max_steps."
 
 
 @dataclass
@@ -210,6 +212,15 @@ class RunConfig:
         if self.model.activation_checkpointing < 0:
             raise ConfigError("model.activation_checkpointing must be 0 (off), 1 (every layer) or k >= 2 (every k-th)")
         _check_model_section(self.model)
+        from performer.optim import check_no_decay
+
+        try:
+            check_no_decay(self.optimizer.no_decay)
+        except ValueError as error:
+            raise ConfigError(f"optimizer.no_decay: {error}") from None
+        if self.schedule.warmup_steps < 0 or not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ConfigError("schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1], got "
+                              f"{self.schedule.warmup_steps} and {self.schedule.min_lr_ratio}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,8 +1,9 @@
 """The only place the DeepSpeed JSON is built.
 
 From the typed run config: ZeRO stage and offload, bf16 / fp16 (dynamic loss scaling), gradient
-clipping, the batch triad (micro x accumulation x data-parallel = global, asserted), AdamW and the
-warmup + cosine schedule. A ``deepspeed:`` block in the run config is merged on top, except for
+clipping, the batch triad (micro x accumulation x data-parallel = global, asserted) and AdamW.
+The learning-rate schedule is not DeepSpeed's: the trainer sets each step's rate
+(launcher/schedule.py says why). A ``deepspeed:`` block in the run config is merged on top, except for
 keys the typed config owns.
 """
 
@@ -72,23 +73,17 @@ def build_deepspeed_config(config: RunConfig, data_parallel_size: int) -> dict[s
         "optimizer": {
             "type": "AdamW",
             "params": {
+                # The peak; the trainer sets each step's rate (launcher/schedule.py), so there
+                # is no DeepSpeed scheduler.
                 "lr": config.optimizer.lr,
                 "betas": list(config.optimizer.betas),
                 "eps": config.optimizer.eps,
+                # Per parameter group (performer.optim.weight_decay_groups): matrices decay,
+                # norms, biases and embeddings do not.
                 "weight_decay": config.optimizer.weight_decay,
                 # torch.optim.AdamW: no fused CUDA op to build, same numbers on every accelerator.
                 "torch_adam": True,
                 "adam_w_mode": True,
-            },
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": train.max_steps,
-                "warmup_num_steps": min(config.schedule.warmup_steps, train.max_steps),
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": config.schedule.min_lr_ratio,
-                "warmup_type": "linear",
             },
         },
         "bf16": {"enabled": config.precision == "bf16"},

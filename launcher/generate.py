@@ -4,8 +4,8 @@
                        [--temperature T] [--top-k K] [--top-p P] [--seed S]
 
 seq2seq exports read the prompt the way pretraining fed the encoder: the prompt's tokens then eos
-(span-corruption inputs end with eos, data/objectives.py), and the decoder starts from bos (the
-decoder start token of the stream's batches, data/stream.py); `<extra_id_N>` in the prompt is
+(span-corruption inputs end with eos, data/objectives.py), and the decoder starts from the
+export's `decoder_start_id` (bos, the start of the stream's target rows, data/stream.py); `<extra_id_N>` in the prompt is
 sentinel N, so `def f(x):<extra_id_0> x` asks the model to fill the span. The output is the
 decoder's text up to eos (sentinels shown as `<extra_id_N>`).
 LM exports continue the prompt, which follows an eos (in the packed training stream every
@@ -69,8 +69,7 @@ def generate_text(args: argparse.Namespace) -> str:
     special = tokenizer.special
     if isinstance(model, PerformerSeq2Seq):
         source = torch.tensor([prompt + [special.eos_id]], device=args.device)
-        output = model.generate(source, max_new_tokens=args.max_new_tokens, decoder_start_id=special.bos_id,
-                                eos_id=special.eos_id, num_beams=args.num_beams, sampling=sampling,
+        output = model.generate(source, max_new_tokens=args.max_new_tokens, eos_id=special.eos_id, num_beams=args.num_beams, sampling=sampling,
                                 generator=generator)[0]
         return tokenizer.decode(_until_eos(output.tolist(), special.eos_id))
     if isinstance(model, PerformerLM):

@@ -48,6 +48,7 @@ from launcher.ds_config import build_deepspeed_config
 from launcher.faults import Faults, FaultSpecError
 from launcher.memory import model_state_bytes, peak_resident_bytes, resident_bytes
 from launcher.metrics import MetricsLogger, measure_peak_flops
+from launcher.schedule import learning_rate, set_learning_rate
 from performer.redraw import RedrawSchedule
 
 EXIT_FAILED = 1
@@ -112,8 +113,27 @@ def build_model_config(config: RunConfig, special):
             "gradient_checkpointing": section.activation_checkpointing,
             "projection_seed": config.seed,
             **section.overrides,
+            # Every target row of the stream starts with bos (data/stream.py): generate() must too.
+            "decoder_start_id": special.bos_id,
         },
     )
+
+
+def build_engine(config: RunConfig, model, world_size: int, load_universal: bool = False):
+    """The DeepSpeed engine over ``model``: the JSON from ``ds_config``, AdamW over the weight-decay
+    groups (matrices decay; norms, biases and embeddings do not). Returns the engine and the groups'
+    description for the start-up log."""
+    import deepspeed
+
+    from performer.optim import describe_groups, weight_decay_groups
+
+    ds_config = build_deepspeed_config(config, world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    groups = weight_decay_groups(model, config.optimizer.weight_decay, config.optimizer.no_decay)
+    described = describe_groups(groups)  # before ZeRO replaces the groups' tensors by flat partitions
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine, described
 
 
 def eval_manifest_path(config: RunConfig) -> Path | None:
@@ -337,8 +357,6 @@ def explain_collective_failure(error: RuntimeError, timeout_s: float) -> str | N
 
 def train(config: RunConfig, topology: Topology, resume: str | None, faults: Faults | None = None,
           reshard: bool = False) -> int:
-    import deepspeed
-
     from data.shards import Manifest
     from performer.feature_maps import derive_seed
     from performer.models import build_model
@@ -356,10 +374,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
     model_config = build_model_config(config, manifest.special)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model.kind, model_config)
-    ds_config = build_deepspeed_config(config, topology.world_size)
-    if convert:
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, parameter_groups = build_engine(config, model, topology.world_size, load_universal=convert)
     faults = faults if faults is not None else Faults()
     faults.instrument_saves(engine, topology.rank)
 
@@ -399,6 +414,10 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         metrics.message(f"resumed from {resume_tag} at step {start_step}{resharded}")
     metrics.message(f"{config.model.kind} model, {parameter_count / 1e6:.2f}M parameters, "
                     f"{topology.world_size} rank(s), ZeRO {config.zero.stage}, {config.precision}")  # fmt: skip
+    metrics.log("event", start_step, {"parameter_groups": parameter_groups})
+    metrics.message("optimizer groups: " + "; ".join(
+        f"{name} (weight decay {group['weight_decay']:g}): {group['tensors']} tensors, {group['parameters']:,} parameters"
+        for name, group in parameter_groups.items()))  # fmt: skip
     report_bad_shards(metrics, start_step, "train", stream)
     if eval_stream is not None:
         report_bad_shards(metrics, start_step, "heldout", eval_stream)
@@ -463,6 +482,10 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
                          or engine.global_steps + 1 == config.train.max_steps):
             # Before the step, while weights, gradients and optimizer state are all alive.
             held = model_state_bytes(engine)
+        if boundary:
+            step_lr = learning_rate(engine.global_steps + 1, config.optimizer.lr, config.schedule.warmup_steps,
+                                    config.train.max_steps, config.schedule.min_lr_ratio)  # fmt: skip
+            set_learning_rate(engine.optimizer, step_lr)
         engine.step()
         window["loss"] += loss.item()
         window["micro"] += 1
@@ -484,7 +507,7 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
             grad_norm = engine.get_global_grad_norm()
             metrics.log("train", step, {
                 "loss": mean_loss,
-                "lr": engine.get_lr()[0],
+                "lr": step_lr,  # the rate this step used
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if config.precision == "fp16" else 1.0,
                 "tokens_per_s": tokens_per_s,

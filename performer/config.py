@@ -49,6 +49,8 @@ class ModelConfig:
     "Output head shares the token embedding matrix."
     pad_id: int = 0
     "Padding token id (its embedding row gets no gradient)."
+    decoder_start_id: int | None = None
+    "Token every decoder target starts from, the default of seq2seq generate(); None = pad_id (T5's choice). The trainer sets the tokenizer's bos, which its batches start with."
     feature_redraw_interval: int | None = 1000
     "Redraw FAVOR+ projections every N training forwards (standalone use); None = never."
     auto_check_redraw: bool = True
@@ -72,6 +74,15 @@ class ModelConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
         ActivationFunctions.parse(self.activation)
+        for name in ("pad_id", "decoder_start_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"model.{name}={value} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    @property
+    def decoder_start(self) -> int:
+        """The token seq2seq decoding starts from."""
+        return self.pad_id if self.decoder_start_id is None else self.decoder_start_id
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

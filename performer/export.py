@@ -377,12 +377,25 @@ def read_export_config(directory: Path) -> dict[str, Any]:
 
 def _config_from(metadata: Mapping[str, Any], directory: Path) -> ModelConfig:
     try:
-        config = ModelConfig.from_dict(metadata["model"])
+        values = dict(metadata["model"])
+        if "decoder_start_id" not in values:
+            values["decoder_start_id"] = _tokenizer_bos(directory)
+        config = ModelConfig.from_dict(values)
     except (KeyError, TypeError, ValueError) as error:
         raise ExportError(f"{directory / CONFIG_FILE}: bad model config ({error})") from None
     # A seed, so building the model draws nothing from the global generator (the file's
     # projections replace whatever is drawn).
     return _frozen_features_config(dataclasses.replace(config, projection_seed=config.projection_seed or 0))
+
+
+def _tokenizer_bos(directory: Path) -> int | None:
+    """The bos id of the export's tokenizer, for exports written before configs recorded the
+    decoder start (the trainer always started targets from bos); None without a tokenizer."""
+    info = directory / TOKENIZER_DIR / "tokenizer.json"
+    try:
+        return int(json.loads(info.read_text())["special"]["bos_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:

@@ -133,7 +133,7 @@ class PerformerSeq2Seq(_PretrainingModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
-        decoder_start_id: int = 0,
+        decoder_start_id: int | None = None,
         eos_id: int | None = None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
@@ -145,8 +145,11 @@ class PerformerSeq2Seq(_PretrainingModel):
         Greedy by default; ``sampling`` for temperature / top-k / top-p sampling; ``num_beams`` > 1
         for beam search. The encoder runs once and each cross-attention summarises it once; the
         decoder runs one token at a time on its cache (O(1) per token with causal FAVOR+).
-        Finished rows are padded with ``config.pad_id``.
+        Finished rows are padded with ``config.pad_id``. ``decoder_start_id`` defaults to the
+        config's (``config.decoder_start``: the token training targets started from).
         """
+        if decoder_start_id is None:
+            decoder_start_id = self.config.decoder_start
         with evaluating(self):
             encoded = self.encode(input_ids, attention_mask)
             cross_mask = source_key_padding(attention_mask)

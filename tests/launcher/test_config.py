@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -374,11 +375,7 @@ def test_tiny_json_content():
     assert params["lr"] == 2e-3 and params["betas"] == [0.9, 0.98] and params["eps"] == 1e-8
     assert params["weight_decay"] == 0.01
     assert params["torch_adam"] is True and params["adam_w_mode"] is True
-    assert ds["scheduler"] == {
-        "type": "WarmupCosineLR",
-        "params": {"total_num_steps": 600, "warmup_num_steps": 30, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1,
-                   "warmup_type": "linear"},
-    }
+    assert "scheduler" not in ds  # the trainer sets each step's rate (launcher/schedule.py)
     assert "zero_force_ds_cpu_optimizer" not in ds
 
 
@@ -389,15 +386,38 @@ def test_optimizer_and_schedule_sections_flow_into_the_json():
     params = ds["optimizer"]["params"]
     assert (params["lr"], params["betas"], params["eps"], params["weight_decay"]) == (0.5, [0.8, 0.95], 1e-6, 0.0)
     assert ds["gradient_clipping"] == 0.0  # 0 = off in DeepSpeed too
-    schedule = ds["scheduler"]["params"]
-    assert (schedule["total_num_steps"], schedule["warmup_num_steps"], schedule["cos_min_ratio"]) == (1234, 77, 0.25)
     params["betas"].append(0.0)  # the JSON holds its own copy
     assert config.optimizer.betas == [0.8, 0.95]
 
 
-def test_warmup_longer_than_training_is_clipped():
-    ds = build_deepspeed_config(_tiny("train.max_steps=10", "schedule.warmup_steps=1000"), 2)
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 10
+def test_schedule_rates_follow_the_formula_at_its_landmarks():
+    from launcher.schedule import learning_rate
+
+    def rate(step, warmup=30, max_steps=600):
+        return learning_rate(step, 2e-3, warmup, max_steps, 0.1)
+
+    assert rate(1) == pytest.approx(2e-3 / 30) and rate(1) > 0  # step 1 learns
+    assert rate(10) == pytest.approx(6.6667e-4, rel=1e-4)
+    assert rate(30) == 2e-3  # the peak, exactly
+    assert rate(31) == pytest.approx(2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi / 570)))
+    assert rate(315) == pytest.approx(2e-4 + 1.8e-3 * 0.5)  # half way down the cosine
+    assert rate(600) == pytest.approx(2e-4, abs=1e-18)  # the floor, exactly at max_steps
+    rates = [rate(step) for step in range(1, 601)]
+    assert all(a < b for a, b in zip(rates[:29], rates[1:30])) and all(a > b for a, b in zip(rates[29:], rates[30:]))
+    # Warmup longer than training: the rate climbs to the peak at the last step.
+    assert learning_rate(10, 1.0, 1000, 10, 0.1) == 1.0 and learning_rate(5, 1.0, 1000, 10, 0.1) == 0.5
+    with pytest.raises(ValueError, match="count from 1"):
+        rate(0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.no_decay=[norms, gains]", "gains"),
+    ("schedule.min_lr_ratio=1.5", "min_lr_ratio"),
+    ("schedule.warmup_steps=-1", "warmup_steps"),
+])  # fmt: skip
+def test_bad_optimizer_and_schedule_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _tiny(override)
 
 
 def test_grad_accum_in_the_triad():

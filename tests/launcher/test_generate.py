@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import performer
-from data.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from data.tokenizer import SpecialTokens, Tokenizer, TokenizerConfig, train_tokenizer
 from launcher.__main__ import main
 from launcher.generate import encode_prompt
 from performer.config import preset
@@ -32,8 +32,9 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _export(root, kind, tokenizer_dir, attention_type="favor"):
+    # As a training run builds it: targets start from the tokenizer's bos.
     config = preset("tiny", vocab_size=TOKENIZER_CONFIG.vocab_size, d_model=32, num_heads=4, dropout=0.0,
-                    attention_type=attention_type)
+                    attention_type=attention_type, decoder_start_id=SpecialTokens(TOKENIZER_CONFIG.vocab_size).bos_id)
     model = build_model(kind, config)
     return performer.save_pretrained(model, root / f"{kind}-{attention_type}", model_kind=kind,
                                      tokenizer_dir=tokenizer_dir)

@@ -53,6 +53,12 @@ def test_every_zero_stage_trains_and_the_loss_falls(runs, name):
     train = run.records("train")[-1]
     assert {"loss", "lr", "tokens_per_s", "grad_norm", "mfu", "data_wait_fraction", "skipped_steps"} <= set(train)
     assert train["tokens_per_s"] > 0 and train["skipped_steps"] == 0
+    # The logged rate is the one the step used: warmup 2 at 3e-3, cosine to 3e-4 at step 8.
+    from launcher.schedule import learning_rate
+
+    logged = {r["step"]: r["lr"] for r in run.records("train")}
+    assert logged[1] == pytest.approx(1.5e-3) and logged[2] == pytest.approx(3e-3) and logged[8] == pytest.approx(3e-4)
+    assert logged == {step: pytest.approx(learning_rate(step, 3e-3, 2, 8, 0.1)) for step in range(1, 9)}
     checkpoints = run.directory / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step00000008"
     assert all((checkpoints / tag / "COMPLETE").is_file() for tag in ("step00000004", "step00000008"))
@@ -229,6 +235,12 @@ def test_export_reproduces_the_training_models_eval_loss(runs, tmp_path):
                     if index == 2:
                         break
                     rank_losses.append(float(model(**batch).loss))
+                    # generate() starts where training targets start (bos), without being told.
+                    starts = set(batch["decoder_input_ids"][:, 0].tolist())
+                    assert starts == {model.config.decoder_start_id} == {3}
+                    source = batch["input_ids"][:1, :16]
+                    assert torch.equal(model.generate(source, max_new_tokens=3),
+                                       model.generate(source, max_new_tokens=3, decoder_start_id=3))
             losses.append(sum(rank_losses) / len(rank_losses))
         logged = {r["step"]: r["loss"] for r in run.records("eval")}[8]
         assert sum(losses) / 2 == pytest.approx(logged, abs=1e-5)
@@ -262,3 +274,29 @@ def test_memory_records_count_what_each_rank_holds(runs, name):
         assert all(8 * parameters <= bytes_ < 8 * parameters + 4096 for bytes_ in optimizer)  # + step counters
     else:  # fp32 master partition + two moments, a half each (DeepSpeed pads partitions a little)
         assert all(abs(bytes_ - 12 * parameters / 2) < 0.01 * 12 * parameters / 2 for bytes_ in optimizer), optimizer
+
+
+def test_the_real_engine_decays_matrices_only_at_the_scheduled_rate(tmp_path):
+    """ZeRO 0-3 and offload on 2 ranks: zero gradients leave only decoupled weight decay, so what
+    moved says which parameters decay and by how much says each step's rate (engine_probe.py)."""
+    import re
+
+    from jobs import BIN, free_port, launch_environment
+    from launcher.schedule import learning_rate
+
+    out = tmp_path / "probe.json"
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(REPO / "tests" / "launcher" / "engine_probe.py"), str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    decaying = re.compile(r"(q_proj|k_proj|v_proj|out_proj|w_in|w_out)\.weight$")
+    expected_rates = [learning_rate(step, 0.01, 3, 6, 0.1) for step in range(1, 7)]
+    assert expected_rates[0] > 0 and expected_rates[2] == 0.01 and expected_rates[5] == pytest.approx(0.001)
+    for setting, result in json.loads(out.read_text()).items():
+        assert result["moved"] and all(decaying.search(name) for name in result["moved"]), setting
+        assert not any(decaying.search(name) for name in result["still"]), setting
+        assert "embedding.tokens.weight" in result["still"], setting
+        # (measured from float32 ratios near 1: three significant digits)
+        assert result["rates"] == pytest.approx(expected_rates, rel=2e-3), setting
+        assert result["groups"]["decay"]["tensors"] == len(result["moved"]) == 32
+        assert result["groups"]["no_decay"]["tensors"] == len(result["still"])
