@@ -1,4 +1,4 @@
-"""FAVOR+ attention from q, k, v in one op: feature map fused in, hand-written backward.
+"""FAVOR+ / FAVOR++ attention from q, k, v in one op: feature map fused in, hand-written backward.
 
 Axis legend: B batch, H heads, G = B*H slices, L / Lq / Lk sequence, D head dim, M random
 features, E = D + 1 rounded up to a multiple of 8 (values, a column of ones, zeros), N chunks, C chunk length.
@@ -15,6 +15,11 @@ Two identities keep the kernels to plain batched matmuls:
 * the gradient of the normalised output only needs dN = [dout / den, -(dout . out) / den]
   against those same E columns, so the backward is the forward's transpose on (phi, V1, dN).
 
+Both feature maps are one op: FAVOR++ differs from FAVOR+ only through the constants of
+``performer.feature_maps.feature_constants`` (the projection scaled by B for the logits, and the
+query and key per-feature offsets), which also carry the backward (d phi / d u uses the same
+scaled projection).
+
 Values match the composition of the naive twins (``performer.attention.favor``) to float32
 rounding; the tests compare both, values and gradients. Sums are in float32 whatever the input
 dtype; outputs and gradients come back in the inputs' dtypes.
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from performer.attention.favor import DENOMINATOR_FLOOR
-from performer.feature_maps import key_feature_offsets
+from performer.feature_maps import feature_constants
 
 # Per-group working set of the backward, in bytes: a few features-sized tensors of one group of
 # slices. Small enough to stay near the caches, large enough that batched matmuls are not tiny.
@@ -75,6 +80,7 @@ def _scaled(x: torch.Tensor) -> torch.Tensor:
 def _features(scaled: torch.Tensor, projection: torch.Tensor, offsets: torch.Tensor, is_query: bool) -> torch.Tensor:
     """phi of already-scaled inputs, computed in place: (G, L, D), (M, D), (M,) -> (G, L, M).
 
+    projection: the logit projection; offsets: the query or the key offsets (``feature_constants``).
     Same formula as ``performer.feature_maps.favor_features`` (see there for the stabilisers).
     """
     exponent = scaled @ projection.T  # (G, L, M)
@@ -92,9 +98,9 @@ def _feature_input_grad(
 ) -> torch.Tensor:
     """d loss / d x from d loss / d phi; overwrites features_grad. (G, L, M) x2, (G, L, D), (M, D) -> (G, L, D).
 
-    phi = exp(u w^T - |u|^2 / 2 - c) / sqrt(M) with u = x D^-1/4, so with e = dphi * phi:
-    du = e W - (sum_m e) u, and dx = du D^-1/4. The query max-shift is a per-query constant that
-    cancels in the output, so it contributes no gradient.
+    phi = exp(u W^T - |u|^2 / 2 - c) / sqrt(M) with u = x D^-1/4 and W the logit projection (B W
+    for FAVOR++), so with e = dphi * phi: du = e W - (sum_m e) u, and dx = du D^-1/4. The query
+    max-shift is a per-query constant that cancels in the output, so it contributes no gradient.
     """
     weighted = features_grad.mul_(features)  # (G, L, M)
     grad = weighted @ projection  # (G, L, D)
@@ -249,15 +255,17 @@ def _bidirectional_backward(phi_q, phi_k, values, grad_numerator):
 # ----------------------------------------------------------------------------- the op
 
 
-def _group_operands(q, k, v, keep, projection, offsets, chunk):
+def _group_operands(q, k, v, keep, constants, chunk):
     """Everything both passes need of one group of slices, in chunk-major layout when chunk is set.
 
-    q: (G, Lq, D), k, v: (G, Lk, D), keep: (G, Lk, 1) bool or None.
+    q: (G, Lq, D), k, v: (G, Lk, D), keep: (G, Lk, 1) bool or None; constants: the logit
+    projection (M, D), query and key offsets (M,) of ``feature_constants``.
     Returns scaled q and k (., D), their features (., M), V1 (., E) and the key mask (., 1).
     """
+    projection, query_offsets, key_offsets = constants
     scaled_q, scaled_k = _chunk_major(_scaled(q), chunk), _chunk_major(_scaled(k), chunk)
-    phi_q = _features(scaled_q, projection, offsets, is_query=True)
-    phi_k = _features(scaled_k, projection, offsets, is_query=False)
+    phi_q = _features(scaled_q, projection, query_offsets, is_query=True)
+    phi_k = _features(scaled_k, projection, key_offsets, is_query=False)
     values = _chunk_major(_with_ones(v, keep), chunk)
     if keep is not None:
         keep = _chunk_major(keep.float(), chunk) > 0.5  # the padded tail counts as padding
@@ -267,11 +275,10 @@ def _group_operands(q, k, v, keep, projection, offsets, chunk):
 
 class _FavorAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, projection, key_keep, causal, chunk):
+    def forward(ctx, q, k, v, projection, feature_a, key_keep, causal, chunk):
         batch, heads, query_length, head_dim = q.shape
         key_length, nb_features = k.shape[2], projection.shape[0]
-        projection = projection.float()
-        offsets = key_feature_offsets(projection)
+        constants = feature_constants(projection, feature_a)
         layout_chunk = chunk if causal else None
         flat_q, flat_k, flat_v = _flatten(q), _flatten(k), _flatten(v)
         slices = flat_q.shape[0]
@@ -286,7 +293,7 @@ class _FavorAttention(torch.autograd.Function):
             stop = min(start + group, slices)
             keep = None if slice_keep is None else slice_keep[start:stop]
             operands = _group_operands(
-                flat_q[start:stop], flat_k[start:stop], flat_v[start:stop], keep, projection, offsets, layout_chunk
+                flat_q[start:stop], flat_k[start:stop], flat_v[start:stop], keep, constants, layout_chunk
             )
             _, _, phi_q, phi_k, values, _ = operands
             if causal:
@@ -299,7 +306,7 @@ class _FavorAttention(torch.autograd.Function):
             if kept_operands is not None:
                 kept_operands.append(operands)
             del operands, phi_q, phi_k, values, numerator
-        ctx.save_for_backward(q, k, v, projection, key_keep, out, denominator)
+        ctx.save_for_backward(q, k, v, *constants, key_keep, out, denominator)
         ctx.layout_chunk, ctx.group, ctx.heads = layout_chunk, group, heads
         # Internal intermediates (never seen outside this op), so holding them on ctx is safe.
         ctx.kept_operands = kept_operands
@@ -307,9 +314,9 @@ class _FavorAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, projection, key_keep, out, denominator = ctx.saved_tensors
+        q, k, v, projection, query_offsets, key_offsets, key_keep, out, denominator = ctx.saved_tensors
+        constants = (projection, query_offsets, key_offsets)
         chunk = ctx.layout_chunk
-        offsets = key_feature_offsets(projection)
         flat_q, flat_k, flat_v, flat_grad = _flatten(q), _flatten(k), _flatten(v), _flatten(grad_out)
         query_length, key_length = flat_q.shape[1], flat_k.shape[1]
         grad_q, grad_k, grad_v = torch.empty_like(flat_q), torch.empty_like(flat_k), torch.empty_like(flat_v)
@@ -323,7 +330,7 @@ class _FavorAttention(torch.autograd.Function):
             else:
                 scaled_q, scaled_k, phi_q, phi_k, values, keep = _group_operands(
                     flat_q[start:stop], flat_k[start:stop], flat_v[start:stop],
-                    None if slice_keep is None else slice_keep[start:stop], projection, offsets, chunk,
+                    None if slice_keep is None else slice_keep[start:stop], constants, chunk,
                 )  # fmt: skip
             grad_numerator = _chunk_major(
                 _output_grad(flat_grad[start:stop], out[start:stop], denominator[start:stop]), chunk
@@ -342,7 +349,7 @@ class _FavorAttention(torch.autograd.Function):
             grad_q[start:stop] = _sequence_major(query_grad, query_length, chunk)
             grad_k[start:stop] = _sequence_major(key_grad, key_length, chunk)
             grad_v[start:stop] = _sequence_major(value_grad, key_length, chunk)
-        return grad_q.view_as(q), grad_k.view_as(k), grad_v.view_as(v), None, None, None, None
+        return grad_q.view_as(q), grad_k.view_as(k), grad_v.view_as(v), None, None, None, None, None
 
 
 def favor_attention(
@@ -353,12 +360,14 @@ def favor_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     chunk_size: int | None = None,
+    feature_a: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """FAVOR+ attention with the feature map fused in.
+    """FAVOR+ (feature_a None) or FAVOR++ (feature_a = its parameter A) attention, feature map fused in.
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D) (any float dtype, q and k not yet scaled);
     projection: (M, D); key_padding_mask: (B, Lk) bool, True = real key; causal needs Lq == Lk;
-    chunk_size: causal chunk length, None = ``default_chunk_size``.
+    chunk_size: causal chunk length, None = ``default_chunk_size``; feature_a: a float or a 0-dim
+    tensor (a buffer, never a statistic of this batch), not differentiated.
     Returns (B, H, Lq, D) in v's dtype; a query that sees no key gets zeros.
     """
     if causal and q.shape[2] != k.shape[2]:
@@ -366,4 +375,6 @@ def favor_attention(
     chunk = chunk_size or default_chunk_size(projection.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return _FavorAttention.apply(q, k, v, projection, key_padding_mask, causal, min(chunk, max(q.shape[2], 1)))
+    return _FavorAttention.apply(
+        q, k, v, projection, feature_a, key_padding_mask, causal, min(chunk, max(q.shape[2], 1))
+    )
