@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from performer.activations import ActivationFunctions
+from performer.feature_maps import FEATURE_MAPS
 
 ATTENTION_KINDS = ("favor", "softmax")
 NORMS = ("layernorm", "rezero", "scalenorm")
@@ -37,6 +38,8 @@ class ModelConfig:
     "favor: FAVOR+ (bidirectional in the encoder, causal in the decoder); softmax: exact attention."
     nb_features: int | None = None
     "FAVOR+ random features per head; None = round(D ln D) with D the head dim."
+    feature_map: str = "favor+"
+    "Features of favor attention: favor+ or favor++ (optimised positive features, lower variance, one buffer A per attention; see performer.feature_maps)."
     activation: str = "swiglu"
     "Feed-forward activation: swiglu, geglu, reglu, gelu or relu."
     norm: str = "layernorm"
@@ -67,6 +70,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.attention_type not in ATTENTION_KINDS:
             raise ValueError(f"model.attention_type={self.attention_type!r}; choose one of {ATTENTION_KINDS}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"model.feature_map={self.feature_map!r}; choose one of {FEATURE_MAPS}")
         if self.norm not in NORMS:
             raise ValueError(f"model.norm={self.norm!r}; choose one of {NORMS}")
         if self.position not in POSITIONS:
@@ -107,6 +112,7 @@ class ModelConfig:
             dropout=self.dropout,
             activation=self.activation,
             nb_features=self.nb_features,
+            feature_map=self.feature_map,
             use_rezero=self.norm == "rezero",
             use_scalenorm=self.norm == "scalenorm",
             feature_redraw_interval=self.feature_redraw_interval,

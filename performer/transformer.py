@@ -93,6 +93,7 @@ class PerformerLayer(ProjectionOwner):
         context_dim: int | None = None,
         chunk_size: int | None = None,
         projection_seed: int | None = None,
+        feature_map: str = "favor+",
     ):
         """
         d_model: model width E. device: where the parameters live. batch_size: accepted for the
@@ -107,6 +108,8 @@ class PerformerLayer(ProjectionOwner):
         cross_attention_type: "softmax" or "linear" (default follows attention_type).
         context_dim: width of the encoder output (default d_model). chunk_size: causal FAVOR+
         chunk length (None: chosen per sequence length). projection_seed: base seed of the projections (default: from torch's RNG).
+        feature_map: "favor+" or "favor++" (lower-variance optimised positive features, see
+        performer.feature_maps), for the FAVOR self- and cross-attention.
         """
         super().__init__()
         self_kernel = _kernel(attention_type)
@@ -117,12 +120,15 @@ class PerformerLayer(ProjectionOwner):
         self.batch_size = batch_size
         self.attention_type = attention_type
         self.always_causal = attention_type == "causal_linear"
-        self.self_attention = Attention(d_model, num_heads, self_kernel, nb_features, chunk_size=chunk_size)
+        self.self_attention = Attention(
+            d_model, num_heads, self_kernel, nb_features, chunk_size=chunk_size, feature_map=feature_map
+        )
         self.self_attention_branch = ResidualBranch(d_model, dropout, use_rezero, use_scalenorm)
         self.cross_attention = None
         if use_cross_attention:
             self.cross_attention = Attention(
-                d_model, num_heads, cross_kernel, nb_features, context_dim=context_dim or d_model
+                d_model, num_heads, cross_kernel, nb_features, context_dim=context_dim or d_model,
+                feature_map=feature_map,
             )
             self.cross_attention_branch = ResidualBranch(d_model, dropout, use_rezero, use_scalenorm)
         self.feed_forward = FeedForward(d_model, d_ff, activation, dropout)
@@ -270,6 +276,7 @@ class PerformerEncoder(_PerformerStack):
         gradient_checkpointing: int | bool = False,
         chunk_size: int | None = None,
         projection_seed: int | None = None,
+        feature_map: str = "favor+",
     ):
         """Keywords as PerformerLayer's, plus num_layers, use_rotary (rotary positions in
         self-attention) and gradient_checkpointing (recompute layers in backward: True or 1 = every
@@ -281,7 +288,7 @@ class PerformerEncoder(_PerformerStack):
             use_rotary=use_rotary, gradient_checkpointing=gradient_checkpointing,
             projection_seed=projection_seed, num_heads=num_heads, d_ff=d_ff, dropout=dropout,
             attention_type=attention_type, activation=activation, use_cross_attention=False,
-            nb_features=nb_features, chunk_size=chunk_size,
+            nb_features=nb_features, feature_map=feature_map, chunk_size=chunk_size,
         )  # fmt: skip
 
     @projection_forward
@@ -316,6 +323,7 @@ class PerformerDecoder(_PerformerStack):
         gradient_checkpointing: int | bool = False,
         chunk_size: int | None = None,
         projection_seed: int | None = None,
+        feature_map: str = "favor+",
     ):
         """Keywords as PerformerEncoder's, plus use_cross_attention (default True),
         cross_attention_type and context_dim (the encoder's width, default d_model)."""
@@ -326,7 +334,7 @@ class PerformerDecoder(_PerformerStack):
             use_rotary=use_rotary, gradient_checkpointing=gradient_checkpointing,
             projection_seed=projection_seed, num_heads=num_heads, d_ff=d_ff, dropout=dropout,
             attention_type=attention_type, activation=activation,
-            use_cross_attention=use_cross_attention, nb_features=nb_features,
+            use_cross_attention=use_cross_attention, nb_features=nb_features, feature_map=feature_map,
             cross_attention_type=cross_attention_type, context_dim=context_dim, chunk_size=chunk_size,
         )  # fmt: skip
         self.use_cross_attention = use_cross_attention

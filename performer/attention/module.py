@@ -1,9 +1,11 @@
-"""Multi-head attention with a softmax or a FAVOR+ kernel, for self- or cross-attention.
+"""Multi-head attention with a softmax or a FAVOR+ / FAVOR++ kernel, for self- or cross-attention.
 
 Axis legend: B batch, H heads, Lq queries, Lk keys, D head dim, E model width, M random features.
 
 Parameter names do not depend on the kernel, so the same weights load into the softmax and the
-FAVOR+ variant (only FAVOR+ has the ``projection*`` buffers).
+FAVOR variants (only FAVOR has the ``projection*`` buffers, and only FAVOR++ its parameter A,
+``feature_map_a``: see ``performer.feature_maps``). Like the projection, A is a float32 buffer
+that only changes between forwards (``calibrate_feature_map_``), never from the batch in hand.
 """
 
 from __future__ import annotations
@@ -24,17 +26,33 @@ from performer.attention.favor import (
 from performer.attention.fused import favor_attention
 from performer.attention.masks import KeyMasks, reduce_to_key_masks
 from performer.attention.softmax import softmax_attention
-from performer.feature_maps import default_nb_features, derive_seed, favor_features, gaussian_orthogonal_projection
+from performer.feature_maps import (
+    FEATURE_MAPS,
+    check_favorpp_a,
+    default_nb_features,
+    derive_seed,
+    favor_features,
+    favorpp_default_a,
+    favorpp_optimal_a,
+    gaussian_orthogonal_projection,
+)
 from performer.rotary import apply_rotary
 
 Kernel = Literal["softmax", "favor"]
 
-# Buffers that only FAVOR+ attention has; everything else is shared with the softmax twin.
-PROJECTION_BUFFER_NAMES = ("projection", "projection_draw", "projection_fixed")
+# Buffers that only FAVOR attention has; everything else is shared with the softmax twin.
+# feature_map_a (FAVOR++ only) travels with the projection: exported in float32, required by
+# exports, kept by the target when weights move between kernels.
+PROJECTION_BUFFER_NAMES = ("projection", "projection_draw", "projection_fixed", "feature_map_a")
+# Float buffers that dtype casts (model.half(), DeepSpeed bf16) must leave in float32.
+FLOAT32_BUFFER_NAMES = ("projection", "feature_map_a")
 
 
 class Attention(nn.Module):
-    """softmax or FAVOR+ attention; ``context_dim`` set = cross-attention over another sequence."""
+    """softmax or FAVOR attention; ``context_dim`` set = cross-attention over another sequence.
+
+    feature_map (FAVOR only): "favor+" or "favor++" (see ``performer.feature_maps``).
+    """
 
     def __init__(
         self,
@@ -44,15 +62,19 @@ class Attention(nn.Module):
         nb_features: int | None = None,
         context_dim: int | None = None,
         chunk_size: int | None = None,
+        feature_map: str = "favor+",
     ):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
         if kernel not in ("softmax", "favor"):
             raise ValueError(f"unknown attention kernel {kernel!r}")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.kernel = kernel
+        self.feature_map = feature_map
         self.chunk_size = chunk_size
         self.is_cross = context_dim is not None
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
@@ -67,12 +89,20 @@ class Attention(nn.Module):
             # (base seed, projection id, redraw step) the projection was drawn from.
             self.register_buffer("projection_draw", torch.zeros(3, dtype=torch.long))
             self.register_buffer("projection_fixed", torch.zeros((), dtype=torch.bool))
+            if feature_map == "favor++":
+                # FAVOR++'s A: the optimum for unit-variance q and k until calibrated.
+                self.register_buffer("feature_map_a", torch.tensor(favorpp_default_a(self.head_dim)))
 
     # ------------------------------------------------------------------ projections
 
     @property
     def uses_favor(self) -> bool:
         return self.kernel == "favor"
+
+    @property
+    def feature_a(self) -> torch.Tensor | None:
+        """FAVOR++'s parameter A (a 0-dim float32 buffer); None for FAVOR+ and softmax."""
+        return self._buffers.get("feature_map_a")
 
     def draw_projection_(self, base_seed: int, step: int) -> None:
         """Draw the projection for (base seed, this module's id, step); pure function of those."""
@@ -82,14 +112,31 @@ class Attention(nn.Module):
             self.projection.copy_(projection.to(self.projection.device))
             self.projection_draw.copy_(torch.tensor([base_seed, self.projection_id, step]))
 
+    @torch.no_grad()
+    def calibrate_feature_map_(self, rho: float | None = None, a: float | None = None) -> None:
+        """Set FAVOR++'s A: the variance optimum for ``rho`` (mean |q + k|^2 / D after the D^-1/4
+        scaling, see ``feature_maps.favorpp_rho``), or ``a`` itself.
+
+        For a trainer, at a step boundary, with the same value on every rank (like a redraw: never
+        inside a forward). Refused for FAVOR+ and for fixed (exported) features.
+        """
+        if self.feature_a is None:
+            raise ValueError(f"only FAVOR++ attention has a parameter A (this one: {self.kernel}, {self.feature_map})")
+        if bool(self.projection_fixed):
+            raise ValueError("the features of this attention are fixed (fix_projection_matrices_): A stays as it is")
+        if (rho is None) == (a is None):
+            raise ValueError("pass exactly one of rho and a")
+        self.feature_a.fill_(check_favorpp_a(favorpp_optimal_a(rho) if a is None else a))
+
     def _apply(self, fn, recurse=True):
-        # Mixed-precision casts (model.half(), DeepSpeed bf16) must not round the projection: the
-        # features are computed in float32 from it. Device moves still apply.
-        projection = self._buffers.get("projection")
+        # Mixed-precision casts (model.half(), DeepSpeed bf16) must not round the projection or A:
+        # the features are computed in float32 from them. Device moves still apply.
+        kept = {name: self._buffers.get(name) for name in FLOAT32_BUFFER_NAMES}
         super()._apply(fn, recurse)
-        moved = self._buffers.get("projection")
-        if projection is not None and moved is not None and moved.dtype != torch.float32:
-            self._buffers["projection"] = projection.to(device=moved.device, dtype=torch.float32)
+        for name, before in kept.items():
+            moved = self._buffers.get(name)
+            if before is not None and moved is not None and moved.dtype != torch.float32:
+                self._buffers[name] = before.to(device=moved.device, dtype=torch.float32)
         return self
 
     # ------------------------------------------------------------------ forward
@@ -179,7 +226,9 @@ class Attention(nn.Module):
             return softmax_attention(q, k, v, mask, causal)
         key_masks = self._key_masks(mask, causal)
         with _fp32_region(q):
-            out = favor_attention(q, k, v, self.projection, key_masks.key_padding, causal, self.chunk_size)
+            out = favor_attention(
+                q, k, v, self.projection, key_masks.key_padding, causal, self.chunk_size, self.feature_a
+            )
         if key_masks.query_valid is not None:
             out = torch.where(key_masks.query_valid[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
         return out
@@ -191,7 +240,7 @@ class Attention(nn.Module):
         return reduce_to_key_masks(mask, causal)
 
     def _features_of(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return favor_features(x, self.projection, is_query=is_query)
+        return favor_features(x, self.projection, is_query=is_query, a=self.feature_a)
 
     def _features(self, q, k) -> tuple[torch.Tensor, torch.Tensor]:
         return self._features_of(q, is_query=True), self._features_of(k, is_query=False)

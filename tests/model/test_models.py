@@ -87,6 +87,7 @@ def test_weights_of_another_shape_are_refused_with_names():
 GENERATION_SETUPS = [
     pytest.param(dict(attention_type="favor"), id="favor-rotary"),
     pytest.param(dict(attention_type="softmax"), id="softmax-rotary"),
+    pytest.param(dict(attention_type="favor", feature_map="favor++"), id="favor++-rotary"),
     pytest.param(dict(attention_type="favor", position="absolute"), id="favor-absolute"),
     pytest.param(dict(attention_type="favor", norm="scalenorm", activation="geglu"), id="favor-scalenorm"),
 ]
@@ -106,7 +107,7 @@ def test_cached_lm_decoding_equals_full_forward(setup):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
 
 
-@pytest.mark.parametrize("setup", GENERATION_SETUPS[:2])
+@pytest.mark.parametrize("setup", GENERATION_SETUPS[:3])
 def test_cached_seq2seq_decoding_equals_full_forward(setup):
     model = PerformerSeq2Seq(_config(**setup)).eval()
     src = torch.randint(1, VOCAB, (2, 13))
