@@ -154,8 +154,8 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: s
     run_config = config_from_dict(marker["run_config"])
     model_config = ModelConfig.from_dict(marker["model_config"])
     projection = trained_projection(marker, run_config)
-    state_dict = with_trained_projections(consolidated_state_dict(checkpoint_dir, resolved, run_config),
-                                          model_config, run_config.model.kind, projection)  # fmt: skip
+    state_dict = consolidated_state_dict(checkpoint_dir, resolved, run_config)
+    state_dict = with_trained_projections(state_dict, model_config, run_config.model.kind, projection)
     trained = projection["trained_steps"]
     return save_pretrained_from_state_dict(
         state_dict, model_config, run_config.model.kind, out, dtype=DTYPES[dtype],
