@@ -185,6 +185,9 @@ def cmd_shards(args) -> int:
 def cmd_prepare(args) -> int:
     out, corpus = _out_dir(args), _corpus_config(args)
     tokenizer_config, shard_config = _tokenizer_config(args), _shard_config(args)
+    if corpus.heldout_fraction == 0:
+        raise DataError("--heldout-fraction 0 leaves the held-out split that prepare writes empty; give a "
+                        "fraction > 0 (or build the splits with `performer data shards --split`)")
     # The tokenizer sees only training documents, so held-out text stays unseen.
     tokenizer = _train(corpus, tokenizer_config, out / TOKENIZER_DIR, split="train")
     for split in ("train", "heldout"):

@@ -212,7 +212,8 @@ def write_shards(
     documents = iter(documents)
     first = next((d for d in documents if len(d)), None)
     if first is None:
-        raise ValueError(f"split {split!r} has no non-empty documents; nothing to write")
+        raise DataError(f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
+                        "another --heldout-fraction)")
     # mtime=0 and ustar: identical inputs give identical bytes (and smaller headers than pax).
     with wds.ShardWriter(
         pattern,
