@@ -4,11 +4,13 @@
               [--set train.max_steps=50 log.interval=5] [--resume auto|TAG]
     python -m launcher.pretrain ...        (one process)        performer pretrain ...   (the same)
 
-The recipe, top to bottom: config -> process group (timeouts first) -> model -> DeepSpeed engine
+The recipe, top to bottom: config -> inputs checked (manifests, tokenizer: check_inputs) ->
+process group (timeouts first) -> model -> DeepSpeed engine
 -> projection seed from rank 0 -> data stream -> resume -> loop (forward, non-finite check,
 backward, step; redraw, log, eval, checkpoint at optimizer-step boundaries) -> final save.
 Exit codes: 0 done, 1 failed (a rank died or hung past dist.timeout_s, a checkpoint could not
-be written), 2 bad input (config, checkpoint, PERFORMER_FAULTS), 3 too many non-finite losses,
+be written), 2 bad input (config, data, tokenizer, checkpoint, PERFORMER_FAULTS: one line, the
+same on every rank), 3 too many non-finite losses,
 75 stopped early by a signal or the time budget after saving (requeue and resume with
 --resume auto).
 """

@@ -135,10 +135,11 @@ class Workspace:
             marker.write_text(json.dumps(raw))
         return run
 
-    @cached_property
+    @property
     def run_data(self) -> Path:
-        """The private data copy, read by the relocated run."""
-        return self.relocated_run and self.data
+        """The private data copy, with the private run reading it: damage here is what the run sees."""
+        assert self.relocated_run.is_dir()
+        return self.data
 
     @cached_property
     def export(self) -> Path:
@@ -458,7 +459,7 @@ def tree(*roots: Path) -> dict[str, tuple]:
     for root in roots:
         for path in [root, *root.rglob("*")]:
             stat = path.lstat()
-            found[str(path)] = (path.is_dir() or stat.st_size, stat.st_mtime_ns)
+            found[str(path)] = ("dir" if path.is_dir() else stat.st_size, stat.st_mtime_ns)
     return found
 
 
