@@ -7,7 +7,8 @@
     performer data inspect   DIR [--tokenizer DIR]         # manifest summary + decoded documents
     performer data sample    DIR [--objective ...]         # one stream batch, decoded: what the model sees
 
-Each subcommand is a plain function of its parsed arguments returning an exit code.
+Each subcommand is a plain function of its parsed arguments returning an exit code; what it
+reads is checked before it writes anything, and a bad input is a DataError (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import time
 from pathlib import Path
 
 from data._config import to_mapping
-from data.corpus import SOURCES, CorpusConfig, iter_documents
+from data.corpus import SOURCES, CorpusConfig, iter_documents, source_paths
 from data.objectives import OBJECTIVES
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
 from data.stream import DataError, ShardReader, StreamConfig, TokenStream, check_shard_paths
-from data.tokenizer import MODEL_TYPES, Tokenizer, TokenizerConfig, train_tokenizer
+from data.tokenizer import MODEL_TYPES, TOKENIZER_DIR, Tokenizer, TokenizerConfig, train_tokenizer
 
 
 def add_parser(subparsers) -> None:
@@ -120,8 +121,18 @@ def _shard_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _corpus_config(args) -> CorpusConfig:
-    return CorpusConfig(source=args.source, paths=tuple(args.paths), text_field=args.text_field,
-                        heldout_fraction=args.heldout_fraction, max_documents=args.max_documents)
+    """The corpus, its paths checked (they must name something) before any work."""
+    corpus = CorpusConfig(source=args.source, paths=tuple(args.paths), text_field=args.text_field,
+                          heldout_fraction=args.heldout_fraction, max_documents=args.max_documents)
+    source_paths(corpus)
+    return corpus
+
+
+def _out_dir(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; name a directory (it is created if missing)")
+    return out
 
 
 def _tokenizer_config(args) -> TokenizerConfig:
@@ -160,32 +171,32 @@ def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out:
 
 
 def cmd_tokenizer(args) -> int:
-    _train(_corpus_config(args), _tokenizer_config(args), Path(args.out), split="train")
+    out, corpus, config = _out_dir(args), _corpus_config(args), _tokenizer_config(args)
+    _train(corpus, config, out, split="train")
     return 0
 
 
 def cmd_shards(args) -> int:
-    tokenizer = Tokenizer.load(args.tokenizer)
-    _write(_corpus_config(args), tokenizer, _shard_config(args), Path(args.out), args.split)
+    out, corpus, config = _out_dir(args), _corpus_config(args), _shard_config(args)
+    _write(corpus, Tokenizer.load(args.tokenizer), config, out, args.split)
     return 0
 
 
 def cmd_prepare(args) -> int:
-    out = Path(args.out)
-    corpus = _corpus_config(args)
+    out, corpus = _out_dir(args), _corpus_config(args)
+    tokenizer_config, shard_config = _tokenizer_config(args), _shard_config(args)
+    if corpus.heldout_fraction == 0:
+        raise DataError("--heldout-fraction 0 leaves the held-out split that prepare writes empty; give a "
+                        "fraction > 0 (or build the splits with `performer data shards --split`)")
     # The tokenizer sees only training documents, so held-out text stays unseen.
-    tokenizer = _train(corpus, _tokenizer_config(args), out / "tokenizer", split="train")
+    tokenizer = _train(corpus, tokenizer_config, out / TOKENIZER_DIR, split="train")
     for split in ("train", "heldout"):
-        _write(corpus, tokenizer, _shard_config(args), out / split, split)
+        _write(corpus, tokenizer, shard_config, out / split, split)
     return 0
 
 
 def cmd_verify(args) -> int:
-    try:
-        manifest = _checked_manifest(args)
-    except DataError as error:
-        print(f"error: {error}")
-        return 2
+    manifest = _checked_manifest(args)
     good, bad = verify_manifest(manifest, check_sha256=not args.no_sha256)
     for path, reason in sorted(bad.items()):
         print(f"BAD  {path}: {reason}")
@@ -194,18 +205,14 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    try:
-        manifest = _checked_manifest(args)
-    except DataError as error:
-        print(f"error: {error}")
-        return 2
+    manifest = _checked_manifest(args)
+    tokenizer = _tokenizer_for(manifest, args.tokenizer) if args.documents > 0 else None
     summary = {k: v for k, v in manifest.to_json().items() if k != "shards"}
     summary["shards"] = len(manifest.shards)
     summary["bytes"] = sum(s.bytes for s in manifest.shards)
     print(json.dumps(summary, indent=2))
-    if args.documents <= 0:
+    if tokenizer is None:
         return 0
-    tokenizer = _tokenizer_for(manifest, args.tokenizer)
     good, _ = verify_manifest(manifest, check_sha256=False)
     reader = ShardReader(manifest, good)
     shown = 0
@@ -223,10 +230,12 @@ def cmd_inspect(args) -> int:
 
 
 def _tokenizer_for(manifest: Manifest, directory: str | None) -> Tokenizer:
-    """The tokenizer next to the split (OUT/tokenizer of `prepare`) unless one is named."""
-    tokenizer = Tokenizer.load(Path(directory) if directory else manifest.root.parent / "tokenizer")
-    if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
-        print("warning: this is not the tokenizer these shards were written with")
+    """The tokenizer next to the split (OUT/tokenizer of `prepare`) unless one is named; it must be
+    the one the shards were written with (another would decode them into nonsense)."""
+    tokenizer = manifest.tokenizer(directory)
+    if tokenizer is None:
+        raise DataError(f"no tokenizer beside the shards of {manifest.root} (expected "
+                        f"{manifest.root.parent / TOKENIZER_DIR}); pass --tokenizer DIR")  # fmt: skip
     return tokenizer
 
 

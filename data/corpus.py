@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from data._config import from_mapping
+from data.errors import DataError
 
 SOURCES = ("stdlib", "files", "jsonl")
 SPLITS = ("train", "heldout")
@@ -59,13 +60,13 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise ValueError(f"corpus.source={self.source!r}: choose one of {SOURCES}")
+            raise DataError(f"corpus.source={self.source!r}: choose one of {SOURCES}")
         if self.source != "stdlib" and not self.paths:
-            raise ValueError(f"corpus.source={self.source!r} needs corpus.paths (files, dirs or globs)")
+            raise DataError(f"corpus.source={self.source!r} needs corpus.paths (files, dirs or globs)")
         if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"corpus.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+            raise DataError(f"corpus.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if self.max_documents is not None and self.max_documents < 1:
-            raise ValueError(f"corpus.max_documents={self.max_documents} must be >= 1 or None")
+            raise DataError(f"corpus.max_documents={self.max_documents} must be >= 1 or None")
 
 
 def stdlib_root() -> Path:
@@ -83,7 +84,7 @@ def _stdlib_paths() -> list[tuple[str, Path]]:
                 path = Path(dirpath) / name
                 found.append((path.relative_to(root).as_posix(), path))
     if not found:
-        raise FileNotFoundError(f"no .py files under the stdlib directory {root}")
+        raise DataError(f"no .py files under the stdlib directory {root}; use --source files or jsonl")
     return sorted(found)
 
 
@@ -94,7 +95,7 @@ def _expand_paths(patterns: tuple[str, ...], extensions: tuple[str, ...]) -> lis
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise FileNotFoundError(f"corpus path {pattern!r} matched nothing")
+            raise DataError(f"corpus path {pattern!r} matched nothing; check the path or quote the glob")
         for match in matches:
             path = Path(match)
             if path.is_dir():
@@ -104,7 +105,7 @@ def _expand_paths(patterns: tuple[str, ...], extensions: tuple[str, ...]) -> lis
             elif path.is_file():
                 found[path.as_posix()] = path
             else:
-                raise FileNotFoundError(f"corpus path {match!r} does not exist")
+                raise DataError(f"corpus path {match!r} does not exist")
     return sorted(found.items())
 
 
@@ -113,25 +114,31 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _iter_raw(config: CorpusConfig) -> Iterator[Document]:
+def source_paths(config: CorpusConfig) -> list[tuple[str, Path]]:
+    """(id, path) of every file of the corpus; DataError when a path names nothing (check it
+    before any work starts)."""
     if config.source == "stdlib":
-        for doc_id, path in _stdlib_paths():
+        return _stdlib_paths()
+    return _expand_paths(config.paths, config.extensions if config.source == "files" else (".jsonl", ".json"))
+
+
+def _iter_raw(config: CorpusConfig) -> Iterator[Document]:
+    if config.source != "jsonl":
+        for doc_id, path in source_paths(config):
             yield Document(doc_id, _read_text(path))
-    elif config.source == "files":
-        for doc_id, path in _expand_paths(config.paths, config.extensions):
-            yield Document(doc_id, _read_text(path))
-    else:  # jsonl
-        for file_id, path in _expand_paths(config.paths, (".jsonl", ".json")):
-            with open(path, encoding="utf-8") as handle:
+    else:
+        for file_id, path in source_paths(config):
+            with open(path, "rb") as handle:
                 for line_no, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue
                     try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{file_id}:{line_no}: invalid JSON ({error.msg})") from None
+                        record = json.loads(line.decode("utf-8"))
+                    except ValueError as error:  # not UTF-8, not JSON
+                        raise DataError(f"{file_id}:{line_no}: not a JSON line ({error}); JSONL holds one JSON "
+                                        "object per line") from None  # fmt: skip
                     if not isinstance(record, dict) or config.text_field not in record:
-                        raise KeyError(
+                        raise DataError(
                             f"{file_id}:{line_no}: no field {config.text_field!r}; "
                             "set corpus.text_field to the field that holds the text"
                         )

@@ -34,7 +34,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data._config import from_mapping, to_mapping
-from data.tokenizer import SpecialTokens, Tokenizer
+from data.errors import DataError
+from data.tokenizer import TOKENIZER_DIR, SpecialTokens, Tokenizer
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "performer-token-shards"
@@ -56,7 +57,7 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         if self.max_samples_per_shard < 1 or self.max_bytes_per_shard < 1:
-            raise ValueError("shards.max_samples_per_shard and shards.max_bytes_per_shard must be >= 1")
+            raise DataError("shards.max_samples_per_shard and shards.max_bytes_per_shard must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,31 +116,57 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
-        """Load `path` (a manifest.json or the directory holding one)."""
+        """Load `path` (a manifest.json or the directory holding one); DataError if it is not one."""
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_FILE
+        rebuild = "rebuild the split with `performer data shards` (or `performer data prepare`) or restore it"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"no shard manifest at {path}; build shards with `performer data shards` "
-                "or `performer data prepare`"
+            raise DataError(f"no shard manifest at {path}; build shards with `performer data shards` "
+                            "or `performer data prepare`, or correct the path")  # fmt: skip
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:  # not UTF-8, not JSON, cut short
+            problem = "is empty" if path.stat().st_size == 0 else f"is not JSON ({error})"
+            raise DataError(f"shard manifest {path} {problem}: damaged or not a manifest; {rebuild}") from None
+        form = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (type(raw).__name__, None)
+        if form != (MANIFEST_FORMAT, MANIFEST_VERSION):
+            raise DataError(f"{path} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest (format={form[0]!r}, "
+                            f"version={form[1]!r}); point to a split written by `performer data shards`")  # fmt: skip
+        try:
+            return cls(
+                split=raw["split"],
+                dtype=raw["dtype"],
+                special=SpecialTokens.from_dict(raw["special"]),
+                tokenizer_fingerprint=raw["tokenizer_fingerprint"],
+                shards=tuple(ShardInfo(**s) for s in raw["shards"]),
+                writer=raw["writer"],
+                source=raw["source"],
+                root=path.parent,
             )
-        raw = json.loads(path.read_text())
-        if raw.get("format") != MANIFEST_FORMAT or raw.get("version") != MANIFEST_VERSION:
-            raise ValueError(
-                f"{path}: not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest "
-                f"(format={raw.get('format')!r}, version={raw.get('version')!r})"
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"shard manifest {path} is incomplete or malformed ({type(error).__name__}: {error}); "
+                            f"{rebuild}") from None
+
+    def tokenizer(self, directory: str | os.PathLike | None = None) -> Tokenizer | None:
+        """The tokenizer these shards were written with, checked against the fingerprint they pin.
+
+        ``directory`` names it; by default it is the one beside the split (`performer data prepare`
+        writes OUT/tokenizer next to OUT/train), and None when there is none there. A directory
+        that does not load, or holds another tokenizer, is a DataError naming it.
+        """
+        beside = directory is None
+        directory = self.root.parent / TOKENIZER_DIR if beside else Path(directory)
+        if beside and not directory.exists():
+            return None
+        tokenizer = Tokenizer.load(directory)
+        if self.tokenizer_fingerprint and tokenizer.fingerprint != self.tokenizer_fingerprint:
+            raise DataError(
+                f"tokenizer {directory} is not the one the shards of {self.root} were written with (fingerprint "
+                f"{tokenizer.fingerprint[:12]}, the manifest pins {self.tokenizer_fingerprint[:12]}): put the "
+                "shards' tokenizer there, or rebuild the shards with this one (`performer data shards`)"
             )
-        return cls(
-            split=raw["split"],
-            dtype=raw["dtype"],
-            special=SpecialTokens.from_dict(raw["special"]),
-            tokenizer_fingerprint=raw["tokenizer_fingerprint"],
-            shards=tuple(ShardInfo(**s) for s in raw["shards"]),
-            writer=raw["writer"],
-            source=raw["source"],
-            root=path.parent,
-        )
+        return tokenizer
 
     @property
     def fingerprint(self) -> str:
@@ -185,7 +212,8 @@ def write_shards(
     documents = iter(documents)
     first = next((d for d in documents if len(d)), None)
     if first is None:
-        raise ValueError(f"split {split!r} has no non-empty documents; nothing to write")
+        raise DataError(f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
+                        "another --heldout-fraction)")
     # mtime=0 and ustar: identical inputs give identical bytes (and smaller headers than pax).
     with wds.ShardWriter(
         pattern,

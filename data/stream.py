@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import objectives
 from data._config import from_mapping
+from data.errors import DataError
 from data.shards import Manifest, ShardChecksumError, ShardIndex, read_shard_bytes, verify_manifest
 
 STATE_VERSION = 1
@@ -79,10 +80,6 @@ _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://")
 # holding one would become a command wherever a URL reaches a shell (pipe: shards, a GOPEN_REWRITE
 # to a pipe, older webdataset versions that fetched through `curl` in a shell).
 SHELL_METACHARACTERS = frozenset(";&|$`'\"<>(){}\\\n\r\0")
-
-
-class DataError(ValueError):
-    """The data cannot be trained on as configured; the message names the shard and the fix."""
 
 
 class UnreadableDocument(Exception):
@@ -120,9 +117,9 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if self.objective not in objectives.OBJECTIVES:
-            raise ValueError(f"stream.objective={self.objective!r}: choose one of {objectives.OBJECTIVES}")
+            raise DataError(f"stream.objective={self.objective!r}: choose one of {objectives.OBJECTIVES}")
         if self.input_length < 3 or self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("stream.input_length >= 3, stream.batch_size >= 1, stream.num_workers >= 0")
+            raise DataError("stream.input_length >= 3, stream.batch_size >= 1, stream.num_workers >= 0")
 
     @property
     def raw_length(self) -> int:

@@ -37,9 +37,11 @@ import numpy as np
 import sentencepiece as spm
 
 from data._config import from_mapping, to_mapping
+from data.errors import DataError
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "tokenizer.json"
+TOKENIZER_DIR = "tokenizer"  # `performer data prepare` writes OUT/tokenizer beside OUT/train and OUT/heldout
 MODEL_TYPES = ("unigram", "bpe")
 SENTINEL_FORMAT = "<extra_id_{}>"
 
@@ -99,9 +101,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"tokenizer.model_type={self.model_type!r}: choose one of {MODEL_TYPES}")
+            raise DataError(f"tokenizer.model_type={self.model_type!r}: choose one of {MODEL_TYPES}")
         if self.vocab_size - self.num_sentinels < 300:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer.vocab_size={self.vocab_size} leaves fewer than 300 pieces after "
                 f"{self.num_sentinels} sentinels and 256 byte pieces; raise vocab_size"
             )
@@ -113,9 +115,10 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, special: SpecialTokens):
         self._proto = bytes(model_proto)
         self.special = special
+        self.directory: Path | None = None  # where `load` found it
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         if self._sp.get_piece_size() != special.num_model_pieces:
-            raise ValueError(
+            raise DataError(
                 f"SentencePiece model has {self._sp.get_piece_size()} pieces but the special-token "
                 f"table expects {special.num_model_pieces}; tokenizer.json and tokenizer.model differ"
             )
@@ -133,13 +136,28 @@ class Tokenizer:
         if directory.is_file():
             directory = directory.parent
         model, info = directory / MODEL_FILE, directory / INFO_FILE
-        if not model.is_file() or not info.is_file():
-            raise FileNotFoundError(
-                f"{directory}: expected {MODEL_FILE} and {INFO_FILE}; "
-                "train one with `performer data tokenizer --out DIR`"
-            )
-        special = SpecialTokens.from_dict(json.loads(info.read_text())["special"])
-        return cls(model.read_bytes(), special)
+        missing = " and ".join(file.name for file in (model, info) if not file.is_file())
+        if missing:
+            problem = "does not exist" if not directory.is_dir() else f"has no {missing}"
+            raise DataError(f"tokenizer directory {directory} {problem} (a tokenizer is {MODEL_FILE} + {INFO_FILE}); "
+                            "copy it again or train one with `performer data tokenizer --out DIR`")  # fmt: skip
+        damaged = "damaged or truncated; copy the tokenizer directory again from where it was written"
+        try:
+            special = SpecialTokens.from_dict(json.loads(info.read_text(encoding="utf-8"))["special"])
+        except (ValueError, KeyError, TypeError) as error:  # not UTF-8 / JSON / the special-token table
+            raise DataError(f"{info} is not a tokenizer table ({type(error).__name__}: {error}): {damaged}") from None
+        proto = model.read_bytes()
+        unreadable = f"{model} is not a SentencePiece model ({len(proto)} bytes): {damaged}"
+        if not proto:
+            raise DataError(unreadable)
+        try:
+            tokenizer = cls(proto, special)
+        except RuntimeError:  # SentencePiece cannot parse it
+            raise DataError(unreadable) from None
+        except DataError as error:  # it parses, but does not fit the table
+            raise DataError(f"{directory}: {error}") from None
+        tokenizer.directory = directory
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -215,16 +233,16 @@ def sample_training_lines(texts: Iterable[str], config: TokenizerConfig) -> list
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, out_dir: str | os.PathLike) -> Tokenizer:
     """Train on a line sample of `texts`; write tokenizer.model and tokenizer.json to `out_dir`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     lines = sample_training_lines(texts, config)
     if not lines:
-        raise ValueError("the corpus has no non-blank lines to train a tokenizer on")
+        raise DataError("the corpus has no non-blank lines to train a tokenizer on")
     sampled = time.perf_counter()
     special = SpecialTokens(vocab_size=config.vocab_size, num_sentinels=config.num_sentinels)
     model = _train_sentencepiece(lines, config, special)
     seconds = time.perf_counter() - started
     tokenizer = Tokenizer(model, special)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a corpus that fails leaves nothing behind
     (out / MODEL_FILE).write_bytes(model)
     info = {
         "special": special.to_dict(),
@@ -265,7 +283,7 @@ def _train_sentencepiece(lines: list[str], config: TokenizerConfig, special: Spe
             minloglevel=2,
         )
     except RuntimeError as error:
-        raise RuntimeError(
+        raise DataError(
             f"SentencePiece training failed ({error}); a smaller tokenizer.vocab_size or more "
             "tokenizer.sample_lines usually fixes 'Vocabulary size is too high'"
         ) from None

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from launcher.errors import run_command
+
 # (subcommand, module that owns it). The module exposes add_parser(subparsers); the parser it
 # adds sets `func`, called with the parsed arguments and returning an exit code.
 SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
@@ -37,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a bad input is one line on stderr and exit code 2 (launcher.errors)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from launcher import checkpoint
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.dist import Topology
+from performer.errors import InputError
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 
@@ -98,7 +98,7 @@ def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bo
 
     try:
         manifest = Manifest.load(manifest_path)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except DataError as error:
         report.add("data", ERROR, f"{name} split: {error}", "build it with `performer data prepare` or fix data.manifest")
         return None
     try:  # before any shard is opened: verifying a pipe: shard would run it
@@ -124,27 +124,21 @@ def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bo
 
 
 def check_tokenizer(report: Report, manifest) -> None:
-    from data.tokenizer import Tokenizer
+    """The tokenizer beside the shards, as the trainer and `performer export` find and check it."""
+    from data.stream import DataError
 
-    directory = manifest.root.parent / "tokenizer"
     if manifest.tokenizer_fingerprint is None:
         return  # synthetic token data
-    if not directory.is_dir():
-        report.add("tokenizer", WARNING, f"no tokenizer at {directory}: `performer export` will export the "
-                                         "model without one", "pass `performer export --tokenizer DIR`")  # fmt: skip
-        return
     try:
-        tokenizer = Tokenizer.load(directory)
-    except Exception as error:  # a damaged model file: say so, keep checking the rest
-        report.add("tokenizer", ERROR, f"{directory} does not load: {error}", "copy the tokenizer back from the data source")
+        tokenizer = manifest.tokenizer()
+    except DataError as error:  # damaged, or another one: say so, keep checking the rest
+        report.add("tokenizer", ERROR, str(error), "copy the shards' tokenizer back beside them from the data source")
         return
-    if tokenizer.fingerprint != manifest.tokenizer_fingerprint:
-        report.add("tokenizer", ERROR, f"{directory} is not the tokenizer the shards were written with "
-                                       f"(fingerprint {tokenizer.fingerprint[:12]}, manifest "
-                                       f"{manifest.tokenizer_fingerprint[:12]})",
-                   "put the right tokenizer beside the shards, or rebuild the shards with this one")  # fmt: skip
+    if tokenizer is None:
+        report.add("tokenizer", WARNING, f"no tokenizer beside the shards of {manifest.root}: `performer export` will "
+                                         "export the model without one", "pass `performer export --tokenizer DIR`")  # fmt: skip
         return
-    report.add("tokenizer", OK, f"{directory} matches the manifest (fingerprint {tokenizer.fingerprint[:12]})")
+    report.add("tokenizer", OK, f"{tokenizer.directory} matches the manifest (fingerprint {tokenizer.fingerprint[:12]})")
 
 
 def check_checkpoints(report: Report, run_dir: Path, config: RunConfig | None) -> None:
@@ -199,7 +193,7 @@ def _check_continues(report: Report, tag_directory: Path, config: RunConfig) -> 
         marker = checkpoint.read_marker(tag_directory)
         world = int(marker.get("world_size", 1))
         checkpoint.check_compatible(tag_directory, config, Topology(rank=0, world_size=world, local_rank=0))
-    except (ConfigError, checkpoint.CheckpointError) as error:
+    except InputError as error:
         report.add("checkpoint", ERROR, f"{tag_directory.name} cannot continue this config: {error}",
                    "resume with the saved config (config.yaml in the run directory)")  # fmt: skip
 
@@ -257,11 +251,9 @@ def format_report(report: Report) -> str:
 def command(args) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is None and not args.config:
-        print("usage error: give a run directory, --config, or both", file=sys.stderr)
-        return 2
+        raise InputError("nothing to check: give a run directory, --config, or both")
     if run_dir is not None and not run_dir.is_dir():
-        print(f"usage error: {run_dir} is not a directory", file=sys.stderr)
-        return 2
+        raise InputError(f"RUN_DIR {run_dir} is not a directory; give a train.output_dir")
     report = run_checks(run_dir, args.config, args.set, check_sha256=not args.no_sha256)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0 if report.healthy else 1

@@ -35,13 +35,14 @@ from typing import Any
 
 from launcher.config import ConfigError, RunConfig, config_from_dict
 from launcher.dist import Topology, barrier, gather_objects
+from performer.errors import InputError
 
 COMPLETE_MARKER = "COMPLETE"
 POINTER = "latest"
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be used, with what to do about it."""
 
 
@@ -254,9 +255,9 @@ def _raise_if_any_failed(directory: Path, tag: str, failures: list, topology: To
 def read_marker(tag_directory: Path) -> dict[str, Any]:
     marker = tag_directory / COMPLETE_MARKER
     try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{marker} is unreadable ({error}); resume from another tag") from error
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{marker} is unreadable ({error}): the checkpoint is damaged") from error
 
 
 def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology, reshard: bool = False) -> bool:

@@ -24,12 +24,14 @@ from typing import Any, Mapping
 
 import yaml
 
+from performer.errors import InputError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "optimizer", "all")
 MODEL_KINDS = ("seq2seq", "lm")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config problem, with the key it concerns and how to fix it."""
 
 
@@ -354,7 +356,11 @@ def parse_override(assignment: str) -> dict:
     keys = [part for part in dotted.strip().split(".") if part]
     if not keys:
         raise ConfigError(f"--set has an empty key in {assignment!r}")
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({problem}); quote it") from None
     for key in reversed(keys):
         value = {key: value}
     return value
@@ -363,10 +369,15 @@ def parse_override(assignment: str) -> dict:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (pass --config PATH to a YAML file, e.g. configs/tiny.yaml)")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {problem} (pass --config PATH to a YAML file, e.g. configs/tiny.yaml)")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
+        text = path.read_text()
+        if not text.strip():  # a comment-only file is a deliberate empty overlay; no bytes at all is not
+            raise ConfigError(f"config file {str(path)!r} is empty (a failed copy?); write the settings in it, "
+                              "or leave it out")  # fmt: skip
+        loaded = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")

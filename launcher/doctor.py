@@ -34,6 +34,8 @@ import torch
 import torch.distributed as torch_dist
 
 from launcher.dist import Topology, discover_topology, set_default_timeouts
+from launcher.errors import run_command
+from performer.errors import InputError
 
 EXIT_FAILED = 1
 
@@ -179,7 +181,18 @@ def bandwidth_line(numel: int, big: list[float], small: list[float], world_size:
 # ------------------------------------------------------------------------------ the check
 
 
+def check_options(timeout_s: float, size_mb: float, repeats: int) -> None:
+    """InputError for an option nothing can be measured with, before any rank starts waiting."""
+    if not timeout_s > 0:
+        raise InputError(f"--timeout must be > 0 seconds, got {timeout_s:g}")
+    if not size_mb > 0:
+        raise InputError(f"--size-mb must be > 0 MiB, got {size_mb:g}")
+    if repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
+
+
 def run(timeout_s: float = 30.0, size_mb: float = 4.0, repeats: int = 5) -> int:
+    check_options(timeout_s, size_mb, repeats)
     started = time.monotonic()
     report = _Report()
     with _deadline(timeout_s, report):
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args.timeout, args.size_mb, args.repeats)
+    return run_command(run, args.timeout, args.size_mb, args.repeats)
 
 
 if __name__ == "__main__":

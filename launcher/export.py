@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -54,28 +53,12 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, run_config) -> dict[
 
 
 def find_tokenizer(run_config, explicit: str | None) -> Path | None:
-    """The tokenizer the shards were written with, checked by fingerprint."""
+    """The directory of the tokenizer the shards were written with: `explicit`, or the one beside
+    them (None if there is none); it must load and have the fingerprint the manifest pins."""
     from data.shards import Manifest
-    from data.tokenizer import Tokenizer
 
-    manifest = Manifest.load(run_config.data.manifest)
-    if explicit is not None:
-        candidate = Path(explicit)
-    else:
-        shards = Path(run_config.data.manifest)
-        shards = shards.parent if shards.name.endswith(".json") else shards
-        candidate = shards.parent / "tokenizer"
-    if not candidate.is_dir():
-        if explicit is not None:
-            raise FileNotFoundError(f"--tokenizer {explicit}: no such directory")
-        return None
-    tokenizer = Tokenizer.load(candidate)
-    if manifest.tokenizer_fingerprint and tokenizer.fingerprint != manifest.tokenizer_fingerprint:
-        raise ValueError(
-            f"tokenizer {candidate} is not the one the shards were written with (fingerprint mismatch); "
-            "pass --tokenizer with the right directory"
-        )
-    return candidate
+    tokenizer = Manifest.load(run_config.data.manifest).tokenizer(explicit)
+    return tokenizer.directory if tokenizer is not None else None
 
 
 def trained_projection(marker: dict, run_config) -> dict:
@@ -144,7 +127,7 @@ def model_card(run_dir: Path, marker: dict) -> dict:
 def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32",
                       tokenizer: str | None = None) -> Path:  # fmt: skip
     from performer.config import ModelConfig
-    from performer.export import save_pretrained_from_state_dict
+    from performer.export import check_out_dir, save_pretrained_from_state_dict
 
     checkpoint_dir = run_dir / "checkpoints"
     resolved = resolve_resume_tag(checkpoint_dir, tag or "auto")
@@ -154,21 +137,20 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: s
     run_config = config_from_dict(marker["run_config"])
     model_config = ModelConfig.from_dict(marker["model_config"])
     projection = trained_projection(marker, run_config)
+    # What can fail on its own is checked before the consolidation (minutes for a large model).
+    tokenizer_dir = find_tokenizer(run_config, tokenizer)
+    check_out_dir(out)
     state_dict = consolidated_state_dict(checkpoint_dir, resolved, run_config)
     state_dict = with_trained_projections(state_dict, model_config, run_config.model.kind, projection)
     trained = projection["trained_steps"]
     return save_pretrained_from_state_dict(
         state_dict, model_config, run_config.model.kind, out, dtype=DTYPES[dtype],
-        tokenizer_dir=find_tokenizer(run_config, tokenizer), card=model_card(run_dir, marker),
+        tokenizer_dir=tokenizer_dir, card=model_card(run_dir, marker),
         trained_steps=tuple(trained) if trained else None,
     )  # fmt: skip
 
 
 def command(args) -> int:
-    try:
-        out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.tag, args.dtype, args.tokenizer)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"export error: {error}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.tag, args.dtype, args.tokenizer)
     print(f"exported {args.checkpoint} -> {out}")
     return 0

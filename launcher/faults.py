@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from performer.errors import InputError
+
 ENVIRONMENT_VARIABLE = "PERFORMER_FAULTS"
 DEFAULT_SLEEP_S = 3600.0
 
@@ -50,7 +52,7 @@ _USAGE = ("nonfinite_loss@N[,N...], inf_loss@N[,N...], kill@step=N,rank=R, hang@
           "slow_save@save=N,rank=R[,seconds=S], enospc@save=N[,rank=R]")  # fmt: skip
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(InputError, ValueError):
     """PERFORMER_FAULTS cannot be parsed; the message names the item and the accepted forms."""
 
 

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 
 from data.tokenizer import Tokenizer
-from performer.export import TOKENIZER_DIR, ExportError, from_pretrained
+from performer.errors import InputError
+from performer.export import TOKENIZER_DIR, from_pretrained
 from performer.generation import SamplingParams
 from performer.models import PerformerLM, PerformerSeq2Seq
 
-USAGE_ERROR = 2
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
-class GenerateError(Exception):
+class GenerateError(InputError):
     """A problem with the user's request or export: printed as one line, exit code 2."""
 
 
@@ -53,11 +52,7 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    try:
-        print(generate_text(args))
-    except GenerateError as error:
-        print(f"performer generate: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
+    print(generate_text(args))
     return 0
 
 
@@ -103,15 +98,12 @@ def _load(export_dir: Path, device: str):
     tokenizer_dir = export_dir / TOKENIZER_DIR
     try:
         model = from_pretrained(export_dir, device=device)
-    except (FileNotFoundError, ExportError) as error:
+    except FileNotFoundError as error:  # from_pretrained's word for a missing export or file (ExportError: the rest)
         raise GenerateError(str(error)) from None
     if not tokenizer_dir.is_dir():
         raise GenerateError(f"{export_dir} has no {TOKENIZER_DIR}/ directory; export again with the "
                             "tokenizer (performer export, or save_pretrained(..., tokenizer_dir=DIR))")
-    try:
-        tokenizer = Tokenizer.load(tokenizer_dir)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:  # missing, or unreadable files
-        raise GenerateError(f"cannot load the export's tokenizer from {tokenizer_dir}: {error!r}") from None
+    tokenizer = Tokenizer.load(tokenizer_dir)  # a damaged one is a DataError naming the file
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GenerateError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}; "
                             "the export's tokenizer/ is not the one the model was trained with")

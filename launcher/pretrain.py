@@ -4,13 +4,15 @@
               [--set train.max_steps=50 log.interval=5] [--resume auto|TAG]
     python -m launcher.pretrain ...        (one process)        performer pretrain ...   (the same)
 
-The recipe, top to bottom: config -> process group (timeouts first) -> model -> DeepSpeed engine
+The recipe, top to bottom: config -> inputs checked (manifests, tokenizer: check_inputs) ->
+process group (timeouts first) -> model -> DeepSpeed engine
 -> projection seed from rank 0 -> data stream -> resume -> loop (forward, non-finite check,
 backward, step; at optimizer-step boundaries: log, eval, checkpoint, then redraw for the next
 step, so evaluations, checkpoints and exports carry the projection the weights trained with)
 -> final save.
 Exit codes: 0 done, 1 failed (a rank died or hung past dist.timeout_s, a checkpoint could not
-be written), 2 bad input (config, checkpoint, PERFORMER_FAULTS), 3 too many non-finite losses,
+be written), 2 bad input (config, data, tokenizer, checkpoint, PERFORMER_FAULTS: one line, the
+same on every rank), 3 too many non-finite losses,
 75 stopped early by a signal or the time budget after saving (requeue and resume with
 --resume auto).
 """
@@ -45,14 +47,16 @@ from launcher.dist import (
     shutdown,
 )
 from launcher.ds_config import build_deepspeed_config
-from launcher.faults import Faults, FaultSpecError
+from launcher.errors import launched_rank, report
+from launcher.faults import Faults
 from launcher.memory import model_state_bytes, peak_resident_bytes, resident_bytes
 from launcher.metrics import MetricsLogger, measure_peak_flops
 from launcher.schedule import learning_rate, set_learning_rate
+from performer.errors import InputError
 from performer.redraw import RedrawSchedule
 
 EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
+# 2, a bad input, is launcher.errors.EXIT_BAD_INPUT: the same for every command
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 
@@ -299,22 +303,18 @@ def _install_stop_signals(progress: Progress) -> None:
 
 
 def run(config_paths: list[str], overrides: list[str], resume: str | None, reshard: bool = False) -> int:
+    """The whole job on this rank; returns its exit code (the table in the module docstring)."""
     try:
         config = load_config(config_paths, overrides)
         faults = Faults.from_environment()
-    except (ConfigError, FaultSpecError) as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if reshard and resume is None:
-        print("usage error: --reshard converts the checkpoint being resumed; add --resume auto (or a tag)",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+        check_inputs(config, resume, reshard)
+    except InputError as error:  # every rank checks the same files, so every rank stops alike
+        return report(error, launched_rank())
     topology = init_distributed(config.dist.timeout_s)
     try:
         return train(config, topology, resume, faults, reshard)
-    except (ConfigError, checkpoint.CheckpointError) as error:
-        print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except InputError as error:  # a checkpoint that cannot continue the run, damaged data, the batch triad
+        return report(error, topology.rank if topology.world_size > 1 else None)
     except TooManyNonFinite as error:
         print(f"[rank {topology.rank}] error: {error}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -334,6 +334,24 @@ def run(config_paths: list[str], overrides: list[str], resume: str | None, resha
         raise
     finally:
         shutdown()
+
+
+def check_inputs(config: RunConfig, resume: str | None, reshard: bool) -> None:
+    """Check, before the process group forms and anything is written, what the run reads and can
+    be checked alone: the options, train.output_dir, the training and held-out manifests, and the
+    tokenizer beside the shards (it must load and be the one the manifest pins, or `performer
+    export` fails at the end of the run). An InputError names the input and the fix."""
+    from data.shards import Manifest
+
+    if reshard and resume is None:
+        raise InputError("--reshard converts the checkpoint being resumed; add --resume auto (or a tag)")
+    output_dir = Path(config.train.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"train.output_dir={output_dir} is not a directory; choose another train.output_dir")
+    Manifest.load(config.data.manifest).tokenizer()
+    eval_manifest = eval_manifest_path(config) if config.eval.interval else None
+    if eval_manifest is not None:
+        Manifest.load(eval_manifest)
 
 
 def explain_collective_failure(error: RuntimeError, timeout_s: float) -> str | None:

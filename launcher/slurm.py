@@ -22,16 +22,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from launcher.config import ConfigError, load_config
+from launcher.config import load_config
+from performer.errors import InputError
 
-USAGE_ERROR = 2
 TEMPLATES = {"srun": "pretrain.sbatch", "deepspeed": "pretrain-deepspeed.sbatch"}
 SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
 # "#SBATCH --name=value", or "##SBATCH ..." (a line Slurm skips: the template's disabled options)
 _DIRECTIVE = re.compile(r"^#{1,2}SBATCH\s+--([a-z-]+)(?:[=\s]\s*(\S.*?))?\s*$")
 
 
-class SlurmError(Exception):
+class SlurmError(InputError):
     """A problem with the request: printed as one line, exit code 2."""
 
 
@@ -107,24 +107,22 @@ def render(template: str, values: dict, arguments: list[str], note: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        load_config([args.config, *args.overlays], args.set)
-        template_path = SLURM_DIR / TEMPLATES[args.launcher]
-        if not template_path.is_file():
-            raise SlurmError(f"template {template_path} is missing: run performer slurm from a checkout of the project")
-        chdir = os.path.abspath(args.chdir) if args.chdir is not None else os.getcwd()
-        values = header_values(args.nodes, args.gpus_per_node, args.tasks_per_node, args.partition,
-                               args.account, args.time, args.job_name, chdir)  # fmt: skip
-        arguments = [args.config]
-        for overlay in args.overlays:
-            arguments += ["--config", overlay]
-        if args.set:
-            arguments += ["--set", *args.set]
-        note = "# The run: config and overrides (validated by performer slurm), then any given to sbatch."
-        script = render(template_path.read_text(), values, arguments, note)
-    except (ConfigError, SlurmError) as error:
-        print(f"performer slurm: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
+    load_config([args.config, *args.overlays], args.set)
+    template_path = SLURM_DIR / TEMPLATES[args.launcher]
+    if not template_path.is_file():
+        raise SlurmError(f"template {template_path} is missing: run performer slurm from a checkout of the project")
+    if args.out is not None and Path(args.out).is_dir():
+        raise SlurmError(f"--out {args.out} is a directory; name the script's file, e.g. {Path(args.out) / 'job.sbatch'}")
+    chdir = os.path.abspath(args.chdir) if args.chdir is not None else os.getcwd()
+    values = header_values(args.nodes, args.gpus_per_node, args.tasks_per_node, args.partition,
+                           args.account, args.time, args.job_name, chdir)  # fmt: skip
+    arguments = [args.config]
+    for overlay in args.overlays:
+        arguments += ["--config", overlay]
+    if args.set:
+        arguments += ["--set", *args.set]
+    note = "# The run: config and overrides (validated by performer slurm), then any given to sbatch."
+    script = render(template_path.read_text(), values, arguments, note)
     if args.out is None:
         sys.stdout.write(script)
     else:

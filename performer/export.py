@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from performer.config import ModelConfig
+from performer.errors import InputError
 from performer.models import MODEL_CLASSES, build_model, is_projection_key
 
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """An export that cannot be written or read; the message names the problem and the fix."""
 
 
@@ -206,14 +207,19 @@ def _write_files(directory: Path, tensors: dict[str, torch.Tensor], metadata: di
     (directory / CARD_FILE).write_text(render_card(metadata))
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """ExportError unless ``out_dir`` can take an export: new, empty, or an export to replace."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).is_file()):
+        raise ExportError(f"{out_dir} exists and is not an export; choose an empty or new directory")
+
+
 def _write_atomically(out_dir: Path, write) -> Path:
     """Run ``write(tmp_dir)`` on a sibling temp dir, then rename it to ``out_dir``.
 
     An existing ``out_dir`` is replaced only if it is empty or itself an export (never a user's
     unrelated directory). Between the two renames the old export sits under a hidden name.
     """
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).is_file():
-        raise ExportError(f"{out_dir} exists and is not an export; choose an empty or new directory")
+    check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

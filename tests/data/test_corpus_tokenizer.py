@@ -10,6 +10,7 @@ import pytest
 
 from data._config import from_mapping
 from data.corpus import CorpusConfig, iter_documents, split_of
+from data.errors import DataError
 from data.tokenizer import SENTINEL_FORMAT, SpecialTokens, Tokenizer
 
 
@@ -42,9 +43,9 @@ def test_files_globs_and_jsonl_sources(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x y"}) + "\n\n" + json.dumps({"body": "z"}) + "\n")
     jsonl = CorpusConfig(source="jsonl", paths=(str(tmp_path / "c.jsonl"),), text_field="body")
     assert [d.text for d in iter_documents(jsonl)] == ["x y", "z"]
-    with pytest.raises(KeyError, match="text_field"):
+    with pytest.raises(DataError, match="text_field"):
         list(iter_documents(CorpusConfig(source="jsonl", paths=(str(tmp_path / "c.jsonl"),))))
-    with pytest.raises(FileNotFoundError, match="matched nothing"):
+    with pytest.raises(DataError, match="matched nothing"):
         list(iter_documents(CorpusConfig(source="files", paths=(str(tmp_path / "*.nope"),))))
 
 

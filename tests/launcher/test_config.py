@@ -333,7 +333,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_directory_is_not_a_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="is a directory"):
         load_config([tmp_path])
 
 
@@ -354,6 +354,9 @@ def test_non_mapping_yaml_is_named(tmp_path):
 def test_empty_file_is_an_empty_layer(tmp_path):
     path = _write(tmp_path, "empty.yaml", "# nothing\n")
     assert load_config([CONFIG_DIR / "tiny.yaml", path]) == _tiny()
+    # A file with no bytes at all is more likely a failed copy than a deliberate layer.
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config([CONFIG_DIR / "tiny.yaml", _write(tmp_path, "zero.yaml", "")])
 
 
 def test_config_error_is_a_value_error():

@@ -110,7 +110,7 @@ def error_exports(tmp_path_factory, tokenizer_dir):
     [
         (["--model", "{missing}"], "no export at"),
         (["--model", "{no_tokenizer}"], "has no tokenizer/ directory"),
-        (["--model", "{broken_tokenizer}"], "cannot load the export's tokenizer"),
+        (["--model", "{broken_tokenizer}"], "tokenizer/tokenizer.model is not a SentencePiece model"),
         (["--model", "{encoder}"], "encoder-only model does not generate"),
         (["--model", "{seq2seq}", "--num-beams", "2", "--temperature", "0.7"], "beam search is deterministic"),
         (["--model", "{seq2seq}", "--temperature", "0"], "temperature must be > 0"),
@@ -126,5 +126,5 @@ def test_errors_are_one_line_and_exit_2(error_exports, capsys, arguments, messag
     code = main(["generate", *arguments])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("performer generate: error: ") and message in err and "Traceback" not in err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

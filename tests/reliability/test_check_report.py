@@ -63,7 +63,7 @@ def test_damaged_run_directory_names_every_problem_and_its_fix(run_copy, data_co
         f"FAIL data: train shard {mismatched}: sha256 ",
         "stops before step 1 while data.verify_sha256 is true",
         "FAIL data: train split", "7 of 9 shards match",
-        "FAIL tokenizer: ", "is not the tokenizer the shards were written with",
+        "FAIL tokenizer: ", "is not the one the shards of",
         "FAIL checkpoint: step00000002 cannot continue this config: checkpoint step00000002 was trained with another model",
         "FAIL checkpoint: step00000004: corrupted: ", "mp_rank_00_model_states.pt: sha256 differs",
         "WARN checkpoint: step00000006: incomplete",

@@ -53,7 +53,7 @@ def test_config_error_exits_2_before_any_work(prepared_data, tmp_path, name):
         configs = (tmp_path / "overlay.yaml",)
     completed = pretrain(prepared_data, tmp_path / "run", *settings, configs=configs)
     assert completed.returncode == 2, completed.stdout + completed.stderr
-    assert completed.stderr.startswith("config error: ") and message in completed.stderr, completed.stderr
+    assert completed.stderr.splitlines()[-1].startswith("error: ") and message in completed.stderr, completed.stderr
     assert "Traceback" not in completed.stderr
     assert_nothing_ran(tmp_path / "run")
 

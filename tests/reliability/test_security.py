@@ -197,7 +197,8 @@ def test_checking_a_manifest_never_runs_its_pipe_shards(prepared_data, trained_r
                     ["data", "inspect", str(tmp_path / "data" / "train")],
                     ["check", str(trained_run), "--set", f"data.manifest={tmp_path / 'data' / 'train'}"]):  # fmt: skip
         completed = subprocess.run([str(BIN / "performer"), *command], capture_output=True, text=True, timeout=300)
-        assert completed.returncode in (1, 2) and "is a pipe: command" in completed.stdout, completed.stdout
+        output = completed.stdout + completed.stderr  # the error line (data verify/inspect) or the report (check)
+        assert completed.returncode in (1, 2) and "is a pipe: command" in output, output
         assert not proof.exists(), command
     # Explicitly allowed, the same manifest verifies (and the command does run: it is a pipe).
     allowed = subprocess.run([str(BIN / "performer"), "data", "verify", "--allow-pipe",

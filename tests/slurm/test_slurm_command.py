@@ -80,5 +80,5 @@ def test_bad_input_fails_before_writing(tmp_path, monkeypatch, capsys, arguments
     out = tmp_path / "job.sbatch"
     assert main(["slurm", *arguments, "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("performer slurm: error:") and message in error, error
+    assert error.startswith("error: ") and message in error, error
     assert not out.exists()
