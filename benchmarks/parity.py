@@ -13,8 +13,12 @@ initial weights on the same batches in the same order, with AdamW and a warm-up 
 schedule:
 * softmax:          exact attention (SDPA);
 * favor:            FAVOR+ with fixed projections (never redrawn);
-* favor-redraw:     FAVOR+ with projections redrawn every --redraw-interval steps.
-Held-out loss is measured on the same held-out batches every --eval-interval steps. The batches
+* favor++:          FAVOR++ features (performer/feature_maps.py), fixed;
+* favor-redraw:     FAVOR+ with a new draw swapped in every --redraw-interval steps;
+* favor-smooth:     FAVOR+ moving smoothly to a new draw over every --redraw-interval steps.
+The recipe is the trainer's: AdamW with its weight-decay groups (performer.optim), its warmup +
+cosine schedule (launcher.schedule). Held-out loss is measured on the same held-out batches every
+--eval-interval steps, with the projection the last step trained with. The batches
 are cut from random windows of the corpus with our objectives (data.objectives), not streamed:
 this measures the model, not the pipeline. At 4096 tokens span corruption uses a mean noise span
 of 8 (with the T5 default of 3 a 4096-token row needs more spans than the 100 sentinels).
@@ -40,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
 
-VARIANTS = ("softmax", "favor", "favor-redraw")
+VARIANTS = ("softmax", "favor", "favor++", "favor-redraw", "favor-smooth")
 KINDS = ("seq2seq", "lm")
 IGNORE = -100
 
@@ -117,23 +121,22 @@ def build(kind: str, variant: str, vocab_size: int, seed: int, nb_features: int 
     config = preset(
         "tiny", vocab_size=vocab_size, dropout=0.0, attention_type="softmax" if variant == "softmax" else "favor",
         projection_seed=seed, feature_redraw_interval=None, auto_check_redraw=False, max_positions=8192,
-        nb_features=nb_features,
+        nb_features=nb_features, feature_map="favor++" if variant == "favor++" else "favor+",
     )  # fmt: skip
     torch.manual_seed(seed)  # the same initial weights for every variant (names do not depend on the kernel)
     return (PerformerSeq2Seq if kind == "seq2seq" else PerformerLM)(config)
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
+    from launcher.schedule import learning_rate, set_learning_rate
+    from performer.optim import weight_decay_groups
+    from performer.redraw import RedrawSchedule
+
     model = build(kind, variant, vocab_size, args.seed, args.nb_features).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
     autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+    redraws = {"favor-redraw": RedrawSchedule(args.redraw_interval, "swap"),
+               "favor-smooth": RedrawSchedule(args.redraw_interval, "smooth")}.get(variant)  # fmt: skip
 
     def to_device(batch):
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
@@ -145,15 +148,12 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
         model.train()
         return float(np.mean(losses))
 
-    curve, train_losses = [], []
+    curve, train_losses = [{"step": 0, "heldout_loss": held_out_loss()}], []
     started = time.perf_counter()
-    for step, batch in enumerate(batches):
-        if variant == "favor-redraw" and step and step % args.redraw_interval == 0:
-            model.redraw_projection_matrices_(args.seed, step)
-        if step % args.eval_interval == 0:
-            curve.append({"step": step, "heldout_loss": held_out_loss()})
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, len(batches), args.lr, args.warmup)
+    for step, batch in enumerate(batches, start=1):
+        if redraws is not None:
+            model.set_projections_for_step_(args.seed, step, redraws)
+        set_learning_rate(optimizer, learning_rate(step, args.lr, args.warmup, len(batches), 0.1))
         with torch.autocast(**autocast):
             loss = model(**to_device(batch)).loss
         optimizer.zero_grad(set_to_none=True)
@@ -161,8 +161,9 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         train_losses.append(loss.item())
-    final = held_out_loss()
-    curve.append({"step": len(batches), "heldout_loss": final})
+        if step % args.eval_interval == 0 or step == len(batches):
+            curve.append({"step": step, "heldout_loss": held_out_loss()})
+    final = curve[-1]["heldout_loss"]
     return {
         "kind": kind, "variant": variant, "final_heldout_loss": final, "curve": curve,
         "train_loss_last_50": float(np.mean(train_losses[-50:])), "seconds": time.perf_counter() - started,

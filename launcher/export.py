@@ -67,7 +67,7 @@ def trained_projection(marker: dict, run_config) -> dict:
     and trained steps. Markers before this record existed are read from the redraw schedule."""
     if marker.get("projection") is not None:
         return marker["projection"]
-    redraws = RedrawSchedule(run_config.model.redraw_interval)
+    redraws = RedrawSchedule(run_config.model.redraw_interval, mode="swap")  # the only mode before the record
     trained = redraws.trained_steps(marker["step"])
     return {"base_seed": None, "draw": redraws.draw_for_step(marker["step"]),
             "trained_steps": list(trained) if trained else None}  # fmt: skip
@@ -144,10 +144,11 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: s
     state_dict = consolidated_state_dict(checkpoint_dir, resolved, run_config)
     state_dict = with_trained_projections(state_dict, model_config, run_config.model.kind, projection)
     trained = projection["trained_steps"]
+    blend = (projection["next_draw"], projection["blend_weight"]) if projection.get("blend_weight") else None
     return save_pretrained_from_state_dict(
         state_dict, model_config, run_config.model.kind, out, dtype=DTYPES[dtype],
         tokenizer_dir=tokenizer_dir, card=model_card(run_dir, marker),
-        trained_steps=tuple(trained) if trained else None,
+        trained_steps=tuple(trained) if trained else None, blend=blend,
     )  # fmt: skip
 
 

@@ -233,24 +233,32 @@ def projection_digest(model) -> str:
     return digest.hexdigest()
 
 
-def redraw_everywhere(model, seed: int, step: int) -> str:
-    """Redraw on every rank, then prove the ranks agree (an all-gather of digests)."""
-    model.redraw_projection_matrices_(seed=seed, step=step)
+def set_projections_everywhere(model, seed: int, step: int, redraws: RedrawSchedule, check: bool) -> str | None:
+    """Every rank takes the projections step ``step`` trains with; with ``check``, the ranks then
+    prove they agree (an all-gather of digests) and the digest is returned."""
+    model.set_projections_for_step_(seed, step, redraws)
+    if not check:
+        return None
     digest = projection_digest(model)
     digests = gather_objects(digest)
     if len(set(digests)) != 1:
-        raise RuntimeError(f"FAVOR+ projections differ between ranks after the redraw at step {step}: {digests}")
+        raise RuntimeError(f"FAVOR+ projections differ between ranks for step {step}: {digests}")
     return digest
 
 
 def projection_record(model, redraws: RedrawSchedule, step: int) -> dict | None:
-    """The projection in force after ``step`` optimizer steps, for checkpoints and exports:
-    base seed, the draw, and the steps that trained with it (None when no step has yet)."""
+    """The projection in force after ``step`` optimizer steps, for checkpoints and exports: base
+    seed, the draw (smooth redraws: the blend of two draws), and the steps that trained with it
+    (None when no step has yet)."""
     state = model.projection_state()
     if state is None:
         return None
+    first, second, weight = redraws.blend_for_step(max(step, 1))
     trained = redraws.trained_steps(step)
-    return {"base_seed": state[0], "draw": state[1], "trained_steps": list(trained) if trained else None}
+    record = {"base_seed": state[0], "draw": first, "trained_steps": list(trained) if trained else None}
+    if weight:
+        record.update(next_draw=second, blend_weight=weight)
+    return record
 
 
 def evaluate(engine, stream, start_state: dict, batches: int) -> dict[str, float]:
@@ -410,9 +418,9 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
         projection_seed = int(client["projection_seed"])
         progress = Progress(samples=client["samples"], tokens=client["tokens"],
                             skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
-    redraws = RedrawSchedule(config.model.redraw_interval)
+    redraws = RedrawSchedule(config.model.redraw_interval, config.model.redraw_mode)
     # The draw the next step trains with (a function of (seed, step): resuming restores it exactly).
-    redraw_everywhere(model, projection_seed, redraws.draw_for_step(engine.global_steps + 1))
+    set_projections_everywhere(model, projection_seed, engine.global_steps + 1, redraws, check=True)
     if topology.is_main:
         save_config(config, output_dir / "config.yaml")
         (output_dir / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
@@ -554,10 +562,13 @@ def train(config: RunConfig, topology: Topology, resume: str | None, faults: Fau
             metrics.message(f"stopping at step {step} ({reason}): checkpoint saved; resume with --resume auto")
             exit_code = EXIT_PREEMPTED
             break
-        if redraws.redraws_after(step) and step < config.train.max_steps:
+        if redraws.changes_after(step) and step < config.train.max_steps:
             # Last at the boundary: everything above saw the projection this step trained with.
-            digest = redraw_everywhere(model, projection_seed, step)
-            metrics.log("event", step, {"redraw": step, "first_step": step + 1, "projection_digest": digest})
+            digest = set_projections_everywhere(model, projection_seed, step + 1, redraws,
+                                                check=redraws.redraws_after(step))  # fmt: skip
+            if digest is not None:
+                metrics.log("event", step, {"redraw": step, "first_step": step + 1, "mode": redraws.mode,
+                                            "projection_digest": digest})
     watchdog.disarm()
     if last_saved_step != engine.global_steps:
         save()

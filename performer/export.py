@@ -96,13 +96,15 @@ def save_pretrained_from_state_dict(
     tokenizer_dir: str | os.PathLike | None = None,
     card: Mapping[str, Any] | None = None,
     trained_steps: tuple[int, int] | None = None,
+    blend: tuple[int, float] | None = None,
 ) -> Path:
     """Export from a plain state dict, e.g. DeepSpeed's consolidated fp32 weights.
 
     Every parameter must be there, and for a FAVOR+ model the projection buffers too (they are
     what the model was trained with; drawing new ones would silently change the model). Keys may
     carry a wrapper prefix ("module.", "_orig_mod."); it is removed. trained_steps: the first and
-    last optimizer steps that trained with these projections, recorded in config.json.
+    last optimizer steps that trained with these projections, recorded in config.json; blend:
+    (next draw, weight) when they are a smooth redraw's blend of the stored draw and the next.
     """
     _check_kind(model_kind)
     dtype_name = _dtype_name(dtype)
@@ -131,6 +133,7 @@ def save_pretrained_from_state_dict(
             "fixed": True, "dtype": "float32", "base_seed": projection_state[0], "redraw_step": projection_state[1],
             "nb_features": model.favor_attentions()[0].nb_features,
             "trained_steps": list(trained_steps) if trained_steps else None,
+            **({"blend": {"next_draw": blend[0], "weight": blend[1]}} if blend else {}),
         },
         "tied_weights": tied,
         "tokenizer": TOKENIZER_DIR if tokenizer_dir is not None else None,
@@ -265,7 +268,12 @@ def render_card(metadata: Mapping[str, Any]) -> str:
         attention += f" ({projections['nb_features']} random features per head, fixed"
         if projections.get("trained_steps"):
             first, last = projections["trained_steps"]
-            attention += f"; draw {projections['redraw_step']}, trained with in steps {first}-{last}"
+            drawn = f"draw {projections['redraw_step']}"
+            if projections.get("blend"):
+                drawn = (f"a blend of draws {projections['redraw_step']} and {projections['blend']['next_draw']} "
+                         f"(weight {projections['blend']['weight']:.3f})")
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
+            attention += f"; {drawn}, trained with in {steps}"
         attention += ")"
     layers = {"seq2seq": f"{config['num_encoder_layers']} encoder + {config['num_decoder_layers']} decoder",
               "lm": f"{config['num_decoder_layers']} decoder", "encoder": f"{config['num_encoder_layers']} encoder"}

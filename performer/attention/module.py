@@ -10,6 +10,7 @@ that only changes between forwards (``calibrate_feature_map_``), never from the 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -104,13 +105,38 @@ class Attention(nn.Module):
         """FAVOR++'s parameter A (a 0-dim float32 buffer); None for FAVOR+ and softmax."""
         return self._buffers.get("feature_map_a")
 
+    def _draw(self, base_seed: int, step: int) -> torch.Tensor:
+        """(M, D) float32 on the CPU: the draw for (base seed, this module's id, step)."""
+        key = (int(base_seed), int(step))
+        cache = self.__dict__.setdefault("_recent_draws", {})
+        if key not in cache:
+            # A blend needs the same two draws for a whole interval: keep the last few.
+            while len(cache) >= 3:
+                cache.pop(next(iter(cache)))
+            cache[key] = gaussian_orthogonal_projection(
+                self.nb_features, self.head_dim, derive_seed(base_seed, self.projection_id, step)
+            )
+        return cache[key]
+
     def draw_projection_(self, base_seed: int, step: int) -> None:
         """Draw the projection for (base seed, this module's id, step); pure function of those."""
-        seed = derive_seed(base_seed, self.projection_id, step)
-        projection = gaussian_orthogonal_projection(self.nb_features, self.head_dim, seed)
+        self.blend_projection_(base_seed, step, step, 0.0)
+
+    def blend_projection_(self, base_seed: int, first: int, second: int, weight: float) -> None:
+        """cos(a) draw(first) + sin(a) draw(second), a = weight x pi / 2 (weight in [0, 1]).
+
+        Two independent draws, each row N(0, I_D), mixed with cos^2 + sin^2 = 1: every row of the
+        blend is exactly N(0, I_D) again, so FAVOR+ stays unbiased all the way from one draw to
+        the next (rows of a block are orthogonal at the two ends, nearly so in between).
+        ``projection_draw`` records ``first``.
+        """
+        projection = self._draw(base_seed, first)
+        if weight:
+            angle = 0.5 * math.pi * weight
+            projection = math.cos(angle) * projection + math.sin(angle) * self._draw(base_seed, second)
         with torch.no_grad():
             self.projection.copy_(projection.to(self.projection.device))
-            self.projection_draw.copy_(torch.tensor([base_seed, self.projection_id, step]))
+            self.projection_draw.copy_(torch.tensor([base_seed, self.projection_id, first]))
 
     @torch.no_grad()
     def calibrate_feature_map_(self, rho: float | None = None, a: float | None = None) -> None:

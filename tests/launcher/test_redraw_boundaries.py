@@ -21,9 +21,11 @@ from jobs import run_pretrain
 pytestmark = pytest.mark.slow
 
 OBSERVER = Path(__file__).parent / "projection_observer"
-# Redraws after steps 2 and 4: steps 1-2 train with draw 0, 3-4 with draw 2, 5-6 with draw 4.
+# New draws after steps 2 and 4. swap: steps 1-2 train with draw 0, 3-4 with draw 2, 5-6 with draw
+# 4. smooth: every step has its own projection (draw 0, half way to draw 2, draw 2, half way to 4...).
 SETTINGS = ["model.redraw_interval=2", "eval.interval=2", "checkpoint.interval=2", "checkpoint.keep=10"]
 STEPS = 6
+MODES = ["swap", "smooth"]
 
 
 def observed(log: Path, settings=(), **kwargs):
@@ -59,25 +61,29 @@ def projections_by_id(state_dict: dict[str, torch.Tensor]) -> dict[int, str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def redrawn_run(prepared_data, tmp_path_factory):
-    base = tmp_path_factory.mktemp("redraws")
-    run = run_pretrain(prepared_data, base / "run", *SETTINGS, f"train.max_steps={STEPS}", **observed(base / "log"))
+@pytest.fixture(scope="module", params=MODES)
+def redrawn_run(prepared_data, tmp_path_factory, request):
+    base = tmp_path_factory.mktemp(f"redraws-{request.param}")
+    run = run_pretrain(prepared_data, base / "run", *SETTINGS, f"model.redraw_mode={request.param}",
+                       f"train.max_steps={STEPS}", **observed(base / "log"))  # fmt: skip
     assert run.returncode == 0, run.output[-4000:]
-    return run, calls(base / "log")
+    return run, calls(base / "log"), request.param
 
 
 def test_training_uses_each_draw_for_the_steps_after_it(redrawn_run):
-    _, sequences = redrawn_run
+    _, sequences, mode = redrawn_run
     assert len({process for process, _ in sequences}) == 2  # both ranks observed
     for sequence in sequences.values():
         steps = training_steps(sequence)
         assert len(steps) == STEPS
-        assert steps[0] == steps[1] != steps[2] == steps[3] != steps[4] == steps[5]
+        if mode == "swap":
+            assert steps[0] == steps[1] != steps[2] == steps[3] != steps[4] == steps[5]
+        else:
+            assert len(set(steps)) == STEPS  # one small move per step
 
 
 def test_every_evaluation_uses_the_projection_the_step_before_it_trained_with(redrawn_run):
-    run, sequences = redrawn_run
+    run, sequences, _ = redrawn_run
     assert sorted(r["step"] for r in run.records("eval")) == [2, 4, 6]
     for sequence in sequences.values():
         last_trained, evaluated_after = None, []
@@ -93,7 +99,7 @@ def test_every_evaluation_uses_the_projection_the_step_before_it_trained_with(re
 
 
 def test_every_checkpoint_holds_the_projection_its_last_step_trained_with(redrawn_run):
-    run, sequences = redrawn_run
+    run, sequences, mode = redrawn_run
     rank0 = {layer: training_steps(seq) for (process, layer), seq in sequences.items() if process.startswith("rank0")}
     for step in (2, 4, 6):
         tag = run.directory / "checkpoints" / f"step{step:08d}"
@@ -101,22 +107,31 @@ def test_every_checkpoint_holds_the_projection_its_last_step_trained_with(redraw
         module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         saved = projections_by_id(module)
         assert saved == {layer: steps[step - 1] for layer, steps in rank0.items()}
-        marker = json.loads((tag / "COMPLETE").read_text())
-        assert marker["projection"]["draw"] == 2 * ((step - 1) // 2)
-        assert marker["projection"]["trained_steps"] == [2 * ((step - 1) // 2) + 1, step]
+        record = json.loads((tag / "COMPLETE").read_text())["projection"]
+        assert record["draw"] == step - 2  # steps 2, 4, 6 train with draws 0, 2, 4 (smooth: half way on)
+        if mode == "swap":
+            assert record["trained_steps"] == [step - 1, step] and "blend_weight" not in record
+        else:
+            assert record["trained_steps"] == [step, step]
+            assert (record["next_draw"], record["blend_weight"]) == (step, 0.5)
 
 
 def test_the_export_carries_the_projection_the_last_steps_trained_with(redrawn_run, tmp_path):
     from launcher.export import export_checkpoint
 
-    run, sequences = redrawn_run
+    run, sequences, mode = redrawn_run
     out = export_checkpoint(run.directory, tmp_path / "export")
     exported = projections_by_id(load_file(str(out / "model.safetensors")))
     rank0 = {layer: training_steps(seq)[-1] for (process, layer), seq in sequences.items() if process.startswith("rank0")}
     assert exported == rank0
     projections = json.loads((out / "config.json").read_text())["projections"]
-    assert projections["redraw_step"] == 4 and projections["trained_steps"] == [5, 6]
-    assert "draw 4, trained with in steps 5-6" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    if mode == "swap":
+        assert projections["redraw_step"] == 4 and projections["trained_steps"] == [5, 6]
+        assert "draw 4, trained with in steps 5-6" in card
+    else:
+        assert projections["trained_steps"] == [6, 6] and projections["blend"] == {"next_draw": 6, "weight": 0.5}
+        assert "a blend of draws 4 and 6 (weight 0.500), trained with in step 6" in card
 
 
 def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(redrawn_run, tmp_path):
@@ -129,7 +144,9 @@ def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(r
     from performer.config import ModelConfig
     from performer.models import PerformerSeq2Seq
 
-    run, sequences = redrawn_run
+    run, sequences, mode = redrawn_run
+    if mode != "swap":
+        pytest.skip("checkpoints from before the projection record were all swap redraws")
     copy = tmp_path / "run"
     shutil.copytree(run.directory, copy)
     tag = copy / "checkpoints" / "step00000004"
@@ -154,7 +171,7 @@ def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(r
 def test_resuming_at_a_redraw_step_trains_on_bitwise_with_the_next_draw(redrawn_run, tmp_path):
     import shutil
 
-    reference, reference_calls = redrawn_run
+    reference, reference_calls, mode = redrawn_run
     copy = tmp_path / "run"
     shutil.copytree(reference.directory, copy)
     shutil.rmtree(copy / "checkpoints" / "step00000006")  # as if stopped after the step-4 save
@@ -163,7 +180,7 @@ def test_resuming_at_a_redraw_step_trains_on_bitwise_with_the_next_draw(redrawn_
     metrics.write_text("\n".join(kept) + "\n")
     data = Path(json.loads((copy / "checkpoints" / "step00000004" / "COMPLETE").read_text())
                 ["run_config"]["data"]["manifest"]).parent  # fmt: skip
-    resumed = run_pretrain(data, copy, *SETTINGS, f"train.max_steps={STEPS}", resume="auto",
+    resumed = run_pretrain(data, copy, *SETTINGS, f"model.redraw_mode={mode}", f"train.max_steps={STEPS}", resume="auto",
                            **observed(tmp_path / "log"))  # fmt: skip
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "resumed from step00000004" in resumed.output

@@ -1,5 +1,6 @@
 """Projection redraws: seeded, identical across processes, at step boundaries only, freezable."""
 
+import math
 import subprocess
 import sys
 
@@ -148,3 +149,50 @@ def test_redraw_schedule_names_the_draw_each_step_trains_with():
     assert never.trained_steps(600) == (1, 600)
     with pytest.raises(ValueError, match="interval"):
         RedrawSchedule(0)
+
+
+def test_smooth_schedule_moves_from_one_draw_to_the_next_one_step_at_a_time():
+    from performer.redraw import RedrawSchedule
+
+    smooth = RedrawSchedule(4, mode="smooth")
+    blends = [smooth.blend_for_step(step) for step in range(1, 10)]
+    assert blends == [(0, 0, 0.0), (0, 4, 0.25), (0, 4, 0.5), (0, 4, 0.75), (4, 8, 0.0),
+                      (4, 8, 0.25), (4, 8, 0.5), (4, 8, 0.75), (8, 12, 0.0)]
+    assert [s for s in range(0, 10) if smooth.changes_after(s)] == list(range(1, 10))
+    assert [s for s in range(0, 10) if smooth.redraws_after(s)] == [4, 8]
+    assert smooth.trained_steps(6) == (6, 6) and smooth.trained_steps(4) == (4, 4) and smooth.trained_steps(5) == (5, 5)
+    assert smooth.trained_steps(1) == (1, 1)
+    with pytest.raises(ValueError, match="mode"):
+        RedrawSchedule(4, mode="jump")
+
+
+def test_smooth_projections_are_blends_of_two_draws_and_meet_them_at_the_ends():
+    from performer.redraw import RedrawSchedule
+
+    model = PerformerSeq2Seq(preset("tiny", vocab_size=300, d_model=32))
+    swap, smooth = RedrawSchedule(4), RedrawSchedule(4, mode="smooth")
+    model.set_projections_for_step_(7, 5, swap)
+    draw4 = _projections(model)
+    model.set_projections_for_step_(7, 1, swap)
+    draw0 = _projections(model)
+    model.set_projections_for_step_(7, 5, smooth)  # the blend reaches draw 4 exactly at step 5
+    assert all(torch.equal(draw4[n], p) for n, p in _projections(model).items())
+    model.set_projections_for_step_(7, 3, smooth)  # half way: cos(pi/4) draw 0 + sin(pi/4) draw 4
+    for name, projection in _projections(model).items():
+        expected = math.cos(math.pi / 4) * draw0[name] + math.sin(math.pi / 4) * draw4[name]
+        torch.testing.assert_close(projection, expected, rtol=1e-6, atol=1e-6)
+    assert model.projection_state() == (7, 0)
+
+
+def test_every_row_of_a_blend_is_a_standard_gaussian():
+    """Unbiased FAVOR+ needs each row ~ N(0, I_D): a blend of two independent draws keeps that."""
+    from performer.attention.module import Attention
+
+    attention = Attention(16, 1, "favor", nb_features=16)
+    rows = []
+    for seed in range(400):
+        attention.blend_projection_(seed, 0, 1, 0.37)
+        rows.append(attention.projection.clone())
+    rows = torch.cat(rows).double()  # (6400, 16)
+    assert rows.mean(0).abs().max() < 0.1
+    torch.testing.assert_close(rows.T @ rows / len(rows), torch.eye(16, dtype=torch.float64), atol=0.12, rtol=0)
