@@ -45,6 +45,8 @@ class ModelSection:
     "favor (FAVOR+ linear attention) or softmax (exact attention)."
     nb_features: int | None = None
     "FAVOR+ random features per head; null = round(D ln D)."
+    feature_map: str = "favor++"
+    "favor++ (optimised positive features, lower variance, same cost: the best held-out loss measured, benchmarks/results/redraw.md) or favor+."
     dropout: float = 0.0
     "Dropout on residual branches and feed-forward hidden layers."
     redraw_interval: int | None = None
@@ -253,7 +255,8 @@ def _check_model_section(model: ModelSection) -> None:
         if not _type_matches(value, hints[key]):
             expected = getattr(hints[key], "__name__", str(hints[key]))
             raise ConfigError(f"model.overrides.{key} must be of type {expected}, got {type(value).__name__}: {value!r}")
-    typed = {"attention_type": model.attention_type, "nb_features": model.nb_features, "dropout": model.dropout}
+    typed = {"attention_type": model.attention_type, "nb_features": model.nb_features, "dropout": model.dropout,
+             "feature_map": model.feature_map}  # fmt: skip
     try:
         ModelConfig.from_dict({**PRESETS[model.preset], **typed, **model.overrides})
     except (TypeError, ValueError) as error:

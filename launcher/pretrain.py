@@ -110,6 +110,7 @@ def build_model_config(config: RunConfig, special):
             "pad_id": special.pad_id,
             "attention_type": section.attention_type,
             "nb_features": section.nb_features,
+            "feature_map": section.feature_map,
             "dropout": section.dropout,
             # The trainer redraws at optimizer steps on every rank; the model never does on its own.
             "feature_redraw_interval": None,

@@ -550,7 +550,7 @@ def test_fingerprint_changes_with_any_value(key):
     assert changed.fingerprint() != config.fingerprint()
 
 
-@pytest.mark.parametrize("override", ["model.dropout=0.3", "model.redraw_interval=7", "model.redraw_interval=null",
+@pytest.mark.parametrize("override", ["model.dropout=0.3", "model.redraw_interval=7", "model.redraw_mode=swap",
                                       "model.activation_checkpointing=2", "train.max_steps=9", "optimizer.lr=0.1",
                                       "precision=bf16", "zero.stage=3", "seed=5", "data.input_length=64"])
 def test_model_fingerprint_ignores_what_does_not_shape_parameters(override):
@@ -561,7 +561,7 @@ def test_model_fingerprint_ignores_what_does_not_shape_parameters(override):
 
 @pytest.mark.parametrize("overrides", [["model.preset=small"], ["model.kind=lm", "data.objective=causal_lm"],
                                        ["model.attention_type=softmax"], ["model.overrides.d_model=64"],
-                                       ["model.nb_features=32"]])
+                                       ["model.nb_features=32"], ["model.feature_map=favor+"]])
 def test_model_fingerprint_changes_with_what_shapes_parameters(overrides):
     assert _tiny(*overrides).model_fingerprint() != _tiny().model_fingerprint()
 
