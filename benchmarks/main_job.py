@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data")
     parser.add_argument("--batches", type=int, default=12, help="held-out batches of 8 rows")
     parser.add_argument("--name", default="main_job")
+    parser.add_argument("--run-commit", default=None,
+                        help="the commit whose code trained the run (default: this one, as after `make pretrain`)")
     args = parser.parse_args(argv)
 
     from performer import from_pretrained
@@ -92,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             for attention in model.favor_attentions():
                 attention.draw_projection_(projections["base_seed"], draw)
             by_draw[draw] = heldout_loss(model, manifest, length, rows, args.batches)
+    machine = common.machine()
     results = {
-        "machine": common.machine(), "run": run_config, "metrics": metrics,
+        "machine": machine, "trained_at_commit": args.run_commit or machine["commit"], "run": run_config,
+        "metrics": metrics,
         "export": {"draw": projections.get("redraw_step"), "trained_steps": projections.get("trained_steps"),
                    "heldout_loss": own, "heldout_loss_by_draw": by_draw, "heldout_batches": args.batches,
                    "rows_per_batch": rows},
@@ -107,7 +111,7 @@ def markdown(results: dict) -> str:
     rows = [[step, f"{metrics['train_loss'][step]:.2f}",
              f"{metrics['eval_loss'][step]:.2f}" if step in metrics["eval_loss"] else ""]
             for step in metrics["train_loss"]]  # fmt: skip
-    text = common.table(["step", "train loss", "eval loss"], rows)
+    text = f"Trained at commit {results['trained_at_commit']}.\n\n" + common.table(["step", "train loss", "eval loss"], rows)
     text += (f"\n\n{metrics['tokens']:,} tokens, {metrics['tokens_per_s_median'] / 1000:.1f}k tokens/s (median over log "
              f"intervals), data wait {metrics['data_wait_fraction_median']:.1%}, "
              f"{metrics['training_seconds']:.0f} s of training (first to last logged step).\n")  # fmt: skip

@@ -15,7 +15,8 @@ schedule:
 * favor:            FAVOR+ with fixed projections (never redrawn);
 * favor++:          FAVOR++ features (performer/feature_maps.py), fixed;
 * favor-redraw:     FAVOR+ with a new draw swapped in every --redraw-interval steps;
-* favor-smooth:     FAVOR+ moving smoothly to a new draw over every --redraw-interval steps.
+* favor-smooth:     FAVOR+ moving smoothly to a new draw over every --redraw-interval steps;
+* favor++-redraw, favor++-smooth: the same redraws with FAVOR++ features.
 The recipe is the trainer's: AdamW with its weight-decay groups (performer.optim), its warmup +
 cosine schedule (launcher.schedule). Held-out loss is measured on the same held-out batches every
 --eval-interval steps, with the projection the last step trained with. The batches
@@ -121,7 +122,7 @@ def build(kind: str, variant: str, vocab_size: int, seed: int, nb_features: int 
     config = preset(
         "tiny", vocab_size=vocab_size, dropout=0.0, attention_type="softmax" if variant == "softmax" else "favor",
         projection_seed=seed, feature_redraw_interval=None, auto_check_redraw=False, max_positions=8192,
-        nb_features=nb_features, feature_map="favor++" if variant == "favor++" else "favor+",
+        nb_features=nb_features, feature_map="favor++" if variant.startswith("favor++") else "favor+",
     )  # fmt: skip
     torch.manual_seed(seed)  # the same initial weights for every variant (names do not depend on the kernel)
     return (PerformerSeq2Seq if kind == "seq2seq" else PerformerLM)(config)
@@ -135,8 +136,8 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
     model = build(kind, variant, vocab_size, args.seed, args.nb_features).to(device)
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
     autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    redraws = {"favor-redraw": RedrawSchedule(args.redraw_interval, "swap"),
-               "favor-smooth": RedrawSchedule(args.redraw_interval, "smooth")}.get(variant)  # fmt: skip
+    mode = {"-redraw": "swap", "-smooth": "smooth"}.get(variant[variant.rfind("-"):]) if "-" in variant else None
+    redraws = RedrawSchedule(args.redraw_interval, mode) if mode else None
 
     def to_device(batch):
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
