@@ -79,7 +79,7 @@ def measure_single(args) -> dict:
     from data.objectives import span_corruption_lengths
     from data.shards import Manifest
     from launcher.config import load_config
-    from launcher.pretrain import build_model_config
+    from launcher.engine import build_model_config
     from performer.models import build_model
 
     torch.set_num_threads(args.threads)

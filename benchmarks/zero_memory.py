@@ -80,7 +80,7 @@ def parameter_counts(args) -> dict:
     """Total parameters (tied embeddings once) and the largest module's own, of the trainer's model."""
     from data.shards import Manifest
     from launcher.config import load_config
-    from launcher.pretrain import build_model_config
+    from launcher.engine import build_model_config
     from performer.models import build_model
 
     config = load_config([str(ROOT / "configs" / "small.yaml")], [f"data.manifest={args.data}", *args.set])

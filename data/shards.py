@@ -175,6 +175,16 @@ class Manifest:
         return hashlib.sha256(shards.encode()).hexdigest()
 
 
+def split_beside(manifest: str | os.PathLike, split: str) -> Path | None:
+    """The split named ``split`` that `performer data prepare` writes beside another (OUT/heldout
+    next to OUT/train, both next to OUT/tokenizer), or None when there is none. ``manifest`` is a
+    split's manifest.json or its directory."""
+    path = Path(manifest)
+    split_dir = path.parent if path.name == MANIFEST_FILE or path.suffix == ".json" else path
+    candidate = split_dir.parent / split
+    return candidate if (candidate / MANIFEST_FILE).is_file() else None
+
+
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 

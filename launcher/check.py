@@ -216,7 +216,7 @@ def check_disk(report: Report, run_dir: Path) -> None:
 
 
 def run_checks(run_dir: Path | None, config_paths: list[str], overrides: list[str], check_sha256: bool = True) -> Report:
-    from launcher.pretrain import eval_manifest_path
+    from launcher.streams import eval_manifest_path
 
     report = Report()
     config = check_config(report, run_dir, config_paths, overrides)

@@ -20,7 +20,6 @@ the processes started, or a dead peer ends every rank that is still waiting with
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import statistics
@@ -34,10 +33,9 @@ import torch
 import torch.distributed as torch_dist
 
 from launcher.dist import Topology, discover_topology, set_default_timeouts
-from launcher.errors import run_command
+from launcher.errors import EXIT_FAILED, run_command
 from performer.errors import InputError
 
-EXIT_FAILED = 1
 
 WHAT_TO_CHECK = """\
 what to check:

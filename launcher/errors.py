@@ -20,7 +20,11 @@ from typing import Callable
 
 from performer.errors import InputError
 
-EXIT_BAD_INPUT = 2
+# The exit codes of every command (the trainer uses all of them).
+EXIT_FAILED = 1  # a rank died or hung past dist.timeout_s, a checkpoint could not be written
+EXIT_BAD_INPUT = 2  # one line naming the input, the problem and the fix
+EXIT_NONFINITE = 3  # too many non-finite losses in a row (the last good weights are saved)
+EXIT_PREEMPTED = 75  # stopped early by a signal or the time budget, after saving: requeue with --resume auto
 DEBUG_VARIABLE = "PERFORMER_DEBUG"
 
 # (rank, world size) variables of the launchers launcher.dist knows, in its order of precedence.

@@ -37,7 +37,7 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
 def probe(name: str, overrides: list[str], world_size: int) -> dict:
     from data.tokenizer import SpecialTokens
     from launcher.config import load_config
-    from launcher.pretrain import build_engine, build_model_config
+    from launcher.engine import build_engine, build_model_config
     from launcher.schedule import learning_rate, set_learning_rate
     from performer.models import build_model
 

@@ -75,7 +75,7 @@ def test_tensorboard_event_files_hold_the_training_loss(runs):
 
 
 def test_redraws_under_zero3_are_bitwise_equal_across_ranks(runs):
-    from launcher.pretrain import projection_digest
+    from launcher.projections import projection_digest
     from performer.config import ModelConfig
     from performer.feature_maps import derive_seed
     from performer.models import PerformerSeq2Seq

@@ -22,7 +22,7 @@ from data.shards import Manifest, sha256_file, verify_shard
 from data.stream import StreamConfig, TokenStream
 from launcher.config import load_config
 from launcher.dist import Topology
-from launcher.pretrain import make_stream
+from launcher.streams import make_stream
 
 SHARD_SAMPLES = 8  # sharded_data: 9 shards of 8 documents
 

@@ -1,0 +1,71 @@
+"""The model and its DeepSpeed engine, built from the run config.
+
+The model config comes from the preset, the typed model section and the data's special ids; the
+engine from the one DeepSpeed JSON (``launcher.ds_config``) and AdamW over the weight-decay groups
+(``performer.optim``).
+"""
+
+from __future__ import annotations
+
+from launcher.config import RunConfig
+from launcher.ds_config import build_deepspeed_config
+
+
+def build_model_config(config: RunConfig, special):
+    from performer.config import preset
+
+    section = config.model
+    return preset(
+        section.preset,
+        **{
+            "vocab_size": special.vocab_size,
+            "pad_id": special.pad_id,
+            "attention_type": section.attention_type,
+            "nb_features": section.nb_features,
+            "feature_map": section.feature_map,
+            "dropout": section.dropout,
+            # The trainer redraws at optimizer steps on every rank; the model never does on its own.
+            "feature_redraw_interval": None,
+            "auto_check_redraw": False,
+            "gradient_checkpointing": section.activation_checkpointing,
+            "projection_seed": config.seed,
+            **section.overrides,
+            # Every target row of the stream starts with bos (data/stream.py): generate() must too.
+            "decoder_start_id": special.bos_id,
+        },
+    )
+
+
+def build_engine(config: RunConfig, model, world_size: int, load_universal: bool = False):
+    """The DeepSpeed engine over ``model``: the JSON from ``ds_config``, AdamW over the weight-decay
+    groups (matrices decay; norms, biases and embeddings do not). Returns the engine and the groups'
+    description for the start-up log."""
+    import deepspeed
+
+    from performer.optim import describe_groups, weight_decay_groups
+
+    ds_config = build_deepspeed_config(config, world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    groups = weight_decay_groups(model, config.optimizer.weight_decay, config.optimizer.no_decay)
+    described = describe_groups(groups)  # before ZeRO replaces the groups' tensors by flat partitions
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine, described
+
+
+def flops_per_micro_batch(model, config: RunConfig, target_length: int) -> float:
+    """Counted training FLOPs: 6 x (parameters a token passes through) per token, attention excluded.
+
+    Encoder tokens pass the encoder; decoder tokens the decoder and the vocabulary projection.
+    """
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    batch = config.train.micro_batch_size
+    model_config = model.config
+    head = model_config.d_model * model_config.vocab_size
+    decoder_tokens = batch * target_length
+    flops = (count(model.decoder) + head) * decoder_tokens
+    if hasattr(model, "encoder"):
+        flops += count(model.encoder) * batch * config.data.input_length
+    return 6.0 * flops

@@ -1,0 +1,84 @@
+"""The trainer's data streams: the rank's stream of a split, its damaged shards and documents reported.
+
+The held-out split is found beside the training split (``data.shards.split_beside``) unless
+``data.eval_manifest`` names one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.config import ConfigError, RunConfig
+from launcher.dist import Topology, gather_objects
+from launcher.metrics import MetricsLogger
+
+
+def eval_manifest_path(config: RunConfig) -> Path | None:
+    """data.eval_manifest, or the held-out split beside the training split (None if there is none)."""
+    from data.shards import split_beside
+
+    if config.data.eval_manifest is not None:
+        return Path(config.data.eval_manifest)
+    return split_beside(config.data.manifest, "heldout")
+
+
+def make_stream(config: RunConfig, manifest: Path, topology: Topology, max_epochs=None):
+    """The rank's stream; every rank leaves out the shards that any rank found damaged."""
+    from data.stream import DataError, StreamConfig, TokenStream
+
+    data = config.data
+    stream_config = StreamConfig(
+        manifest=str(manifest), objective=data.objective, input_length=data.input_length,
+        batch_size=config.train.micro_batch_size, seed=config.seed, num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer, verify_sha256=data.verify_sha256,
+        allow_pipe=data.allow_pipe, allow_remote=data.allow_remote,
+        allow_shell_characters=data.allow_shell_characters, max_epochs=max_epochs,
+    )  # fmt: skip
+    try:
+        stream = TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size)
+        # Each rank verified the files itself: one that changed in between must not give the ranks
+        # different epochs (different step counts hang the collectives). One gather, at start-up.
+        found = gather_objects(stream.bad_shards)
+        union = {path: reason for share in found for path, reason in share.items()}
+        if any(share.keys() != union.keys() for share in found):
+            stream.exclude_shards(union)
+    except DataError as error:
+        raise ConfigError(f"data: {error}") from error
+    return stream
+
+
+def report_bad_shards(metrics: MetricsLogger, step: int, split: str, stream) -> None:
+    """One event per skipped shard (name, reason, samples lost), in metrics.jsonl and on the console."""
+    samples = {shard.path: shard.samples for shard in stream.manifest.shards}
+    for path, reason in sorted(stream.bad_shards.items()):
+        metrics.log("event", step, {"data_bad_shard": path, "split": split, "reason": reason,
+                                    "samples_lost": samples[path]})  # fmt: skip
+        metrics.message(f"data: skipping {split} shard {path} ({samples[path]} samples lost): {reason}")
+
+
+def report_lost_documents(metrics: MetricsLogger, step: int, stream, reported: dict, new_anywhere: bool) -> None:
+    """Gather the documents the ranks found unreadable since the last report (only when one did:
+    the count rides on the log interval's all-reduce) and log each once; `reported` stays the same
+    on every rank."""
+    if not new_anywhere:
+        return
+    mine = {key: reason for key, reason in stream.lost_documents.items() if key not in reported}
+    for share in gather_objects(mine):
+        for (path, member), reason in sorted(share.items()):
+            if (path, member) not in reported:
+                reported[(path, member)] = reason
+                metrics.log("event", step, {"data_lost_document": path, "member": member, "reason": reason})
+                metrics.message(f"data: shard {path} document {member} unreadable ({reason}); replaced by the "
+                                "documents after it")  # fmt: skip
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens the model read and predicted in this batch."""
+    count = int(batch["attention_mask"].sum())
+    if "decoder_input_ids" in batch:
+        count += int((batch["labels"] != -100).sum())
+    return count
+
+
+def to_device(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
