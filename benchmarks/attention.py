@@ -69,7 +69,7 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 
 def build(implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str):
     """The callable attention (q, k, v) -> out for one implementation, and its chunk length if any."""
-    from performer.attention.favor import causal_linear_attention
+    from performer.attention.naive import causal_linear_attention
     from performer.attention.fused import default_chunk_size, favor_attention
     from performer.feature_maps import favor_features, gaussian_orthogonal_projection
 

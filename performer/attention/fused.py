@@ -20,7 +20,7 @@ Both feature maps are one op: FAVOR++ differs from FAVOR+ only through the const
 query and key per-feature offsets), which also carry the backward (d phi / d u uses the same
 scaled projection).
 
-Values match the composition of the naive twins (``performer.attention.favor``) to float32
+Values match the composition of the naive twins (``performer.attention.naive``) to float32
 rounding; the tests compare both, values and gradients. Sums are in float32 whatever the input
 dtype; outputs and gradients come back in the inputs' dtypes.
 """

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from performer.attention.favor import (
+from performer.attention.favor import mask_keys
+from performer.attention.naive import (
     causal_linear_attention,
     causal_linear_attention_quadratic,
     causal_linear_attention_recurrent,
     linear_attention,
     linear_attention_quadratic,
-    mask_keys,
 )
 from performer.attention.softmax import softmax_attention
 from performer.feature_maps import favor_features, gaussian_orthogonal_projection

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from performer.attention import fused
-from performer.attention.favor import causal_linear_attention_quadratic, linear_attention_quadratic, mask_keys
+from performer.attention.favor import mask_keys
+from performer.attention.naive import causal_linear_attention_quadratic, linear_attention_quadratic
 from performer.attention.fused import favor_attention
 from performer.feature_maps import favor_features, favorpp_default_a, gaussian_orthogonal_projection
 
