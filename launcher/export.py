@@ -25,9 +25,8 @@ import torch
 from launcher.checkpoint import CheckpointError, read_marker, resolve_resume_tag
 from launcher.config import config_from_dict
 from performer.models import is_projection_key
+from performer.pretrained import DTYPES, SHORT_DTYPE_NAMES, dtype_named
 from performer.redraw import RedrawSchedule
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_parser(subparsers) -> None:
@@ -36,7 +35,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run's train.output_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     parser.add_argument("--out", required=True, metavar="EXPORT_DIR")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype in the export")
+    parser.add_argument("--dtype", choices=[*SHORT_DTYPE_NAMES, *DTYPES], default="fp32",
+                        help="weight dtype in the export")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the shards)")
     parser.set_defaults(func=command)
 
@@ -128,7 +128,7 @@ def model_card(run_dir: Path, marker: dict) -> dict:
 def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32",
                       tokenizer: str | None = None) -> Path:  # fmt: skip
     from performer.config import ModelConfig
-    from performer.export import check_out_dir, save_pretrained_from_state_dict
+    from performer.pretrained import check_out_dir, save_pretrained_from_state_dict
 
     checkpoint_dir = run_dir / "checkpoints"
     resolved = resolve_resume_tag(checkpoint_dir, tag or "auto")
@@ -146,7 +146,7 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: s
     trained = projection["trained_steps"]
     blend = (projection["next_draw"], projection["blend_weight"]) if projection.get("blend_weight") else None
     return save_pretrained_from_state_dict(
-        state_dict, model_config, run_config.model.kind, out, dtype=DTYPES[dtype],
+        state_dict, model_config, run_config.model.kind, out, dtype=dtype_named(dtype),
         tokenizer_dir=tokenizer_dir, card=model_card(run_dir, marker),
         trained_steps=tuple(trained) if trained else None, blend=blend,
     )  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 
 from data.tokenizer import Tokenizer
 from performer.errors import InputError
-from performer.export import TOKENIZER_DIR, from_pretrained
+from performer.pretrained import TOKENIZER_DIR, from_pretrained
 from performer.generation import SamplingParams
 from performer.models import PerformerLM, PerformerSeq2Seq
 

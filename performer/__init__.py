@@ -4,7 +4,7 @@ The model library knows nothing of DeepSpeed, YAML or ranks.
 """
 
 from performer.activations import ActivationFunctions
-from performer.export import from_pretrained, save_pretrained
+from performer.pretrained import from_pretrained, save_pretrained
 from performer.transformer import (
     DecodingCache,
     EncoderDecoderTransformer,

@@ -47,6 +47,16 @@ CARD_FILE = "README.md"
 TOKENIZER_DIR = "tokenizer"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The short names of the run config's precision and of the command line, for the same three.
+SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """float32 / bfloat16 / float16, or their short names fp32 / bf16 / fp16."""
+    full = SHORT_DTYPE_NAMES.get(name, name)
+    if full not in DTYPES:
+        raise ExportError(f"unknown dtype {name!r}; choose one of {', '.join([*SHORT_DTYPE_NAMES, *DTYPES])}")
+    return DTYPES[full]
 # Prefixes that wrappers put in front of every key (DDP/DeepSpeed engines, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -360,7 +370,7 @@ def read_export_config(directory: Path) -> dict[str, Any]:
     """config.json of an export, checked: format version, model kind, dtype."""
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"no export at {directory}: write one with `performer export` or performer.export.save_pretrained"
+            f"no export at {directory}: write one with `performer export` or performer.pretrained.save_pretrained"
         )
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():

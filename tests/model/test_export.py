@@ -15,7 +15,7 @@ import torch
 
 import performer
 from performer.config import preset
-from performer.export import (
+from performer.pretrained import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ExportError,
@@ -228,7 +228,7 @@ def test_reexport_replaces_an_export_but_never_another_directory(tmp_path):
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
-    import performer.export as export
+    import performer.pretrained as export
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
