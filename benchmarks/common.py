@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from launcher.dist import free_port
+from launcher.memory import peak_resident_bytes, resident_bytes  # noqa: F401 - the benchmarks' own names
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,21 +72,6 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu", 
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def resident_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_resident_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def gemm_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 5) -> float:
     """The machine's dense matmul rate in FLOP/s for ``dtype`` (square ``size`` x ``size`` products)."""
     size = size or (2048 if device == "cpu" else 8192)
@@ -128,9 +114,7 @@ def run_trainer(configs: list[str], settings: list[str], run_dir: Path, ranks: i
     Returns {"returncode", "wall_s", "metrics" (the run's metrics.jsonl records), "output_tail"},
     or {"error": ...} when it overran ``timeout_s``.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
         "--module", "launcher.pretrain", *(part for config in configs for part in ("--config", config)),

@@ -259,7 +259,6 @@ def summarise(records: list[dict]) -> list[dict]:
     softmax = by_name.get("softmax")
     rows = []
     for record in records:
-        variant = Variant.parse(record["variant"])
         suffix = record["variant"].partition("#")[0].partition("@")[2]
         fixed = by_name.get(f"fixed@{suffix}" if suffix else "fixed", by_name.get("fixed"))
         found = jumps(record, fixed if record is not fixed else None) if record["redraw_steps"] else []

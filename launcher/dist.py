@@ -42,7 +42,8 @@ class Topology:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the kernel's pick)."""
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
@@ -92,7 +93,7 @@ def _mpi_rendezvous(environ, rank: int, world_size: int) -> tuple[str, str]:
             "venv's mpirun, point MPI4PY_LIBMPI at the launcher's libmpi, or set MASTER_ADDR and MASTER_PORT"
         )
     address = environ.get("MASTER_ADDR") or (socket.gethostname() if rank == 0 else None)
-    port = environ.get("MASTER_PORT") or (str(_free_port()) if rank == 0 else None)
+    port = environ.get("MASTER_PORT") or (str(free_port()) if rank == 0 else None)
     return MPI.COMM_WORLD.bcast((address, port), root=0)
 
 
@@ -122,7 +123,7 @@ def discover_topology(environ=None) -> Topology:
     if not 0 <= rank < world_size:
         raise RuntimeError(f"rank {rank} is outside a world of {world_size} ({source} environment): check the launcher")
     environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one host (a launcher's, a single MPI rank's, ours)
-    environ.setdefault("MASTER_PORT", str(_free_port()))
+    environ.setdefault("MASTER_PORT", str(free_port()))
     environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     return Topology(rank=rank, world_size=world_size, local_rank=local_rank, source=source)
 

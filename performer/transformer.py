@@ -11,7 +11,7 @@ shaped (B, Lk) (key padding, every attention type) or (B, Lq, Lk) (see performer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

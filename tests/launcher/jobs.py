@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from launcher.dist import free_port  # noqa: F401 - the harness's port for every launch
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -55,12 +56,6 @@ def removing_new_open_mpi_segments() -> Iterator[None]:
     finally:
         for segment in segments() - before:
             segment.unlink(missing_ok=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def prepare_data(out: Path) -> Path:

@@ -134,6 +134,7 @@ def test_the_export_carries_the_projection_the_last_steps_trained_with(redrawn_r
         assert "a blend of draws 4 and 6 (weight 0.500), trained with in step 6" in card
 
 
+@pytest.mark.parametrize("redrawn_run", ["swap"], indirect=True)  # checkpoints before the record were all swap
 def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(redrawn_run, tmp_path):
     """Checkpoints written before the fix hold, at a redraw step, the next step's draw: the
     export draws the trained one again from (base seed, step)."""
@@ -144,9 +145,7 @@ def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(r
     from performer.config import ModelConfig
     from performer.models import PerformerSeq2Seq
 
-    run, sequences, mode = redrawn_run
-    if mode != "swap":
-        pytest.skip("checkpoints from before the projection record were all swap redraws")
+    run, sequences, _ = redrawn_run
     copy = tmp_path / "run"
     shutil.copytree(run.directory, copy)
     tag = copy / "checkpoints" / "step00000004"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import namedtuple
-from pathlib import Path
 
 from jobs import BIN, REPO
 
