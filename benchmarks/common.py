@@ -38,9 +38,12 @@ def commit() -> str:
 
 
 def machine() -> dict:
-    """Where the numbers come from (and at which commit)."""
+    """Where the numbers come from: the commit (+dirty), the command and the machine."""
+    script = Path(sys.argv[0]).resolve()
     info = {
         "commit": commit(),
+        "command": " ".join(["python", str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
+                             *sys.argv[1:]]),  # fmt: skip
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
