@@ -67,10 +67,8 @@ def trained_projection(marker: dict, run_config) -> dict:
     and trained steps. Markers before this record existed are read from the redraw schedule."""
     if marker.get("projection") is not None:
         return marker["projection"]
-    redraws = RedrawSchedule(run_config.model.redraw_interval, mode="swap")  # the only mode before the record
-    trained = redraws.trained_steps(marker["step"])
-    return {"base_seed": None, "draw": redraws.draw_for_step(marker["step"]),
-            "trained_steps": list(trained) if trained else None}  # fmt: skip
+    # Swap was the only mode before the record existed.
+    return RedrawSchedule(run_config.model.redraw_interval, mode="swap").record(marker["step"], base_seed=None)
 
 
 def with_trained_projections(state_dict: dict[str, torch.Tensor], model_config, model_kind: str,

@@ -34,15 +34,7 @@ def set_projections_everywhere(model, seed: int, step: int, redraws: RedrawSched
 
 
 def projection_record(model, redraws: RedrawSchedule, step: int) -> dict | None:
-    """The projection in force after ``step`` optimizer steps, for checkpoints and exports: base
-    seed, the draw (smooth redraws: the blend of two draws), and the steps that trained with it
-    (None when no step has yet)."""
+    """The projection in force after ``step`` optimizer steps, for checkpoints and exports
+    (``RedrawSchedule.record``); None without FAVOR attention."""
     state = model.projection_state()
-    if state is None:
-        return None
-    first, second, weight = redraws.blend_for_step(max(step, 1))
-    trained = redraws.trained_steps(step)
-    record = {"base_seed": state[0], "draw": first, "trained_steps": list(trained) if trained else None}
-    if weight:
-        record.update(next_draw=second, blend_weight=weight)
-    return record
+    return None if state is None else redraws.record(step, base_seed=state[0])

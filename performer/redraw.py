@@ -80,9 +80,19 @@ class RedrawSchedule:
         """(first, last) steps that trained the projection in force after ``step`` steps; None if none did."""
         if step < 1:
             return None
-        if self.mode == "smooth" and self.interval and self.blend_for_step(step)[2]:
-            return step, step  # every step of a blend has its own projection
+        if self.mode == "smooth" and self.interval:
+            return step, step  # every step of a smooth redraw has its own projection
         return self.draw_for_step(step) + 1, step
+
+    def record(self, step: int, base_seed: int | None) -> dict:
+        """What a checkpoint or an export says of the projection in force after ``step`` steps:
+        base seed, draw (with ``next_draw`` and ``blend_weight`` mid-blend), trained steps."""
+        first, second, weight = self.blend_for_step(max(step, 1))
+        trained = self.trained_steps(step)
+        record = {"base_seed": base_seed, "draw": first, "trained_steps": list(trained) if trained else None}
+        if weight:
+            record.update(next_draw=second, blend_weight=weight)
+        return record
 
     def redraws_after(self, step: int) -> bool:
         """Whether the boundary after ``step`` brings a new draw in (swap: in force for step + 1;

@@ -90,6 +90,7 @@ class Attention(nn.Module):
             # (base seed, projection id, redraw step) the projection was drawn from.
             self.register_buffer("projection_draw", torch.zeros(3, dtype=torch.long))
             self.register_buffer("projection_fixed", torch.zeros((), dtype=torch.bool))
+            self.recent_draws: dict[tuple[int, int], torch.Tensor] = {}  # (base seed, step) -> draw, CPU
             if feature_map == "favor++":
                 # FAVOR++'s A: the optimum for unit-variance q and k until calibrated.
                 self.register_buffer("feature_map_a", torch.tensor(favorpp_default_a(self.head_dim)))
@@ -108,7 +109,7 @@ class Attention(nn.Module):
     def _draw(self, base_seed: int, step: int) -> torch.Tensor:
         """(M, D) float32 on the CPU: the draw for (base seed, this module's id, step)."""
         key = (int(base_seed), int(step))
-        cache = self.__dict__.setdefault("_recent_draws", {})
+        cache = self.recent_draws
         if key not in cache:
             # A blend needs the same two draws for a whole interval: keep the last few.
             while len(cache) >= 3:
