@@ -42,6 +42,16 @@ def heldout_loss(model, manifest: Path, input_length: int, batch_size: int, batc
     return sum(losses) / len(losses)
 
 
+def portable(run_config: dict) -> dict:
+    """The run config with its paths relative to the repository (where they lie inside it)."""
+    def relative(value):
+        path = Path(value) if isinstance(value, str) else None
+        return str(path.relative_to(ROOT)) if path is not None and path.is_absolute() and path.is_relative_to(ROOT) else value
+
+    return {section: ({key: relative(value) for key, value in values.items()} if isinstance(values, dict) else values)
+            for section, values in run_config.items()}  # fmt: skip
+
+
 def summarise_metrics(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = {r["step"]: r for r in records if r["kind"] == "train"}
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             by_draw[draw] = heldout_loss(model, manifest, length, rows, args.batches)
     machine = common.machine()
     results = {
-        "machine": machine, "trained_at_commit": args.run_commit or machine["commit"], "run": run_config,
+        "machine": machine, "trained_at_commit": args.run_commit or machine["commit"], "run": portable(run_config),
         "metrics": metrics,
         "export": {"draw": projections.get("redraw_step"), "trained_steps": projections.get("trained_steps"),
                    "heldout_loss": own, "heldout_loss_by_draw": by_draw, "heldout_batches": args.batches,
