@@ -9,7 +9,7 @@ the same batches in the same order (random windows of the corpus, as in benchmar
 Variants name how the FAVOR+ projection of each attention layer evolves with the step:
 
 * ``softmax``: exact attention; ``fixed``: one draw for the whole run;
-* ``swap:I``: a new draw every I steps (what the trainer did until now: ``model.redraw_interval``);
+* ``swap:I``: a new draw every I steps (what the trainer did until now: ``model.feature_redraw_interval``);
 * ``rolling:I``: the projection's orthogonal blocks are replaced one at a time, each every I steps,
   staggered, so every block stays an exact orthogonal Gaussian draw;
 * ``smooth:I``: every I steps a new draw is reached gradually, w = cos(t) old + sin(t) new with t

@@ -120,7 +120,7 @@ def measure_single(args) -> dict:
 def measure_deepspeed(args, attention: str, length: int, out_dir: Path) -> dict:
     """One (attention, length) through the real trainer on --ranks ranks; tokens/s from metrics.jsonl."""
     settings = [
-        *trainer_settings(args, attention, length), f"train.max_steps={args.steps}", "model.redraw_interval=null",
+        *trainer_settings(args, attention, length), f"train.max_steps={args.steps}", "model.feature_redraw_interval=null",
     ]
     run = common.run_trainer(["configs/tiny.yaml"], settings, out_dir / f"{attention}-{length}", args.ranks,
                              args.threads_per_rank, args.budget_s)  # fmt: skip

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from data._config import to_mapping
+from performer import strict
 from data.corpus import SOURCES, CorpusConfig, iter_documents, source_paths
 from data.objectives import OBJECTIVES
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
@@ -163,7 +163,7 @@ def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out:
                             documents_per_task=config.documents_per_task, description=f"{split} shards")
     manifest = write_shards(arrays, out, split=split, special=tokenizer.special, config=config,
                             tokenizer_fingerprint=tokenizer.fingerprint,
-                            source={"corpus": to_mapping(corpus)})
+                            source={"corpus": strict.plain(corpus)})
     size = sum(s.bytes for s in manifest.shards)
     print(f"{split}: {manifest.samples} documents, {manifest.tokens:,} tokens in {len(manifest.shards)} "
           f"shard(s), {size:,} bytes ({size / max(manifest.tokens, 1):.2f} bytes/token) -> {out}")

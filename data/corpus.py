@@ -27,7 +27,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from data._config import from_mapping
+from performer import strict
 from data.errors import DataError
 
 SOURCES = ("stdlib", "files", "jsonl")
@@ -56,7 +56,7 @@ class CorpusConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CorpusConfig":
         """From a plain mapping (YAML); unknown keys are errors."""
-        return from_mapping(cls, values)
+        return strict.build(cls, values, "corpus")
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

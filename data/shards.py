@@ -33,7 +33,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data._config import from_mapping, to_mapping
+from performer import strict
 from data.errors import DataError
 from data.tokenizer import TOKENIZER_DIR, SpecialTokens, Tokenizer
 
@@ -53,7 +53,7 @@ class ShardConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ShardConfig":
         """From a plain mapping (YAML); unknown keys are errors."""
-        return from_mapping(cls, values)
+        return strict.build(cls, values, "shards")
 
     def __post_init__(self) -> None:
         if self.max_samples_per_shard < 1 or self.max_bytes_per_shard < 1:
@@ -260,7 +260,7 @@ def write_shards(
         special=special,
         tokenizer_fingerprint=tokenizer_fingerprint,
         shards=shards,
-        writer={**to_mapping(config), "tar_format": "ustar", "mtime": 0, "field": field},
+        writer={**strict.plain(config), "tar_format": "ustar", "mtime": 0, "field": field},
         source=source or {},
         root=out,
     )

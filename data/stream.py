@@ -70,7 +70,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import objectives
-from data._config import from_mapping
+from performer import strict
 from data.errors import DataError
 from data.shards import Manifest, ShardChecksumError, ShardIndex, read_shard_bytes, verify_manifest
 
@@ -113,7 +113,7 @@ class StreamConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "StreamConfig":
         """From a plain mapping (YAML); unknown keys are errors."""
-        return from_mapping(cls, values)
+        return strict.build(cls, values, "stream")
 
     def __post_init__(self) -> None:
         if self.objective not in objectives.OBJECTIVES:

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from data._config import from_mapping, to_mapping
+from performer import strict
 from data.errors import DataError
 
 MODEL_FILE = "tokenizer.model"
@@ -97,7 +97,7 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TokenizerConfig":
         """From a plain mapping (YAML); unknown keys are errors."""
-        return from_mapping(cls, values)
+        return strict.build(cls, values, "tokenizer")
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -246,7 +246,7 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, out_dir: str 
     (out / MODEL_FILE).write_bytes(model)
     info = {
         "special": special.to_dict(),
-        "config": to_mapping(config),
+        "config": strict.plain(config),
         "fingerprint": tokenizer.fingerprint,
         "trained_on": {"lines": len(lines), "chars": sum(map(len, lines))},
         "seconds": {"sampling": round(sampled - started, 2), "total": round(seconds, 2)},

@@ -17,11 +17,11 @@ from launcher.errors import run_command
 SUBCOMMAND_OWNERS: tuple[tuple[str, str], ...] = (
     ("data", "data.cli"),
     ("pretrain", "launcher.pretrain"),
-    ("export", "launcher.export"),
-    ("generate", "launcher.generate"),
-    ("slurm", "launcher.slurm"),
-    ("doctor", "launcher.doctor"),
-    ("check", "launcher.check"),
+    ("export", "launcher.commands.export"),
+    ("generate", "launcher.commands.generate"),
+    ("slurm", "launcher.commands.slurm"),
+    ("doctor", "launcher.commands.doctor"),
+    ("check", "launcher.commands.check"),
 )
 
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, RunConfig, config_from_dict
+from launcher.config import NON_SHAPE_MODEL_FIELDS, ConfigError, RunConfig, config_from_dict
 from launcher.dist import Topology, barrier, gather_objects
 from performer.errors import InputError
 
@@ -269,14 +269,12 @@ def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology,
     marker = read_marker(tag_directory)
     saved = config_from_dict(marker["run_config"])
     if saved.model_fingerprint() != config.model_fingerprint():
-        differing = sorted(
-            key for key, value in saved.to_dict()["model"].items() if config.to_dict()["model"].get(key) != value
-        )
+        saved_model, model = saved.to_dict()["model"], config.to_dict()["model"]
+        differing = [key for key in saved_model if key not in NON_SHAPE_MODEL_FIELDS and model.get(key) != saved_model[key]]
         raise ConfigError(
-            f"checkpoint {tag_directory.name} was trained with another model: model.{differing[0] if differing else '?'} "
-            f"differs (saved {[saved.to_dict()['model'][k] for k in differing]}, now "
-            f"{[config.to_dict()['model'][k] for k in differing]}); use the saved model settings "
-            "(config.yaml in the run directory) or a new train.output_dir"
+            f"checkpoint {tag_directory.name} was trained with another model: "
+            + ", ".join(f"model.{key} differs (saved {saved_model[key]!r}, now {model.get(key)!r})" for key in differing)
+            + "; use the saved model settings (config.yaml in the run directory) or a new train.output_dir"
         )
     if saved.zero.stage != config.zero.stage:
         raise ConfigError(

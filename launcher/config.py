@@ -12,51 +12,80 @@ name their key. Derived values (global batch, vocabulary size...) are computed o
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from performer.errors import InputError
+from performer import strict
+from performer.config import PRESETS, ModelConfig
+from performer.errors import ConfigError
+
+__all__ = ["ConfigError", "RunConfig", "ModelSection", "load_config", "config_from_dict", "save_config"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "optimizer", "all")
 MODEL_KINDS = ("seq2seq", "lm")
 
-
-class ConfigError(InputError, ValueError):
-    """A config problem, with the key it concerns and how to fix it."""
+# ModelConfig fields the trainer sets (from the tokenizer, the run's seed and its redraw schedule):
+# a value in the run config would be silently replaced, so it is refused with where the value comes from.
+DERIVED_MODEL_FIELDS = {
+    "vocab_size": "the tokenizer's vocabulary size",
+    "pad_id": "the tokenizer's pad id",
+    "decoder_start_id": "the tokenizer's bos id, which every training target starts with",
+    "projection_seed": "the run's seed (one integer broadcast from rank 0)",
+    "auto_check_redraw": "the trainer, which redraws at optimizer steps (model.feature_redraw_interval)",
+    "num_classes": "nothing: classification heads are for fine-tuning encoder-only models, not pretraining",
+}
+# What does not change parameter shapes: resuming with another value is allowed.
+NON_SHAPE_MODEL_FIELDS = ("dropout", "feature_redraw_interval", "redraw_mode", "gradient_checkpointing", "chunk_size")
 
 
 @dataclass
-class ModelSection:
+class ModelSection(ModelConfig):
+    """The run's model: every ``performer.config.ModelConfig`` field (d_model, num_heads, norm,
+    position, ...) directly under ``model:``, each the named preset's value unless set, plus the
+    three settings below. The fields in DERIVED_MODEL_FIELDS are the trainer's to set."""
+
     preset: str = "tiny"
-    "Named size: tiny, small, medium or large (performer.config.PRESETS)."
+    "Named size whose values fill the architecture fields not set here: tiny, small, medium or large (performer.config.PRESETS)."
     kind: str = "seq2seq"
     "seq2seq (encoder-decoder, span corruption) or lm (decoder-only, causal LM)."
-    attention_type: str = "favor"
-    "favor (FAVOR+ linear attention) or softmax (exact attention)."
-    nb_features: int | None = None
-    "FAVOR+ random features per head; null = round(D ln D)."
-    feature_map: str = "favor++"
-    "favor++ (optimised positive features, lower variance, same cost: the best held-out loss measured, benchmarks/results/redraw.md) or favor+."
-    dropout: float = 0.0
-    "Dropout on residual branches and feed-forward hidden layers."
-    redraw_interval: int | None = None
-    "Bring a new FAVOR+ projection draw in every N optimizer steps (all ranks, same seed); null = never (fixed features: the best held-out loss measured, benchmarks/results/redraw.md)."
     redraw_mode: str = "smooth"
     "smooth: each new draw is reached gradually over the interval, no step sees a jump; swap: replaced at once (the Performer paper's redraw; the loss jumps ~0.9 nats on the tiny config)."
-    activation_checkpointing: int = 0
-    "Recompute layer activations in backward: 0 = off, 1 = every layer, k = every k-th layer."
-    overrides: dict = field(default_factory=dict)
-    "Any other performer.config.ModelConfig field, e.g. {d_model: 192, position: absolute}."
+    # Pretraining defaults that differ from the library's:
+    feature_map: str = "favor++"
+    "favor++ (optimised positive features, lower variance, same cost: the best held-out loss measured, benchmarks/results/redraw.md) or favor+."
+    feature_redraw_interval: int | None = None
+    "Bring a new FAVOR+ projection draw in every N optimizer steps (all ranks, same seed); null = never (fixed features: the best held-out loss measured, benchmarks/results/redraw.md)."
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("model.preset", self.preset, tuple(PRESETS))
+        _check_choice("model.kind", self.kind, MODEL_KINDS)
+        _check_choice("model.redraw_mode", self.redraw_mode, ("smooth", "swap"))
+        if self.feature_redraw_interval is not None and self.feature_redraw_interval < 1:
+            raise ConfigError(f"model.feature_redraw_interval must be >= 1 or null (never), got {self.feature_redraw_interval}")
+
+    def model_config(self, **derived: Any) -> ModelConfig:
+        """The library's ModelConfig of this section, with the trainer's DERIVED_MODEL_FIELDS."""
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**{key: getattr(self, key) for key in names}, **derived})
+
+
+def _model_values(values: Any) -> Any:
+    """The model section's mapping with the preset's values under the keys given (derived ones refused)."""
+    if not isinstance(values, Mapping):
+        return values  # strict.build names the problem
+    for key, source in DERIVED_MODEL_FIELDS.items():
+        if key in values:
+            raise ConfigError(f"model.{key} is set by the trainer from {source}; remove it from the config")
+    preset = values.get("preset", ModelSection.preset)
+    _check_choice("model.preset", preset, tuple(PRESETS))
+    return {**PRESETS[preset], **values}
 
 
 @dataclass
@@ -177,7 +206,7 @@ class RunConfig:
     "Seed of everything random: init, data order, objectives, projection base seed."
     precision: str = "fp32"
     "fp32, bf16 or fp16 (dynamic loss scaling)."
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSection = field(default_factory=lambda: strict.build(ModelSection, _model_values({}), "model"))
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -192,9 +221,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("model.kind", self.model.kind, MODEL_KINDS)
-        _check_choice("model.attention_type", self.model.attention_type, ("favor", "softmax"))
-        _check_choice("model.redraw_mode", self.model.redraw_mode, ("smooth", "swap"))
         _check_choice("zero.offload", self.zero.offload, OFFLOADS)
         _check_choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
         if self.zero.offload == "all" and self.zero.stage != 3:
@@ -216,9 +242,6 @@ class RunConfig:
             raise ConfigError(f"zero.bucket_elements must be >= 1 (or null for DeepSpeed's default), got {self.zero.bucket_elements}")
         if self.zero.persistence_threshold is not None and self.zero.persistence_threshold < 0:
             raise ConfigError(f"zero.persistence_threshold must be >= 0 (or null), got {self.zero.persistence_threshold}")
-        if self.model.activation_checkpointing < 0:
-            raise ConfigError("model.activation_checkpointing must be 0 (off), 1 (every layer) or k >= 2 (every k-th)")
-        _check_model_section(self.model)
         from performer.optim import check_no_decay
 
         try:
@@ -230,7 +253,10 @@ class RunConfig:
                               f"{self.schedule.warmup_steps} and {self.schedule.min_lr_ratio}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        for key in DERIVED_MODEL_FIELDS:  # the trainer's; model_config.json holds what it set
+            del values["model"][key]
+        return values
 
     def fingerprint(self) -> str:
         """sha256 of the resolved config (what a checkpoint was trained with)."""
@@ -238,29 +264,8 @@ class RunConfig:
 
     def model_fingerprint(self) -> str:
         """sha256 of what fixes the parameter shapes: resuming with another model is an error."""
-        shape_keys = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("dropout", "redraw_interval", "redraw_mode", "activation_checkpointing")}
+        shape_keys = {k: v for k, v in self.to_dict()["model"].items() if k not in NON_SHAPE_MODEL_FIELDS}
         return hashlib.sha256(json.dumps(shape_keys, sort_keys=True).encode()).hexdigest()
-
-
-def _check_model_section(model: ModelSection) -> None:
-    """model.preset and model.overrides against performer.config.ModelConfig, here rather than when
-    the model is built: after the process group, a typo would be a traceback on every rank."""
-    from performer.config import PRESETS, ModelConfig
-
-    _check_choice("model.preset", model.preset, tuple(PRESETS))
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in model.overrides.items():
-        if key not in hints:
-            raise _unknown_key_error(str(key), "model.overrides", list(hints))
-        if not _type_matches(value, hints[key]):
-            expected = getattr(hints[key], "__name__", str(hints[key]))
-            raise ConfigError(f"model.overrides.{key} must be of type {expected}, got {type(value).__name__}: {value!r}")
-    typed = {"attention_type": model.attention_type, "nb_features": model.nb_features, "dropout": model.dropout,
-             "feature_map": model.feature_map}  # fmt: skip
-    try:
-        ModelConfig.from_dict({**PRESETS[model.preset], **typed, **model.overrides})
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{error} (model.preset={model.preset}, model.overrides={model.overrides})") from error
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -268,83 +273,11 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key}={value!r}; choose one of {', '.join(map(str, choices))}")
 
 
-# ------------------------------------------------------------------------------ typed building
-
-
-def _type_matches(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation in (dict, list, str, bool):
-        return isinstance(value, annotation)
-    return True
-
-
-_FLOAT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _yaml_float(value: Any, annotation: Any) -> Any:
-    """PyYAML reads `1e-3` (no exponent sign, YAML 1.1) as a string: take it as the number it is."""
-    if isinstance(value, str) and _is_float_field(annotation) and _FLOAT_LITERAL.match(value.strip()):
-        return float(value)
-    return value
-
-
-def _is_float_field(annotation: Any) -> bool:
-    """float or float | None."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return float in typing.get_args(annotation)
-    return annotation is float
-
-
-def _unknown_key_error(key: str, path: str, known: list[str]) -> ConfigError:
-    where = f"{path}.{key}" if path else key
-    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    suggestion = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
-    return ConfigError(f"unknown config key {where!r}{suggestion} (known here: {', '.join(sorted(known))})")
-
-
-def build_dataclass(cls: type, values: Mapping[str, Any], path: str = "") -> Any:
-    """Nested dataclass from a mapping: unknown keys and wrong types are ConfigErrors naming the key."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(values).__name__}: {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise _unknown_key_error(str(key), path, list(fields))
-        where = f"{path}.{key}" if path else key
-        annotation = hints[key]
-        value = _yaml_float(value, annotation)
-        if dataclasses.is_dataclass(annotation):
-            # An empty section (`log:` with nothing under it) is its defaults; 0, [] or false are errors.
-            kwargs[key] = build_dataclass(annotation, {} if value is None else value, where)
-        elif not _type_matches(value, annotation):
-            expected = getattr(annotation, "__name__", str(annotation))
-            raise ConfigError(f"{where} must be of type {expected}, got {type(value).__name__}: {value!r}")
-        else:
-            # 60 and 60.0 are the same value: store a float so the fingerprint does not depend on the spelling.
-            kwargs[key] = float(value) if _is_float_field(annotation) and value is not None else value
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{path or 'config'}: {error}") from error
-
-
 # ------------------------------------------------------------------------------ layering
 
 
 def deep_merge(base: dict, update: Mapping) -> dict:
-    """Later wins; mappings merge key by key (a `deepspeed:` or `model.overrides:` block too)."""
+    """Later wins; mappings merge key by key (a `deepspeed:` block too)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
@@ -396,12 +329,29 @@ def load_config(paths: list[str | Path], overrides: list[str] = ()) -> RunConfig
         merged = deep_merge(merged, read_yaml(path))
     for assignment in overrides:
         merged = deep_merge(merged, parse_override(assignment))
-    return build_dataclass(RunConfig, merged)
+    return build_run_config(merged)
+
+
+def build_run_config(values: Any) -> RunConfig:
+    """The one way from a mapping to a RunConfig: the preset under the model section, then strict.build."""
+    if isinstance(values, Mapping):
+        model = values.get("model")
+        values = {**values, "model": _model_values({} if model is None else model)}
+    return strict.build(RunConfig, values)
+
+
+# Saved configs (checkpoints, run directories) written before the model section embedded ModelConfig.
+_SAVED_MODEL_RENAMES = {"redraw_interval": "feature_redraw_interval", "activation_checkpointing": "gradient_checkpointing"}
 
 
 def config_from_dict(values: Mapping) -> RunConfig:
-    """A RunConfig from its to_dict() form (as saved with a run or a checkpoint)."""
-    return build_dataclass(RunConfig, values)
+    """A RunConfig from its to_dict() form (as saved with a run or a checkpoint), older layouts included."""
+    model = dict(values.get("model") or {})
+    if "overrides" in model or any(old in model for old in _SAVED_MODEL_RENAMES):
+        model = {_SAVED_MODEL_RENAMES.get(key, key): value for key, value in model.items() if key != "overrides"}
+        model.update(values["model"].get("overrides") or {})
+        values = {**values, "model": model}
+    return build_run_config(values)
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -12,27 +12,16 @@ from launcher.ds_config import build_deepspeed_config
 
 
 def build_model_config(config: RunConfig, special):
-    from performer.config import preset
-
-    section = config.model
-    return preset(
-        section.preset,
-        **{
-            "vocab_size": special.vocab_size,
-            "pad_id": special.pad_id,
-            "attention_type": section.attention_type,
-            "nb_features": section.nb_features,
-            "feature_map": section.feature_map,
-            "dropout": section.dropout,
-            # The trainer redraws at optimizer steps on every rank; the model never does on its own.
-            "feature_redraw_interval": None,
-            "auto_check_redraw": False,
-            "gradient_checkpointing": section.activation_checkpointing,
-            "projection_seed": config.seed,
-            **section.overrides,
-            # Every target row of the stream starts with bos (data/stream.py): generate() must too.
-            "decoder_start_id": special.bos_id,
-        },
+    """The model section with the fields the trainer derives (launcher.config.DERIVED_MODEL_FIELDS)."""
+    return config.model.model_config(
+        vocab_size=special.vocab_size,
+        pad_id=special.pad_id,
+        # Every target row of the stream starts with bos (data/stream.py): generate() must too.
+        decoder_start_id=special.bos_id,
+        projection_seed=config.seed,
+        # The trainer redraws at optimizer steps on every rank; the model never does on its own.
+        auto_check_redraw=False,
+        feature_redraw_interval=None,
     )
 
 

@@ -1,8 +1,8 @@
 """How every entry point ends on a bad input: one line, exit code 2; anything else stays a traceback.
 
     performer <command> ...          launcher/__main__.py: run_command(args.func, args)
+    python -m launcher <command> ... the same
     python -m launcher.pretrain ...  launcher/pretrain.py: report(error, rank) in its own exit-code table
-    python -m launcher.doctor ...    run_command(...)
 
 A bad input is a `performer.errors.InputError` (ConfigError, DataError, CheckpointError,
 ExportError, ...): its message names the input, the problem and the fix, so a traceback would

@@ -147,7 +147,7 @@ def build_run(config: RunConfig, topology: Topology, resume: str | None, faults:
         projection_seed = int(client["projection_seed"])
         progress = Progress(samples=client["samples"], tokens=client["tokens"],
                             skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
-    redraws = RedrawSchedule(config.model.redraw_interval, config.model.redraw_mode)
+    redraws = RedrawSchedule(config.model.feature_redraw_interval, config.model.redraw_mode)
     # The projection the next step trains with (a function of (seed, step): resuming restores it exactly).
     set_projections_everywhere(model, projection_seed, engine.global_steps + 1, redraws, check=True)
     if topology.is_main:

@@ -10,10 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from performer import strict
 from performer.activations import ActivationFunctions
+from performer.attention.kinds import KERNELS, guide_attention_type
+from performer.errors import ConfigError
 from performer.feature_maps import FEATURE_MAPS
-
-ATTENTION_KINDS = ("favor", "softmax")
 NORMS = ("layernorm", "rezero", "scalenorm")
 POSITIONS = ("rotary", "absolute")
 
@@ -68,21 +69,22 @@ class ModelConfig:
     "Encoder-only models: size of a classification head on the first token (None = MLM head only)."
 
     def __post_init__(self) -> None:
-        if self.attention_type not in ATTENTION_KINDS:
-            raise ValueError(f"model.attention_type={self.attention_type!r}; choose one of {ATTENTION_KINDS}")
-        if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"model.feature_map={self.feature_map!r}; choose one of {FEATURE_MAPS}")
-        if self.norm not in NORMS:
-            raise ValueError(f"model.norm={self.norm!r}; choose one of {NORMS}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"model.position={self.position!r}; choose one of {POSITIONS}")
+        for key, choices in (("attention_type", KERNELS), ("feature_map", FEATURE_MAPS), ("norm", NORMS),
+                             ("position", POSITIONS)):  # fmt: skip
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}; choose one of {', '.join(choices)}")
         if self.d_model % self.num_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
-        ActivationFunctions.parse(self.activation)
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
+        try:
+            ActivationFunctions.parse(self.activation)
+        except ValueError as error:
+            raise ConfigError(f"model.activation: {error}") from None
+        if self.gradient_checkpointing < 0:
+            raise ConfigError("model.gradient_checkpointing must be 0 (off), 1 (every layer) or k >= 2 (every k-th)")
         for name in ("pad_id", "decoder_start_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"model.{name}={value} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise ConfigError(f"model.{name}={value} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     @property
     def decoder_start(self) -> int:
@@ -91,20 +93,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown model config key(s) {unknown}; known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+        """From a plain mapping (JSON, YAML): unknown keys and wrong types are ConfigErrors."""
+        return strict.build(cls, values, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def stack_params(self, role: str) -> dict[str, Any]:
         """Keyword arguments of PerformerEncoder (role="encoder") or PerformerDecoder ("decoder"/"lm")."""
-        favor = self.attention_type == "favor"
         params: dict[str, Any] = dict(
             d_model=self.d_model,
             num_heads=self.num_heads,
@@ -122,11 +118,12 @@ class ModelConfig:
             chunk_size=self.chunk_size,
         )
         if role == "encoder":
-            params.update(num_layers=self.num_encoder_layers, attention_type="linear" if favor else "softmax")
+            params.update(num_layers=self.num_encoder_layers,
+                          attention_type=guide_attention_type(self.attention_type, causal=False))  # fmt: skip
         else:
             params.update(
                 num_layers=self.num_decoder_layers,
-                attention_type="causal_linear" if favor else "softmax",
+                attention_type=guide_attention_type(self.attention_type, causal=True),
                 use_cross_attention=role == "decoder",
             )
         return params
@@ -144,5 +141,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named preset with some fields overridden: ``preset("tiny", vocab_size=8000)``."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides})

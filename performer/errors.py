@@ -11,3 +11,7 @@ callers can catch what they handle and the command line catches them all.
 
 class InputError(Exception):
     """A bad input; the message names it, says what is wrong and how to fix it."""
+
+
+class ConfigError(InputError, ValueError):
+    """A config problem (a file, a mapping, a ``--set``), with the key it concerns and how to fix it."""

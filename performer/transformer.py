@@ -19,20 +19,13 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from performer.activations import ActivationFunctions, FeedForward
+from performer.attention.kinds import GUIDE_CROSS_ATTENTION_TYPES, kernel_of
 from performer.attention.masks import as_bool, check_mask_shape, squeeze_head_axis
 from performer.attention.module import Attention
 from performer.normalization import ResidualBranch, make_norm
 from performer.redraw import ProjectionOwner, inside_forward, projection_forward
 from performer.rotary import rotary_angles
 
-ATTENTION_TYPES = ("softmax", "linear", "causal_linear")
-CROSS_ATTENTION_TYPES = ("softmax", "linear")
-
-
-def _kernel(attention_type: str, name: str = "attention_type", allowed=ATTENTION_TYPES) -> str:
-    if attention_type not in allowed:
-        raise ValueError(f"{name}={attention_type!r}; choose one of {', '.join(allowed)}")
-    return "softmax" if attention_type == "softmax" else "favor"
 
 
 def prepare_mask(mask, batch: int, query_length: int, key_length: int, name: str) -> torch.Tensor | None:
@@ -112,10 +105,10 @@ class PerformerLayer(ProjectionOwner):
         performer.feature_maps), for the FAVOR self- and cross-attention.
         """
         super().__init__()
-        self_kernel = _kernel(attention_type)
+        self_kernel = kernel_of(attention_type)
         if cross_attention_type is None:
             cross_attention_type = "softmax" if attention_type == "softmax" else "linear"
-        cross_kernel = _kernel(cross_attention_type, "cross_attention_type", CROSS_ATTENTION_TYPES)
+        cross_kernel = kernel_of(cross_attention_type, "cross_attention_type", GUIDE_CROSS_ATTENTION_TYPES)
         self.d_model = d_model
         self.batch_size = batch_size
         self.attention_type = attention_type

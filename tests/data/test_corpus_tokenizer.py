@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 
-from data._config import from_mapping
 from data.corpus import CorpusConfig, iter_documents, split_of
 from data.errors import DataError
 from data.tokenizer import SENTINEL_FORMAT, SpecialTokens, Tokenizer
@@ -50,9 +49,12 @@ def test_files_globs_and_jsonl_sources(tmp_path):
 
 
 def test_configs_reject_unknown_keys_and_bad_values():
-    assert from_mapping(CorpusConfig, {"source": "stdlib", "max_documents": 3}).max_documents == 3
-    with pytest.raises(ValueError, match="unknown key.*heldout_fractoin"):
-        from_mapping(CorpusConfig, {"heldout_fractoin": 0.1})
+    assert CorpusConfig.from_dict({"source": "stdlib", "max_documents": 3}).max_documents == 3
+    assert CorpusConfig.from_dict({"source": "files", "paths": ["a.txt"]}).paths == ("a.txt",)  # YAML lists: tuples
+    with pytest.raises(ValueError, match="unknown config key 'corpus.heldout_fractoin'; did you mean 'corpus.heldout_fraction'"):
+        CorpusConfig.from_dict({"heldout_fractoin": 0.1})
+    with pytest.raises(ValueError, match="corpus.max_documents must be of type"):
+        CorpusConfig.from_dict({"max_documents": "3"})
     with pytest.raises(ValueError, match="needs corpus.paths"):
         CorpusConfig(source="files")
 

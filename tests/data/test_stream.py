@@ -159,7 +159,7 @@ def test_stream_config_from_mapping_and_url_policy(synthetic_shards):
     root, _ = synthetic_shards
     config = StreamConfig.from_dict({"manifest": str(root), "batch_size": 8})
     assert config.batch_size == 8 and config.raw_length == 568
-    with pytest.raises(ValueError, match="unknown key.*batchsize"):
+    with pytest.raises(ValueError, match="unknown config key .stream.batchsize."):
         StreamConfig.from_dict({"manifest": str(root), "batchsize": 8})
     manifest = json.loads((root / "manifest.json").read_text())
     for path, flag in (("pipe:cat x.tar", "allow_pipe"), ("https://example.com/x.tar", "allow_remote")):

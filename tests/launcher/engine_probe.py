@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {"zero0": ["zero.stage=0"], "zero1": ["zero.stage=1"],
             "zero2-offload": ["zero.stage=2", "zero.offload=optimizer"], "zero3": ["zero.stage=3"]}  # fmt: skip
-COMMON = ["model.overrides.d_model=32", "optimizer.weight_decay=0.1", "optimizer.lr=0.01", "schedule.warmup_steps=3",
+COMMON = ["model.d_model=32", "optimizer.weight_decay=0.1", "optimizer.lr=0.01", "schedule.warmup_steps=3",
           "schedule.min_lr_ratio=0.1", "train.max_steps=6", "train.micro_batch_size=2", "log.progress=false"]  # fmt: skip
 WEIGHT_DECAY, STEPS = 0.1, 6
 

@@ -24,8 +24,8 @@ BIN = Path(sys.executable).parent
 
 # Test-sized run: a narrow tiny model, short rows, few steps; every other setting from tiny.yaml.
 TEST_SETTINGS = [
-    "model.overrides.d_model=64",
-    "model.redraw_interval=null",
+    "model.d_model=64",
+    "model.feature_redraw_interval=null",
     "data.input_length=64",
     "data.verify_sha256=false",
     "train.micro_batch_size=4",

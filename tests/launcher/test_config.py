@@ -119,13 +119,14 @@ def test_shipped_config_round_trips(paths, tmp_path):
 
 
 def test_later_files_win_and_mappings_merge_key_by_key(tmp_path):
-    first = _write(tmp_path, "a.yaml", "model:\n  preset: small\n  dropout: 0.1\n  overrides: {d_model: 64, num_heads: 4}\n"
+    first = _write(tmp_path, "a.yaml", "model:\n  preset: small\n  dropout: 0.1\n  d_model: 64\n  num_heads: 2\n"
                                        "optimizer:\n  betas: [0.9, 0.95]\n  lr: 0.5\n")
-    second = _write(tmp_path, "b.yaml", "model:\n  dropout: 0.2\n  overrides: {d_model: 96}\noptimizer:\n  betas: [0.8, 0.9]\n")
+    second = _write(tmp_path, "b.yaml", "model:\n  dropout: 0.2\n  d_model: 96\noptimizer:\n  betas: [0.8, 0.9]\n")
     config = load_config([first, second])
     assert config.model.preset == "small"  # kept from the first file
     assert config.model.dropout == 0.2  # the later file wins
-    assert config.model.overrides == {"d_model": 96, "num_heads": 4}  # merged key by key
+    assert (config.model.d_model, config.model.num_heads) == (96, 2)  # merged key by key
+    assert config.model.num_encoder_layers == 4  # the preset fills what no file sets
     assert config.optimizer.betas == [0.8, 0.9]  # lists are replaced, not merged
     assert config.optimizer.lr == 0.5
     assert load_config([second, first]).model.dropout == 0.1
@@ -138,10 +139,10 @@ def test_overlay_keeps_the_rest_of_the_base():
 
 
 def test_deep_merge_does_not_mutate_its_inputs():
-    base = {"model": {"overrides": {"d_model": 64}}, "seed": 0}
-    update = {"model": {"overrides": {"num_heads": 2}}, "seed": 1}
+    base = {"deepspeed": {"a": {"b": 64}}, "seed": 0}
+    update = {"deepspeed": {"a": {"c": 2}}, "seed": 1}
     snapshot = copy.deepcopy((base, update))
-    assert deep_merge(base, update) == {"model": {"overrides": {"d_model": 64, "num_heads": 2}}, "seed": 1}
+    assert deep_merge(base, update) == {"deepspeed": {"a": {"b": 64, "c": 2}}, "seed": 1}
     assert (base, update) == snapshot
 
 
@@ -172,11 +173,45 @@ def test_set_overrides_files_in_order():
     assert config.log.tensorboard is False
 
 
-def test_set_deep_key_merges_into_overrides(tmp_path):
-    base = _write(tmp_path, "base.yaml", "model:\n  overrides: {num_heads: 2, position: absolute}\n")
-    config = load_config([CONFIG_DIR / "tiny.yaml", base], ["model.overrides.d_model=64", "model.overrides.position=rotary"])
-    assert config.model.overrides == {"num_heads": 2, "position": "rotary", "d_model": 64}
-    assert config.model.preset == "tiny"
+def test_set_model_fields_over_files_and_preset(tmp_path):
+    base = _write(tmp_path, "base.yaml", "model:\n  num_heads: 2\n  position: absolute\n")
+    config = load_config([CONFIG_DIR / "tiny.yaml", base], ["model.d_model=64", "model.position=rotary"])
+    assert (config.model.num_heads, config.model.position, config.model.d_model) == (2, "rotary", 64)
+    assert config.model.preset == "tiny" and config.model.num_encoder_layers == 2
+
+
+def test_preset_fills_the_model_fields_not_set():
+    assert load_config([], []).model.d_model == 128  # the default preset, tiny
+    config = _tiny("model.preset=large")
+    assert (config.model.d_model, config.model.num_heads, config.model.num_decoder_layers) == (1024, 16, 12)
+    assert _tiny("model.preset=large", "model.d_model=512").model.d_model == 512
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "pad_id", "decoder_start_id", "projection_seed", "auto_check_redraw",
+                                 "num_classes"])
+def test_fields_the_trainer_derives_are_refused_with_their_source(key):
+    with pytest.raises(ConfigError, match=rf"model\.{key} is set by the trainer from .*; remove it"):
+        _tiny(f"model.{key}=1")
+
+
+@pytest.mark.parametrize(("old", "new"), [("model.redraw_interval=5", "model.feature_redraw_interval"),
+                                          ("model.activation_checkpointing=1", "model.gradient_checkpointing"),
+                                          ("model.overrides.d_model=64", "directly under model")])
+def test_renamed_keys_name_their_new_name(old, new):
+    with pytest.raises(ConfigError, match="was renamed: use") as caught:
+        _tiny(old)
+    assert new in str(caught.value)
+
+
+def test_configs_saved_before_the_rename_still_load():
+    """Checkpoints and run directories written with the old model section resume and export."""
+    values = _tiny().to_dict()
+    old_model = {"preset": "tiny", "kind": "seq2seq", "attention_type": "favor", "nb_features": None,
+                 "feature_map": "favor++", "dropout": 0.0, "redraw_interval": 7, "redraw_mode": "swap",
+                 "activation_checkpointing": 1, "overrides": {"d_model": 64}}  # fmt: skip
+    config = config_from_dict({**values, "model": old_model})
+    assert (config.model.feature_redraw_interval, config.model.gradient_checkpointing) == (7, 1)
+    assert (config.model.d_model, config.model.num_heads, config.model.redraw_mode) == (64, 4, "swap")
 
 
 def test_set_deepspeed_passthrough_merges():
@@ -192,7 +227,7 @@ def test_set_deepspeed_passthrough_merges():
     [("trian.max_steps=5", "trian", "train"),
      ("precison=bf16", "precison", "precision"),
      ("train.max_step=5", "train.max_step", "train.max_steps"),
-     ("model.overides.d_model=64", "model.overides", "model.overrides"),
+     ("model.d_modle=64", "model.d_modle", "model.d_model"),
      ("optimizer.weight_decy=0.1", "optimizer.weight_decy", "optimizer.weight_decay")],
 )
 def test_unknown_key_has_did_you_mean_with_full_dotted_key(override, unknown, hint):
@@ -223,7 +258,7 @@ def test_unknown_key_in_a_file_without_close_match_lists_known_keys(tmp_path):
      ("data.verify_sha256=1", "data.verify_sha256", "bool"),
      ("data.manifest=5", "data.manifest", "str"),
      ("optimizer.betas=0.9", "optimizer.betas", "list"),
-     ("model.overrides=5", "model.overrides", "dict"),
+     ("model.num_heads=[4]", "model.num_heads", "int"),
      ("deepspeed=[1]", "deepspeed", "dict")],
 )
 def test_wrong_type_names_the_key(override, key, expected):
@@ -252,7 +287,7 @@ def test_empty_section_means_defaults(tmp_path):
      ("train.max_steps=0", "train.max_steps must be >= 1, got 0"),
      ("train.grad_accum=0", "train.grad_accum must be >= 1"),
      ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
-     ("model.activation_checkpointing=-1", "model.activation_checkpointing")],
+     ("model.gradient_checkpointing=-1", "model.gradient_checkpointing")],
 )
 def test_invalid_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as caught:
@@ -504,14 +539,12 @@ def _mutated(value):
 
 
 def _every_leaf_field():
-    config = RunConfig()
-    for top in dataclasses.fields(config):
-        value = getattr(config, top.name)
-        if dataclasses.is_dataclass(value):
-            for inner in dataclasses.fields(value):
-                yield f"{top.name}.{inner.name}"
+    """Every setting a config file can hold (the model's derived fields are the trainer's)."""
+    for top, value in RunConfig().to_dict().items():
+        if isinstance(value, dict) and top != "deepspeed":
+            yield from (f"{top}.{inner}" for inner in value)
         else:
-            yield top.name
+            yield top
 
 
 def _with(config: RunConfig, dotted: str, value) -> RunConfig:
@@ -530,8 +563,8 @@ def test_fingerprint_is_stable_for_equal_configs():
     assert first.fingerprint() == second.fingerprint() == _tiny().fingerprint()
     assert len(first.fingerprint()) == 64
     # Mapping order does not matter.
-    a = _tiny("deepspeed.a=1", "deepspeed.b=2", "model.overrides.d_model=64", "model.overrides.num_heads=2")
-    b = _tiny("deepspeed.b=2", "deepspeed.a=1", "model.overrides.num_heads=2", "model.overrides.d_model=64")
+    a = _tiny("deepspeed.a=1", "deepspeed.b=2", "model.d_model=64", "model.num_heads=2")
+    b = _tiny("deepspeed.b=2", "deepspeed.a=1", "model.num_heads=2", "model.d_model=64")
     assert a == b and a.fingerprint() == b.fingerprint() and a.model_fingerprint() == b.model_fingerprint()
 
 
@@ -550,8 +583,8 @@ def test_fingerprint_changes_with_any_value(key):
     assert changed.fingerprint() != config.fingerprint()
 
 
-@pytest.mark.parametrize("override", ["model.dropout=0.3", "model.redraw_interval=7", "model.redraw_mode=swap",
-                                      "model.activation_checkpointing=2", "train.max_steps=9", "optimizer.lr=0.1",
+@pytest.mark.parametrize("override", ["model.dropout=0.3", "model.feature_redraw_interval=7", "model.redraw_mode=swap",
+                                      "model.gradient_checkpointing=2", "train.max_steps=9", "optimizer.lr=0.1",
                                       "precision=bf16", "zero.stage=3", "seed=5", "data.input_length=64"])
 def test_model_fingerprint_ignores_what_does_not_shape_parameters(override):
     config, changed = _tiny(), _tiny(override)
@@ -560,7 +593,7 @@ def test_model_fingerprint_ignores_what_does_not_shape_parameters(override):
 
 
 @pytest.mark.parametrize("overrides", [["model.preset=small"], ["model.kind=lm", "data.objective=causal_lm"],
-                                       ["model.attention_type=softmax"], ["model.overrides.d_model=64"],
+                                       ["model.attention_type=softmax"], ["model.d_model=64"],
                                        ["model.nb_features=32"], ["model.feature_map=favor+"]])
 def test_model_fingerprint_changes_with_what_shapes_parameters(overrides):
     assert _tiny(*overrides).model_fingerprint() != _tiny().model_fingerprint()
@@ -570,7 +603,7 @@ def test_model_fingerprint_changes_with_what_shapes_parameters(overrides):
 
 
 def test_round_trip_with_every_field_set(tmp_path):
-    config = _tiny("model.overrides.d_model=64", "model.overrides.position=absolute", "model.nb_features=16",
+    config = _tiny("model.d_model=64", "model.position=absolute", "model.nb_features=16",
                    "data.eval_manifest=runs/data/heldout", "train.global_batch_size=16", "train.time_budget_s=30",
                    "log.peak_flops_per_rank=1.0e+12", "deepspeed.communication_data_type=fp32", "zero.offload=optimizer")
     assert config_from_dict(config.to_dict()) == config
@@ -580,11 +613,11 @@ def test_round_trip_with_every_field_set(tmp_path):
 
 
 def test_to_dict_is_a_detached_copy():
-    config = _tiny("model.overrides.d_model=64")
+    config = _tiny("model.d_model=64")
     values = config.to_dict()
-    values["model"]["overrides"]["d_model"] = 1
+    values["model"]["d_model"] = 1
     values["optimizer"]["betas"].append(0.0)
-    assert config.model.overrides == {"d_model": 64} and config.optimizer.betas == [0.9, 0.98]
+    assert config.model.d_model == 64 and config.optimizer.betas == [0.9, 0.98]
 
 
 def test_config_from_dict_validates():
@@ -623,3 +656,19 @@ def test_zero_bucket_and_persistence_reach_deepspeed_only_where_they_apply(stage
 def test_zero_bucket_and_persistence_must_be_sensible(setting):
     with pytest.raises(ConfigError, match=setting.split("=")[0].replace(".", r"\.")):
         _tiny(setting)
+
+
+def test_readme_configs_section_lists_each_setting_once():
+    """The README's Configs section names every setting a file can hold, each once, and no other."""
+    import re
+
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    section = readme[readme.index("## Configs"):]
+    section = section[: section.index("\n## ", 1)]
+    listed = []
+    for prefix, names in re.findall(r"`([a-z_]+)\.\{([a-z0-9_,]+)\}`", section):
+        listed += [f"{prefix}.{name}" for name in names.split(",")]
+    listed += [name for name in ("seed", "precision") if f"`{name}`" in section]
+    expected = [key for key in _every_leaf_field() if key != "deepspeed"]
+    assert sorted(listed) == sorted(expected)
+    assert len(listed) == len(set(listed)), [key for key in listed if listed.count(key) > 1]

@@ -8,7 +8,7 @@ import torch
 import performer
 from data.tokenizer import SpecialTokens, Tokenizer, TokenizerConfig, train_tokenizer
 from launcher.__main__ import main
-from launcher.generate import encode_prompt
+from launcher.commands.generate import encode_prompt
 from performer.config import preset
 from performer.models import build_model
 

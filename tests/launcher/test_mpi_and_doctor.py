@@ -11,7 +11,7 @@ import pytest
 from jobs import (
     BIN, MPIRUN_ENV, REPO, free_port, launch_environment, mpirun, removing_new_open_mpi_segments, run_pretrain,
 )
-from launcher.doctor import duplicate_local_ranks
+from launcher.commands.doctor import duplicate_local_ranks
 
 pytestmark = pytest.mark.slow
 

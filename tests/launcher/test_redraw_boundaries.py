@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 OBSERVER = Path(__file__).parent / "projection_observer"
 # New draws after steps 2 and 4. swap: steps 1-2 train with draw 0, 3-4 with draw 2, 5-6 with draw
 # 4. smooth: every step has its own projection (draw 0, half way to draw 2, draw 2, half way to 4...).
-SETTINGS = ["model.redraw_interval=2", "eval.interval=2", "checkpoint.interval=2", "checkpoint.keep=10"]
+SETTINGS = ["model.feature_redraw_interval=2", "eval.interval=2", "checkpoint.interval=2", "checkpoint.keep=10"]
 STEPS = 6
 MODES = ["swap", "smooth"]
 
@@ -117,7 +117,7 @@ def test_every_checkpoint_holds_the_projection_its_last_step_trained_with(redraw
 
 
 def test_the_export_carries_the_projection_the_last_steps_trained_with(redrawn_run, tmp_path):
-    from launcher.export import export_checkpoint
+    from launcher.commands.export import export_checkpoint
 
     run, sequences, mode = redrawn_run
     out = export_checkpoint(run.directory, tmp_path / "export")
@@ -141,7 +141,7 @@ def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(r
     import shutil
 
     from launcher.checkpoint import _file_digest
-    from launcher.export import export_checkpoint
+    from launcher.commands.export import export_checkpoint
     from performer.config import ModelConfig
     from performer.models import PerformerSeq2Seq
 

@@ -24,7 +24,7 @@ def runs(prepared_data, tmp_path_factory):
         "zero0": ["zero.stage=0"],
         "zero1": ["zero.stage=1"],
         "zero2": ["zero.stage=2"],
-        "zero3": ["zero.stage=3", "model.redraw_interval=2"],
+        "zero3": ["zero.stage=3", "model.feature_redraw_interval=2"],
     }
     cache = {}
 
@@ -103,7 +103,7 @@ def test_bf16_trains_under_zero2(prepared_data, tmp_path):
 def test_activation_checkpointing_gives_the_same_losses_under_zero3(prepared_data, tmp_path):
     common = ["zero.stage=3", "train.max_steps=3", "checkpoint.interval=3", "eval.interval=0"]
     plain = run_pretrain(prepared_data, tmp_path / "plain", *common)
-    recomputed = run_pretrain(prepared_data, tmp_path / "ckpt", *common, "model.activation_checkpointing=1")
+    recomputed = run_pretrain(prepared_data, tmp_path / "ckpt", *common, "model.gradient_checkpointing=1")
     assert plain.returncode == 0 and recomputed.returncode == 0, (plain.output + recomputed.output)[-4000:]
     for a, b in zip(plain.records("train"), recomputed.records("train")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
@@ -212,7 +212,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_75(prepared_data, tmp_pa
 def test_export_reproduces_the_training_models_eval_loss(runs, tmp_path):
     """The exported fp32 model gives the eval loss the trainer logged, on the same batches."""
     from data.stream import StreamConfig, TokenStream
-    from launcher.export import export_checkpoint
+    from launcher.commands.export import export_checkpoint
     from performer import from_pretrained
 
     for name in ("zero2", "zero3"):

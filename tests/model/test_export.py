@@ -266,7 +266,7 @@ def test_wrong_arguments_are_clear_errors(tmp_path):
         ("flipped_byte", ExportError, "does not match the sha256"),
         ("truncated_unchecked", ExportError, "not a readable safetensors file"),
         ("other_model", ExportError, "missing keys \\[.*\\], unexpected keys \\[none\\]"),
-        ("bad_model_key", ExportError, "unknown model config key"),
+        ("bad_model_key", ExportError, "unknown config key .model.d_modle.; did you mean .model.d_model."),
     ],
 )
 def test_damaged_exports_are_clear_errors(tmp_path, damage, error, message):

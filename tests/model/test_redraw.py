@@ -116,7 +116,7 @@ def test_checkpoint_recompute_gives_the_same_gradients_and_never_redraws():
     torch.manual_seed(3)
     plain = PerformerSeq2Seq(config)
     checkpointed = PerformerSeq2Seq(preset("tiny", vocab_size=64, d_model=32, dropout=0.1,
-                                           feature_redraw_interval=1, gradient_checkpointing=True))
+                                           feature_redraw_interval=1, gradient_checkpointing=1))
     checkpointed.load_state_dict(plain.state_dict())
     batch = dict(
         input_ids=torch.randint(1, 64, (2, 12)),

@@ -316,7 +316,7 @@ CATALOGUE: list[Case] = [
          pretrain_resume(truncated(1000), "checkpoints/step00000004/mp_rank_00_model_states.pt", "step00000004",
                          "mp_rank_00_model_states.pt"), via="module"),
     Case("pretrain", "checkpoint", "another model's",
-         pretrain_resume(None, "", "auto", "step00000004", "model.overrides.d_model=32"), via="module"),
+         pretrain_resume(None, "", "auto", "step00000004", "model.d_model=32"), via="module"),
     # ---- export
     Case("export", "--checkpoint", "missing",
          lambda w: (["export", "--checkpoint", str(w.root / "no-run"), "--out", str(w.root / "exported")],
@@ -534,7 +534,7 @@ def other_tokenizer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(trained_run, tmp_path_factory) -> Path:
-    from launcher.export import export_checkpoint
+    from launcher.commands.export import export_checkpoint
 
     return export_checkpoint(trained_run, tmp_path_factory.mktemp("exported") / "export")
 
@@ -633,13 +633,13 @@ def test_debug_shows_the_traceback_of_a_bad_input_and_still_exits_2(tmp_path, ca
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
     """A bug is not a bad input: nothing catches it, so Python prints its traceback (exit 1)."""
-    import launcher.slurm
+    import launcher.commands.slurm
     from launcher.__main__ import main
 
     def bug(args):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(launcher.slurm, "run", bug)
+    monkeypatch.setattr(launcher.commands.slurm, "run", bug)
     with pytest.raises(ZeroDivisionError):
         main(["slurm", TINY])
 

@@ -9,7 +9,7 @@ from collections import namedtuple
 from jobs import BIN, REPO
 
 from data.shards import Manifest
-from launcher import check
+from launcher.commands import check
 from launcher.checkpoint import resolve_resume_tag
 
 
@@ -52,7 +52,7 @@ def test_damaged_run_directory_names_every_problem_and_its_fix(run_copy, data_co
     raw["tokenizer_fingerprint"] = "f" * 64
     (root / "manifest.json").write_text(json.dumps(raw))
 
-    arguments = [str(run_copy), "--set", f"data.manifest={root}", "model.overrides.d_model=32"]
+    arguments = [str(run_copy), "--set", f"data.manifest={root}", "model.d_model=32"]
     code, out, err = performer_check(*arguments)
     assert code == 1, out + err
     assert out.strip().splitlines()[-1].startswith("6 problem(s), 2 warning(s)"), out

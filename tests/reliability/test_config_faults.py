@@ -33,14 +33,14 @@ CASES = {
     # name: (settings, overlay file text or None, what the message must say)
     "unknown top-level key": (["trian.max_steps=5"], None, "unknown config key 'trian'; did you mean 'train'"),
     "unknown nested key": (["train.max_step=5"], None, "unknown config key 'train.max_step'; did you mean 'train.max_steps'"),
-    "unknown model override": (["model.overrides.d_modle=32"], None,
-                               "unknown config key 'model.overrides.d_modle'; did you mean 'model.overrides.d_model'"),
+    "unknown model override": (["model.d_modle=32"], None,
+                               "unknown config key 'model.d_modle'; did you mean 'model.d_model'"),
     "unknown key in an overlay": ([], "optimizer:\n  lr: 1.0e-3\n  weight_decai: 0.1\n",
                                   "unknown config key 'optimizer.weight_decai'; did you mean 'optimizer.weight_decay'"),
     "wrong type": (["train.max_steps=ten"], None, "train.max_steps must be of type int, got str: 'ten'"),
-    "wrong type in an override": (["model.overrides.num_heads=[4]"], None, "model.overrides.num_heads must be of type int"),
+    "wrong type in an override": (["model.num_heads=[4]"], None, "model.num_heads must be of type int"),
     "wrong choice": (["zero.stage=4"], None, "zero.stage=4; choose one of 0, 1, 2, 3"),
-    "impossible model": (["model.overrides.num_heads=3"], None, "must be divisible by model.num_heads=3"),
+    "impossible model": (["model.num_heads=3"], None, "must be divisible by model.num_heads=3"),
 }
 
 
@@ -70,7 +70,7 @@ def test_impossible_batch_triad_exits_2_on_every_rank(prepared_data, tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["model.overrides.d_model=32"], "was trained with another model: model.overrides differs"),
+    (["model.d_model=32"], "was trained with another model: model.d_model differs (saved 64, now 32)"),
     (["zero.stage=1"], "was saved with zero.stage=0, now 1: resume with the same stage"),
 ])  # fmt: skip
 def test_resume_with_another_model_exits_2_and_leaves_the_run_alone(prepared_data, run_copy, settings, message):

@@ -148,7 +148,7 @@ def test_yaml_is_only_read_with_safe_load(tmp_path):
 def test_every_torch_load_is_weights_only_or_behind_verification():
     """Outside the tests, torch.load either refuses code (weights_only=True) or reads a checkpoint that
     resolve_resume_tag verified against its COMPLETE marker first (the export of a ZeRO-0 tag)."""
-    behind_verification = {("launcher/export.py", "consolidated_state_dict")}
+    behind_verification = {("launcher/commands/export.py", "consolidated_state_dict")}
     found = set()
     for path in project_python_files():
         relative = path.relative_to(REPO).as_posix()

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as torch_dist
 
 from launcher.dist import Topology, discover_topology, set_default_timeouts
-from launcher.errors import EXIT_FAILED, run_command
+from launcher.errors import EXIT_FAILED
 from performer.errors import InputError
 
 
@@ -241,15 +241,3 @@ def run(timeout_s: float = 30.0, size_mb: float = 4.0, repeats: int = 5) -> int:
                   f"in {time.monotonic() - started:.1f} s", flush=True)  # fmt: skip
         torch_dist.destroy_process_group()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.doctor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_command(run, args.timeout, args.size_mb, args.repeats)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,7 +68,7 @@ def trained_projection(marker: dict, run_config) -> dict:
     if marker.get("projection") is not None:
         return marker["projection"]
     # Swap was the only mode before the record existed.
-    return RedrawSchedule(run_config.model.redraw_interval, mode="swap").record(marker["step"], base_seed=None)
+    return RedrawSchedule(run_config.model.feature_redraw_interval, mode="swap").record(marker["step"], base_seed=None)
 
 
 def with_trained_projections(state_dict: dict[str, torch.Tensor], model_config, model_kind: str,
