@@ -18,17 +18,21 @@ import json
 import time
 from pathlib import Path
 
-from performer import strict
 from data.corpus import SOURCES, CorpusConfig, iter_documents, source_paths
 from data.objectives import OBJECTIVES
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
 from data.stream import DataError, ShardReader, StreamConfig, TokenStream, check_shard_paths
 from data.tokenizer import MODEL_TYPES, TOKENIZER_DIR, Tokenizer, TokenizerConfig, train_tokenizer
+from performer import strict
 
 
 def add_parser(subparsers) -> None:
-    data = subparsers.add_parser("data", help="corpora, tokenizer, shards", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = subparsers.add_parser(
+        "data",
+        help="corpora, tokenizer, shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
     tok = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a corpus sample")
@@ -41,8 +45,12 @@ def add_parser(subparsers) -> None:
     _corpus_options(shards)
     _shard_options(shards)
     shards.add_argument("--tokenizer", required=True, help="directory written by `performer data tokenizer`")
-    shards.add_argument("--split", choices=("train", "heldout", "all"), default="train",
-                        help="which documents to write (the held-out split is by content hash)")
+    shards.add_argument(
+        "--split",
+        choices=("train", "heldout", "all"),
+        default="train",
+        help="which documents to write (the held-out split is by content hash)",
+    )
     shards.add_argument("--out", required=True, help="directory for the shards and manifest.json")
     shards.set_defaults(func=cmd_shards)
 
@@ -87,15 +95,23 @@ def _shard_path_options(parser: argparse.ArgumentParser) -> None:
 
 def _checked_manifest(args) -> Manifest:
     manifest = Manifest.load(args.manifest)
-    check_shard_paths(manifest, allow_pipe=args.allow_pipe, allow_remote=args.allow_remote,
-                      allow_shell_characters=args.allow_shell_characters)  # fmt: skip
+    check_shard_paths(
+        manifest,
+        allow_pipe=args.allow_pipe,
+        allow_remote=args.allow_remote,
+        allow_shell_characters=args.allow_shell_characters,
+    )
     return manifest
 
 
 def _corpus_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("corpus")
-    group.add_argument("--source", choices=SOURCES, default="stdlib",
-                       help="stdlib = this Python's standard library sources (no download)")
+    group.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="stdlib",
+        help="stdlib = this Python's standard library sources (no download)",
+    )
     group.add_argument("--paths", nargs="*", default=(), help="files, directories or globs (files/jsonl)")
     group.add_argument("--text-field", default="text", help="JSONL field holding the text")
     group.add_argument("--heldout-fraction", type=float, default=CorpusConfig.heldout_fraction)
@@ -107,8 +123,9 @@ def _tokenizer_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vocab-size", type=int, default=TokenizerConfig.vocab_size)
     group.add_argument("--model-type", choices=MODEL_TYPES, default=TokenizerConfig.model_type)
     group.add_argument("--num-sentinels", type=int, default=TokenizerConfig.num_sentinels)
-    group.add_argument("--sample-lines", type=int, default=TokenizerConfig.sample_lines,
-                       help="corpus lines sampled for training")
+    group.add_argument(
+        "--sample-lines", type=int, default=TokenizerConfig.sample_lines, help="corpus lines sampled for training"
+    )
     group.add_argument("--seed", type=int, default=TokenizerConfig.seed)
 
 
@@ -116,14 +133,20 @@ def _shard_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("shards")
     group.add_argument("--max-samples-per-shard", type=int, default=ShardConfig.max_samples_per_shard)
     group.add_argument("--max-bytes-per-shard", type=int, default=ShardConfig.max_bytes_per_shard)
-    group.add_argument("--workers", type=int, default=ShardConfig.num_workers,
-                       help="tokenizer processes (0 = one per CPU)")
+    group.add_argument(
+        "--workers", type=int, default=ShardConfig.num_workers, help="tokenizer processes (0 = one per CPU)"
+    )
 
 
 def _corpus_config(args) -> CorpusConfig:
     """The corpus, its paths checked (they must name something) before any work."""
-    corpus = CorpusConfig(source=args.source, paths=tuple(args.paths), text_field=args.text_field,
-                          heldout_fraction=args.heldout_fraction, max_documents=args.max_documents)
+    corpus = CorpusConfig(
+        source=args.source,
+        paths=tuple(args.paths),
+        text_field=args.text_field,
+        heldout_fraction=args.heldout_fraction,
+        max_documents=args.max_documents,
+    )
     source_paths(corpus)
     return corpus
 
@@ -136,13 +159,21 @@ def _out_dir(args) -> Path:
 
 
 def _tokenizer_config(args) -> TokenizerConfig:
-    return TokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type,
-                           num_sentinels=args.num_sentinels, sample_lines=args.sample_lines, seed=args.seed)
+    return TokenizerConfig(
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        num_sentinels=args.num_sentinels,
+        sample_lines=args.sample_lines,
+        seed=args.seed,
+    )
 
 
 def _shard_config(args) -> ShardConfig:
-    return ShardConfig(max_samples_per_shard=args.max_samples_per_shard,
-                       max_bytes_per_shard=args.max_bytes_per_shard, num_workers=args.workers)
+    return ShardConfig(
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_bytes_per_shard=args.max_bytes_per_shard,
+        num_workers=args.workers,
+    )
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -152,21 +183,36 @@ def _train(corpus: CorpusConfig, config: TokenizerConfig, out: Path, split: str 
     started = time.perf_counter()
     texts = (doc.text for doc in iter_documents(corpus, split))
     tokenizer = train_tokenizer(texts, config, out)
-    print(f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
-          f"trained in {time.perf_counter() - started:.1f}s -> {out}")
+    print(
+        f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
+        f"trained in {time.perf_counter() - started:.1f}s -> {out}"
+    )
     return tokenizer
 
 
 def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out: Path, split: str) -> Manifest:
     texts = (doc.text for doc in iter_documents(corpus, None if split == "all" else split))
-    arrays = tokenize_texts(texts, tokenizer, num_workers=config.num_workers,
-                            documents_per_task=config.documents_per_task, description=f"{split} shards")
-    manifest = write_shards(arrays, out, split=split, special=tokenizer.special, config=config,
-                            tokenizer_fingerprint=tokenizer.fingerprint,
-                            source={"corpus": strict.plain(corpus)})
+    arrays = tokenize_texts(
+        texts,
+        tokenizer,
+        num_workers=config.num_workers,
+        documents_per_task=config.documents_per_task,
+        description=f"{split} shards",
+    )
+    manifest = write_shards(
+        arrays,
+        out,
+        split=split,
+        special=tokenizer.special,
+        config=config,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        source={"corpus": strict.plain(corpus)},
+    )
     size = sum(s.bytes for s in manifest.shards)
-    print(f"{split}: {manifest.samples} documents, {manifest.tokens:,} tokens in {len(manifest.shards)} "
-          f"shard(s), {size:,} bytes ({size / max(manifest.tokens, 1):.2f} bytes/token) -> {out}")
+    print(
+        f"{split}: {manifest.samples} documents, {manifest.tokens:,} tokens in {len(manifest.shards)} "
+        f"shard(s), {size:,} bytes ({size / max(manifest.tokens, 1):.2f} bytes/token) -> {out}"
+    )
     return manifest
 
 
@@ -186,8 +232,10 @@ def cmd_prepare(args) -> int:
     out, corpus = _out_dir(args), _corpus_config(args)
     tokenizer_config, shard_config = _tokenizer_config(args), _shard_config(args)
     if corpus.heldout_fraction == 0:
-        raise DataError("--heldout-fraction 0 leaves the held-out split that prepare writes empty; give a "
-                        "fraction > 0 (or build the splits with `performer data shards --split`)")
+        raise DataError(
+            "--heldout-fraction 0 leaves the held-out split that prepare writes empty; give a "
+            "fraction > 0 (or build the splits with `performer data shards --split`)"
+        )
     # The tokenizer sees only training documents, so held-out text stays unseen.
     tokenizer = _train(corpus, tokenizer_config, out / TOKENIZER_DIR, split="train")
     for split in ("train", "heldout"):
@@ -234,14 +282,21 @@ def _tokenizer_for(manifest: Manifest, directory: str | None) -> Tokenizer:
     the one the shards were written with (another would decode them into nonsense)."""
     tokenizer = manifest.tokenizer(directory)
     if tokenizer is None:
-        raise DataError(f"no tokenizer beside the shards of {manifest.root} (expected "
-                        f"{manifest.root.parent / TOKENIZER_DIR}); pass --tokenizer DIR")  # fmt: skip
+        raise DataError(
+            f"no tokenizer beside the shards of {manifest.root} (expected "
+            f"{manifest.root.parent / TOKENIZER_DIR}); pass --tokenizer DIR"
+        )
     return tokenizer
 
 
 def cmd_sample(args) -> int:
-    config = StreamConfig(manifest=args.manifest, objective=args.objective, input_length=args.input_length,
-                          batch_size=max(args.rows, 1), seed=args.seed)
+    config = StreamConfig(
+        manifest=args.manifest,
+        objective=args.objective,
+        input_length=args.input_length,
+        batch_size=max(args.rows, 1),
+        seed=args.seed,
+    )
     stream = TokenStream(config, rank=0, world_size=1)
     tokenizer = _tokenizer_for(stream.manifest, args.tokenizer)
     batch = next(iter(stream))

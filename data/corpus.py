@@ -27,8 +27,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from performer import strict
 from data.errors import DataError
+from performer import strict
 
 SOURCES = ("stdlib", "files", "jsonl")
 SPLITS = ("train", "heldout")
@@ -135,8 +135,9 @@ def _iter_raw(config: CorpusConfig) -> Iterator[Document]:
                     try:
                         record = json.loads(line.decode("utf-8"))
                     except ValueError as error:  # not UTF-8, not JSON
-                        raise DataError(f"{file_id}:{line_no}: not a JSON line ({error}); JSONL holds one JSON "
-                                        "object per line") from None  # fmt: skip
+                        raise DataError(
+                            f"{file_id}:{line_no}: not a JSON line ({error}); JSONL holds one JSON object per line"
+                        ) from None
                     if not isinstance(record, dict) or config.text_field not in record:
                         raise DataError(
                             f"{file_id}:{line_no}: no field {config.text_field!r}; "
@@ -161,7 +162,7 @@ def iter_documents(config: CorpusConfig, split: str | None = None) -> Iterator[D
 
 
 def split_of(text: str, heldout_fraction: float, salt: str = CorpusConfig.split_salt) -> str:
-    """"heldout" or "train" for a document, from its content hash (see the module docstring)."""
+    """ "heldout" or "train" for a document, from its content hash (see the module docstring)."""
     digest = hashlib.sha256(salt.encode() + text.encode("utf-8", errors="replace")).digest()
     position = int.from_bytes(digest[:8], "big") / 2.0**64
     return "heldout" if position < heldout_fraction else "train"

@@ -33,9 +33,9 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from performer import strict
 from data.errors import DataError
 from data.tokenizer import TOKENIZER_DIR, SpecialTokens, Tokenizer
+from performer import strict
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "performer-token-shards"
@@ -122,8 +122,10 @@ class Manifest:
             path = path / MANIFEST_FILE
         rebuild = "rebuild the split with `performer data shards` (or `performer data prepare`) or restore it"
         if not path.is_file():
-            raise DataError(f"no shard manifest at {path}; build shards with `performer data shards` "
-                            "or `performer data prepare`, or correct the path")  # fmt: skip
+            raise DataError(
+                f"no shard manifest at {path}; build shards with `performer data shards` "
+                "or `performer data prepare`, or correct the path"
+            )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:  # not UTF-8, not JSON, cut short
@@ -131,8 +133,10 @@ class Manifest:
             raise DataError(f"shard manifest {path} {problem}: damaged or not a manifest; {rebuild}") from None
         form = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (type(raw).__name__, None)
         if form != (MANIFEST_FORMAT, MANIFEST_VERSION):
-            raise DataError(f"{path} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest (format={form[0]!r}, "
-                            f"version={form[1]!r}); point to a split written by `performer data shards`")  # fmt: skip
+            raise DataError(
+                f"{path} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest (format={form[0]!r}, "
+                f"version={form[1]!r}); point to a split written by `performer data shards`"
+            )
         try:
             return cls(
                 split=raw["split"],
@@ -145,8 +149,9 @@ class Manifest:
                 root=path.parent,
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise DataError(f"shard manifest {path} is incomplete or malformed ({type(error).__name__}: {error}); "
-                            f"{rebuild}") from None
+            raise DataError(
+                f"shard manifest {path} is incomplete or malformed ({type(error).__name__}: {error}); {rebuild}"
+            ) from None
 
     def tokenizer(self, directory: str | os.PathLike | None = None) -> Tokenizer | None:
         """The tokenizer these shards were written with, checked against the fingerprint they pin.
@@ -222,8 +227,10 @@ def write_shards(
     documents = iter(documents)
     first = next((d for d in documents if len(d)), None)
     if first is None:
-        raise DataError(f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
-                        "another --heldout-fraction)")
+        raise DataError(
+            f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
+            "another --heldout-fraction)"
+        )
     # mtime=0 and ustar: identical inputs give identical bytes (and smaller headers than pax).
     with wds.ShardWriter(
         pattern,
@@ -383,7 +390,7 @@ def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = T
         if digest != shard.sha256:
             raise ShardChecksumError(f"sha256 {digest[:12]}... differs from the manifest's {shard.sha256[:12]}...")
     try:
-        with (tarfile.open(url, "r:") if local else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
+        with tarfile.open(url, "r:") if local else tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardError(f"not a readable tar ({error})") from None
@@ -418,4 +425,3 @@ def verify_manifest(
         except ShardError as error:
             bad[shard.path] = error
     return good, bad
-

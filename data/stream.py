@@ -70,9 +70,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import objectives
-from performer import strict
 from data.errors import DataError
 from data.shards import Manifest, ShardChecksumError, ShardIndex, read_shard_bytes, verify_manifest
+from performer import strict
 
 STATE_VERSION = 1
 _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://")
@@ -142,19 +142,23 @@ class StreamConfig:
         return self.input_length
 
 
-def check_shard_paths(manifest: Manifest, *, allow_pipe: bool = False, allow_remote: bool = False,
-                      allow_shell_characters: bool = False) -> None:
+def check_shard_paths(
+    manifest: Manifest, *, allow_pipe: bool = False, allow_remote: bool = False, allow_shell_characters: bool = False
+) -> None:
     """Refuse (DataError) shard paths that would run a command or fetch from the network unless
     allowed. Call it before anything opens a shard: verifying a `pipe:` shard runs it."""
     for shard in manifest.shards:
         if shard.path.startswith("pipe:"):
             if not allow_pipe:
-                raise DataError(f"shard {shard.path!r} is a pipe: command; set data.allow_pipe=true (StreamConfig."
-                                "allow_pipe) to run it")
+                raise DataError(
+                    f"shard {shard.path!r} is a pipe: command; set data.allow_pipe=true (StreamConfig."
+                    "allow_pipe) to run it"
+                )
             continue  # a pipe: command is shell by definition; allow_pipe accepted that
         if shard.path.startswith(_REMOTE_PREFIXES) and not allow_remote:
-            raise DataError(f"shard {shard.path!r} is remote; set data.allow_remote=true (StreamConfig.allow_remote) "
-                            "to fetch it")
+            raise DataError(
+                f"shard {shard.path!r} is remote; set data.allow_remote=true (StreamConfig.allow_remote) to fetch it"
+            )
         if "://" in shard.path and not shard.path.startswith(_REMOTE_PREFIXES):
             raise DataError(f"shard {shard.path!r}: unsupported URL scheme")
         found = sorted(set(shard.path) & SHELL_METACHARACTERS)
@@ -210,9 +214,7 @@ def buffered_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> np.n
     return out
 
 
-def plan_epoch(
-    indices: dict[int, ShardIndex], epoch: int, config: StreamConfig
-) -> EpochPlan:
+def plan_epoch(indices: dict[int, ShardIndex], epoch: int, config: StreamConfig) -> EpochPlan:
     """The epoch's document order: a pure function of (config.seed, epoch) and the good shards."""
     rng = np.random.default_rng([config.seed, epoch, 0x5EED])
     positions = np.array(sorted(indices), dtype=np.int64)
@@ -288,8 +290,15 @@ class ShardReader:
         self._open.clear()
 
 
-def read_rows(plan: EpochPlan, reader: ShardReader, first_row: int, num_rows: int, raw_length: int,
-              eos_id: int, lost: list | None = None) -> np.ndarray:
+def read_rows(
+    plan: EpochPlan,
+    reader: ShardReader,
+    first_row: int,
+    num_rows: int,
+    raw_length: int,
+    eos_id: int,
+    lost: list | None = None,
+) -> np.ndarray:
     """Rows [first_row, first_row + num_rows) of the epoch's packed token stream: (num_rows, raw).
 
     An unreadable document is appended to `lost` as (shard path, member, reason) and its place
@@ -334,12 +343,15 @@ def _stand_in(plan: EpochPlan, reader: ShardReader, d: int, count: int, eos: np.
         pieces += [eos]
         have += len(pieces[-2]) + 1
     if have < count:
-        raise UnreadableDocument("no readable document left in the epoch; check the shards with `performer data verify`")
+        raise UnreadableDocument(
+            "no readable document left in the epoch; check the shards with `performer data verify`"
+        )
     return np.concatenate(pieces)[:count]
 
 
-def make_batch(rows: np.ndarray, row_ids: np.ndarray, epoch: int, config: StreamConfig,
-               special) -> dict[str, torch.Tensor]:
+def make_batch(
+    rows: np.ndarray, row_ids: np.ndarray, epoch: int, config: StreamConfig, special
+) -> dict[str, torch.Tensor]:
     """Apply the objective to each packed row; row k's RNG is seeded with (seed, epoch, k)."""
     batch_size = len(rows)
     if config.objective == "causal_lm":
@@ -393,8 +405,9 @@ class _RankEpoch(IterableDataset):
             for i in range(worker, self.steps, workers):
                 first = self.cursor + (i * self.world + self.rank) * size
                 lost: list = []
-                rows = read_rows(self.plan, reader, first, size, self.config.raw_length,
-                                 self.manifest.special.eos_id, lost)
+                rows = read_rows(
+                    self.plan, reader, first, size, self.config.raw_length, self.manifest.special.eos_id, lost
+                )
                 row_ids = np.arange(first, first + size)
                 batch = make_batch(rows, row_ids, self.epoch, self.config, self.manifest.special)
                 # Travels with its batch through the DataLoader workers; TokenStream takes it off.
@@ -450,8 +463,12 @@ class TokenStream:
             )
 
     def _check_urls(self) -> None:
-        check_shard_paths(self.manifest, allow_pipe=self.config.allow_pipe, allow_remote=self.config.allow_remote,
-                          allow_shell_characters=self.config.allow_shell_characters)  # fmt: skip
+        check_shard_paths(
+            self.manifest,
+            allow_pipe=self.config.allow_pipe,
+            allow_remote=self.config.allow_remote,
+            allow_shell_characters=self.config.allow_shell_characters,
+        )
 
     def exclude_shards(self, reasons: dict[str, str]) -> None:
         """Leave these shards (path -> reason) out from now on, e.g. ones another rank found bad, so
@@ -511,8 +528,9 @@ class TokenStream:
         Use one iterator at a time: each advances the stream's cursor."""
         epoch, start, steps = self.epoch, self.cursor, self.steps_left_in_epoch
         rows_per_step = self.world_size * self.config.batch_size
-        dataset = _RankEpoch(self.manifest, self.indices, self.plan(epoch), self.config, epoch, start,
-                             steps, self.rank, self.world_size)
+        dataset = _RankEpoch(
+            self.manifest, self.indices, self.plan(epoch), self.config, epoch, start, steps, self.rank, self.world_size
+        )
         workers = self.config.num_workers
         loader = DataLoader(
             dataset,
@@ -526,8 +544,11 @@ class TokenStream:
             for path, member, reason in batch.pop(LOST_KEY):
                 if (path, int(member)) not in self.lost_documents:
                     self.lost_documents[(path, int(member))] = reason
-                    warnings.warn(f"shard {path}: document {member} lost ({reason}); replaced by the documents "
-                                  "after it", RuntimeWarning, stacklevel=2)  # fmt: skip
+                    warnings.warn(
+                        f"shard {path}: document {member} lost ({reason}); replaced by the documents after it",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             yield batch
         self.epoch, self.cursor = epoch + 1, 0
 
@@ -561,7 +582,9 @@ class TokenStream:
         if state["skipped_shards"] != mine["skipped_shards"]:
             warnings.warn(
                 f"shards skipped when the state was saved {state['skipped_shards']} differ from now "
-                f"{mine['skipped_shards']}; the epoch's order has changed", RuntimeWarning, stacklevel=2
+                f"{mine['skipped_shards']}; the epoch's order has changed",
+                RuntimeWarning,
+                stacklevel=2,
             )
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
         if epoch < 0 or not 0 <= cursor <= self.plan(epoch).rows:

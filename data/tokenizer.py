@@ -36,8 +36,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from performer import strict
 from data.errors import DataError
+from performer import strict
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "tokenizer.json"
@@ -139,8 +139,10 @@ class Tokenizer:
         missing = " and ".join(file.name for file in (model, info) if not file.is_file())
         if missing:
             problem = "does not exist" if not directory.is_dir() else f"has no {missing}"
-            raise DataError(f"tokenizer directory {directory} {problem} (a tokenizer is {MODEL_FILE} + {INFO_FILE}); "
-                            "copy it again or train one with `performer data tokenizer --out DIR`")  # fmt: skip
+            raise DataError(
+                f"tokenizer directory {directory} {problem} (a tokenizer is {MODEL_FILE} + {INFO_FILE}); "
+                "copy it again or train one with `performer data tokenizer --out DIR`"
+            )
         damaged = "damaged or truncated; copy the tokenizer directory again from where it was written"
         try:
             special = SpecialTokens.from_dict(json.loads(info.read_text(encoding="utf-8"))["special"])
@@ -264,10 +266,14 @@ def _train_sentencepiece(lines: list[str], config: TokenizerConfig, special: Spe
             model_writer=buffer,
             model_type=config.model_type,
             vocab_size=special.num_model_pieces,
-            pad_id=special.pad_id, pad_piece="<pad>",
-            eos_id=special.eos_id, eos_piece="</s>",
-            unk_id=special.unk_id, unk_piece="<unk>",
-            bos_id=special.bos_id, bos_piece="<s>",
+            pad_id=special.pad_id,
+            pad_piece="<pad>",
+            eos_id=special.eos_id,
+            eos_piece="</s>",
+            unk_id=special.unk_id,
+            unk_piece="<unk>",
+            bos_id=special.bos_id,
+            bos_piece="<s>",
             control_symbols=["<mask>"],  # takes the next free id, special.mask_id (checked below)
             byte_fallback=True,
             character_coverage=0.9999,

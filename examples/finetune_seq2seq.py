@@ -35,11 +35,13 @@ def special_ids(export_dir: Path) -> dict[str, int]:
     return dict(DEFAULT_SPECIAL)
 
 
-def toy_batch(task: str, batch_size: int, length: int, num_symbols: int, special: dict[str, int],
-              generator: torch.Generator) -> dict[str, torch.Tensor]:
+def toy_batch(
+    task: str, batch_size: int, length: int, num_symbols: int, special: dict[str, int], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """A batch of the toy task. Shapes: input_ids (B, L+1), decoder_input_ids and labels (B, L+1)."""
-    tokens = torch.randint(FIRST_ORDINARY_ID, FIRST_ORDINARY_ID + num_symbols, (batch_size, length),
-                           generator=generator)
+    tokens = torch.randint(
+        FIRST_ORDINARY_ID, FIRST_ORDINARY_ID + num_symbols, (batch_size, length), generator=generator
+    )
     eos = torch.full((batch_size, 1), special["eos_id"])
     targets = tokens.flip(1) if task == "reverse" else tokens
     labels = torch.cat([targets, eos], dim=1)

@@ -100,8 +100,11 @@ def verification_problems(tag_directory: Path, topology: Topology) -> list[str]:
         return [str(error)]
     if not isinstance(expected, dict):
         return [f"{tag_directory / COMPLETE_MARKER} records no file digests"]
-    problems = [f"{tag_directory / name}: not written by this checkpoint" for name in _tag_files(tag_directory)
-                if name not in expected]  # fmt: skip
+    problems = [
+        f"{tag_directory / name}: not written by this checkpoint"
+        for name in _tag_files(tag_directory)
+        if name not in expected
+    ]
     mine = []
     for index, (name, wanted) in enumerate(sorted(expected.items())):
         if index % topology.world_size != topology.rank:
@@ -133,8 +136,11 @@ def resolve_resume_tag(directory: Path, resume: str | None, topology: Topology |
             if not problems:
                 return tag
             if topology.is_main:
-                print(f"checkpoint {tag} fails verification, trying the one before: {'; '.join(problems)}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"checkpoint {tag} fails verification, trying the one before: {'; '.join(problems)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if tags:
             raise CheckpointError(
                 f"none of the complete checkpoints in {directory} ({', '.join(tags)}) verifies against its "
@@ -143,7 +149,9 @@ def resolve_resume_tag(directory: Path, resume: str | None, topology: Topology |
         return None
     if not (directory / resume).is_dir():
         available = ", ".join(complete_tags(directory)) or "none"
-        raise CheckpointError(f"--resume {resume}: no checkpoint {resume!r} in {directory} (complete ones: {available})")
+        raise CheckpointError(
+            f"--resume {resume}: no checkpoint {resume!r} in {directory} (complete ones: {available})"
+        )
     if not (directory / resume / COMPLETE_MARKER).is_file():
         raise CheckpointError(
             f"--resume {resume}: checkpoint {resume!r} in {directory} is incomplete (no {COMPLETE_MARKER} marker: "
@@ -151,8 +159,10 @@ def resolve_resume_tag(directory: Path, resume: str | None, topology: Topology |
         )
     problems = verification_problems(directory / resume, topology)
     if problems:
-        raise CheckpointError(f"--resume {resume}: the checkpoint fails verification: {'; '.join(problems)}; "
-                              "resume from another tag or with --resume auto")  # fmt: skip
+        raise CheckpointError(
+            f"--resume {resume}: the checkpoint fails verification: {'; '.join(problems)}; "
+            "resume from another tag or with --resume auto"
+        )
     return resume
 
 
@@ -164,8 +174,9 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def save(engine, directory: Path, step: int, client_state: dict[str, Any], topology: Topology, keep: int,
-         config: RunConfig) -> str:  # fmt: skip
+def save(
+    engine, directory: Path, step: int, client_state: dict[str, Any], topology: Topology, keep: int, config: RunConfig
+) -> str:
     """Save on every rank, then commit on rank 0: COMPLETE marker, pointer, retention.
 
     The COMPLETE marker is JSON: step, world size, the resolved run config and the model config,
@@ -244,8 +255,11 @@ def _raise_if_any_failed(directory: Path, tag: str, failures: list, topology: To
     if previous:
         size = sum(p.stat().st_size for p in (directory / previous[-1]).rglob("*") if p.is_file())
         space += f", a checkpoint takes {size / 2**20:.0f} MB"
-    kept = (f"the newest complete checkpoint, {previous[-1]}, is untouched" if previous
-            else "there is no earlier checkpoint")  # fmt: skip
+    kept = (
+        f"the newest complete checkpoint, {previous[-1]}, is untouched"
+        if previous
+        else "there is no earlier checkpoint"
+    )
     raise CheckpointSaveError(
         f"checkpoint {tag} could not be written to {directory} ({'; '.join(failures)}; {space}); its partial "
         f"files are removed and {kept}. Free space (or fix the filesystem), then rerun with --resume auto"
@@ -270,10 +284,14 @@ def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology,
     saved = config_from_dict(marker["run_config"])
     if saved.model_fingerprint() != config.model_fingerprint():
         saved_model, model = saved.to_dict()["model"], config.to_dict()["model"]
-        differing = [key for key in saved_model if key not in NON_SHAPE_MODEL_FIELDS and model.get(key) != saved_model[key]]
+        differing = [
+            key for key in saved_model if key not in NON_SHAPE_MODEL_FIELDS and model.get(key) != saved_model[key]
+        ]
         raise ConfigError(
             f"checkpoint {tag_directory.name} was trained with another model: "
-            + ", ".join(f"model.{key} differs (saved {saved_model[key]!r}, now {model.get(key)!r})" for key in differing)
+            + ", ".join(
+                f"model.{key} differs (saved {saved_model[key]!r}, now {model.get(key)!r})" for key in differing
+            )
             + "; use the saved model settings (config.yaml in the run directory) or a new train.output_dir"
         )
     if saved.zero.stage != config.zero.stage:
@@ -300,9 +318,11 @@ def check_compatible(tag_directory: Path, config: RunConfig, topology: Topology,
     batch = config.train.micro_batch_size * config.train.grad_accum * topology.world_size
     if saved_batch != batch:
         per_rank = saved_batch // topology.world_size
-        hint = (f"set train.grad_accum={per_rank // config.train.micro_batch_size}"
-                if per_rank * topology.world_size == saved_batch and per_rank % config.train.micro_batch_size == 0
-                else "choose train.micro_batch_size and train.grad_accum")  # fmt: skip
+        hint = (
+            f"set train.grad_accum={per_rank // config.train.micro_batch_size}"
+            if per_rank * topology.world_size == saved_batch and per_rank % config.train.micro_batch_size == 0
+            else "choose train.micro_batch_size and train.grad_accum"
+        )
         raise ConfigError(
             f"--reshard keeps the global batch: {tag_directory.name} was trained with {saved_batch} rows per step "
             f"({saved_world} rank(s)), this job would take {batch} ({topology.world_size} rank(s) x "
@@ -333,8 +353,10 @@ def convert_to_universal(directory: Path, tag: str, topology: Topology) -> Path:
             failure = f"{type(error).__name__}: {error}"
     failures = [f for f in gather_objects(failure) if f]
     if failures:
-        raise CheckpointError(f"--reshard: converting {tag} to a universal checkpoint failed ({failures[0]}); "
-                              "resume with the world size it was saved with")  # fmt: skip
+        raise CheckpointError(
+            f"--reshard: converting {tag} to a universal checkpoint failed ({failures[0]}); "
+            "resume with the world size it was saved with"
+        )
     return root
 
 
@@ -345,13 +367,17 @@ def _ds_to_universal(source: Path, target: Path) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     arguments = argparse.Namespace(
-        input_folder=str(source), output_folder=str(target),
+        input_folder=str(source),
+        output_folder=str(target),
         # One worker: the converter then runs in this process instead of forking a pool from a
         # process that holds a live process group.
-        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
         # Our checkpoints carry no universal_checkpoint_info; the converter only needs its version.
         inject_missing_state=True,
-    )  # fmt: skip
+    )
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines are diagnostics, not output
         ds_to_universal.main(arguments)
 
@@ -367,5 +393,7 @@ def load(engine, directory: Path, tag: str) -> dict[str, Any]:
     """Load a complete tag into the engine (module, optimizer, scheduler); return the client state."""
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {directory}: its files are missing or unreadable")
+        raise CheckpointError(
+            f"DeepSpeed could not load checkpoint {tag!r} from {directory}: its files are missing or unreadable"
+        )
     return client_state

@@ -51,16 +51,28 @@ class ModelSection(ModelConfig):
     three settings below. The fields in DERIVED_MODEL_FIELDS are the trainer's to set."""
 
     preset: str = "tiny"
-    "Named size whose values fill the architecture fields not set here: tiny, small, medium or large (performer.config.PRESETS)."
+    (
+        "Named size whose values fill the architecture fields not set here: tiny, small, medium or large "
+        "(performer.config.PRESETS)."
+    )
     kind: str = "seq2seq"
     "seq2seq (encoder-decoder, span corruption) or lm (decoder-only, causal LM)."
     redraw_mode: str = "smooth"
-    "smooth: each new draw is reached gradually over the interval, no step sees a jump; swap: replaced at once (the Performer paper's redraw; the loss jumps ~0.9 nats on the tiny config)."
+    (
+        "smooth: each new draw is reached gradually over the interval, no step sees a jump; swap: replaced at once "
+        "(the Performer paper's redraw; the loss jumps ~0.9 nats on the tiny config)."
+    )
     # Pretraining defaults that differ from the library's:
     feature_map: str = "favor++"
-    "favor++ (optimised positive features, lower variance, same cost: the best held-out loss measured, benchmarks/results/redraw.md) or favor+."
+    (
+        "favor++ (optimised positive features, lower variance, same cost: the best held-out loss measured, "
+        "benchmarks/results/redraw.md) or favor+."
+    )
     feature_redraw_interval: int | None = None
-    "Bring a new FAVOR+ projection draw in every N optimizer steps (all ranks, same seed); null = never (fixed features: the best held-out loss measured, benchmarks/results/redraw.md)."
+    (
+        "Bring a new FAVOR+ projection draw in every N optimizer steps (all ranks, same seed); null = never (fixed "
+        "features: the best held-out loss measured, benchmarks/results/redraw.md)."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,7 +80,9 @@ class ModelSection(ModelConfig):
         _check_choice("model.kind", self.kind, MODEL_KINDS)
         _check_choice("model.redraw_mode", self.redraw_mode, ("smooth", "swap"))
         if self.feature_redraw_interval is not None and self.feature_redraw_interval < 1:
-            raise ConfigError(f"model.feature_redraw_interval must be >= 1 or null (never), got {self.feature_redraw_interval}")
+            raise ConfigError(
+                f"model.feature_redraw_interval must be >= 1 or null (never), got {self.feature_redraw_interval}"
+            )
 
     def model_config(self, **derived: Any) -> ModelConfig:
         """The library's ModelConfig of this section, with the trainer's DERIVED_MODEL_FIELDS."""
@@ -161,9 +175,16 @@ class ZeroSection:
     offload: str = "none"
     "none, optimizer (optimizer states on CPU) or all (optimizer and parameters; stage 3 only)."
     bucket_elements: int | None = None
-    "Stages 1-3: elements per gradient-reduction and all-gather bucket (DeepSpeed's reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size); null = DeepSpeed's 5e8, a 1-2 GB buffer per rank whatever the model's size (ZeRO-3 holds it, ZeRO-1/2 allocate it at each backward)."
+    (
+        "Stages 1-3: elements per gradient-reduction and all-gather bucket (DeepSpeed's reduce_bucket_size, "
+        "allgather_bucket_size, stage3_prefetch_bucket_size); null = DeepSpeed's 5e8, a 1-2 GB buffer per rank "
+        "whatever the model's size (ZeRO-3 holds it, ZeRO-1/2 allocate it at each backward)."
+    )
     persistence_threshold: int | None = None
-    "Stage 3: parameters with fewer elements stay whole on every rank instead of partitioned (stage3_param_persistence_threshold); null = DeepSpeed's 1e5."
+    (
+        "Stage 3: parameters with fewer elements stay whole on every rank instead of partitioned "
+        "(stage3_param_persistence_threshold); null = DeepSpeed's 1e5."
+    )
 
 
 @dataclass
@@ -224,24 +245,39 @@ class RunConfig:
         _check_choice("zero.offload", self.zero.offload, OFFLOADS)
         _check_choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
         if self.zero.offload == "all" and self.zero.stage != 3:
-            raise ConfigError("zero.offload=all (parameter offload) needs zero.stage=3; use offload=optimizer below stage 3")
+            raise ConfigError(
+                "zero.offload=all (parameter offload) needs zero.stage=3; use offload=optimizer below stage 3"
+            )
         if self.zero.offload == "optimizer" and self.zero.stage == 0:
             # Stage 0 builds no ZeRO optimizer: DeepSpeed would silently keep the states on the device.
-            raise ConfigError("zero.offload=optimizer needs zero.stage >= 1 (stage 0 does not offload); set zero.stage=1")
+            raise ConfigError(
+                "zero.offload=optimizer needs zero.stage >= 1 (stage 0 does not offload); set zero.stage=1"
+            )
         expected_objective = {"seq2seq": "span_corruption", "lm": "causal_lm"}[self.model.kind]
         if self.data.objective != expected_objective:
             raise ConfigError(
                 f"data.objective={self.data.objective!r} does not train model.kind={self.model.kind!r}; "
                 f"set data.objective={expected_objective}"
             )
-        for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "checkpoint.interval", "checkpoint.keep", "log.interval"):
+        for key in (
+            "train.max_steps",
+            "train.micro_batch_size",
+            "train.grad_accum",
+            "checkpoint.interval",
+            "checkpoint.keep",
+            "log.interval",
+        ):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(self, section), name)}")
         if self.zero.bucket_elements is not None and self.zero.bucket_elements < 1:
-            raise ConfigError(f"zero.bucket_elements must be >= 1 (or null for DeepSpeed's default), got {self.zero.bucket_elements}")
+            raise ConfigError(
+                f"zero.bucket_elements must be >= 1 (or null for DeepSpeed's default), got {self.zero.bucket_elements}"
+            )
         if self.zero.persistence_threshold is not None and self.zero.persistence_threshold < 0:
-            raise ConfigError(f"zero.persistence_threshold must be >= 0 (or null), got {self.zero.persistence_threshold}")
+            raise ConfigError(
+                f"zero.persistence_threshold must be >= 0 (or null), got {self.zero.persistence_threshold}"
+            )
         from performer.optim import check_no_decay
 
         try:
@@ -249,8 +285,10 @@ class RunConfig:
         except ValueError as error:
             raise ConfigError(f"optimizer.no_decay: {error}") from None
         if self.schedule.warmup_steps < 0 or not 0 <= self.schedule.min_lr_ratio <= 1:
-            raise ConfigError("schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1], got "
-                              f"{self.schedule.warmup_steps} and {self.schedule.min_lr_ratio}")  # fmt: skip
+            raise ConfigError(
+                "schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1], got "
+                f"{self.schedule.warmup_steps} and {self.schedule.min_lr_ratio}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -309,12 +347,15 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config file {str(path)!r} {problem} (pass --config PATH to a YAML file, e.g. configs/tiny.yaml)")
+        raise ConfigError(
+            f"config file {str(path)!r} {problem} (pass --config PATH to a YAML file, e.g. configs/tiny.yaml)"
+        )
     try:
         text = path.read_text()
         if not text.strip():  # a comment-only file is a deliberate empty overlay; no bytes at all is not
-            raise ConfigError(f"config file {str(path)!r} is empty (a failed copy?); write the settings in it, "
-                              "or leave it out")  # fmt: skip
+            raise ConfigError(
+                f"config file {str(path)!r} is empty (a failed copy?); write the settings in it, or leave it out"
+            )
         loaded = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
@@ -341,7 +382,10 @@ def build_run_config(values: Any) -> RunConfig:
 
 
 # Saved configs (checkpoints, run directories) written before the model section embedded ModelConfig.
-_SAVED_MODEL_RENAMES = {"redraw_interval": "feature_redraw_interval", "activation_checkpointing": "gradient_checkpointing"}
+_SAVED_MODEL_RENAMES = {
+    "redraw_interval": "feature_redraw_interval",
+    "activation_checkpointing": "gradient_checkpointing",
+}
 
 
 def config_from_dict(values: Mapping) -> RunConfig:

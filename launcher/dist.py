@@ -65,11 +65,19 @@ def slurm_first_host(node_list: str) -> str:
 
 def _from_mpi(environ) -> tuple[int, int, int, str] | None:
     if "OMPI_COMM_WORLD_RANK" in environ:
-        return (int(environ["OMPI_COMM_WORLD_RANK"]), int(environ["OMPI_COMM_WORLD_SIZE"]),
-                int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "openmpi")  # fmt: skip
+        return (
+            int(environ["OMPI_COMM_WORLD_RANK"]),
+            int(environ["OMPI_COMM_WORLD_SIZE"]),
+            int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+            "openmpi",
+        )
     if "PMI_RANK" in environ and "PMI_SIZE" in environ:
-        return (int(environ["PMI_RANK"]), int(environ["PMI_SIZE"]),
-                int(environ.get("MPI_LOCALRANKID", environ.get("PMI_LOCAL_RANK", 0))), "mpich")  # fmt: skip
+        return (
+            int(environ["PMI_RANK"]),
+            int(environ["PMI_SIZE"]),
+            int(environ.get("MPI_LOCALRANKID", environ.get("PMI_LOCAL_RANK", 0))),
+            "mpich",
+        )
     return None
 
 
@@ -83,8 +91,10 @@ def _mpi_rendezvous(environ, rank: int, world_size: int) -> tuple[str, str]:
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError) as error:
-        raise RuntimeError(f"an MPI launcher started this process but mpi4py cannot load an MPI library ({error}): "
-                           "install the project's dependencies (mpi4py, openmpi) or set MASTER_ADDR and MASTER_PORT") from error  # fmt: skip
+        raise RuntimeError(
+            f"an MPI launcher started this process but mpi4py cannot load an MPI library ({error}): "
+            "install the project's dependencies (mpi4py, openmpi) or set MASTER_ADDR and MASTER_PORT"
+        ) from error
     mpi_size = MPI.COMM_WORLD.Get_size()
     if mpi_size != world_size:
         raise RuntimeError(
@@ -105,8 +115,10 @@ def discover_topology(environ=None) -> Topology:
         local_rank, source = int(environ.get("LOCAL_RANK", rank)), "launcher"
         if world_size > 1 and "MASTER_PORT" not in environ:
             # A free port of each rank's own would leave every rank waiting for a different master.
-            raise RuntimeError(f"RANK and WORLD_SIZE={world_size} are set but MASTER_PORT is not: "
-                               "set MASTER_ADDR and MASTER_PORT (the same on every rank)")  # fmt: skip
+            raise RuntimeError(
+                f"RANK and WORLD_SIZE={world_size} are set but MASTER_PORT is not: "
+                "set MASTER_ADDR and MASTER_PORT (the same on every rank)"
+            )
     elif (mpi := _from_mpi(environ)) is not None:
         rank, world_size, local_rank, source = mpi
         if world_size > 1 and not ("MASTER_ADDR" in environ and "MASTER_PORT" in environ):
@@ -203,11 +215,14 @@ class PeerAbortWatchdog:
             step = self._step
             if reason is None or step is None:
                 continue
-            print(f"[rank {self.rank}] error: the job is over ({reason}) while this rank was still inside step "
-                  f"{step}, so it stops too instead of waiting or holding the job. If this rank is the hung one "
-                  f"(the others gave up after dist.timeout_s={self.timeout_s:g} s), find where it was (py-spy dump, "
-                  "its log); raise dist.timeout_s if steps legitimately take longer",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[rank {self.rank}] error: the job is over ({reason}) while this rank was still inside step "
+                f"{step}, so it stops too instead of waiting or holding the job. If this rank is the hung one "
+                f"(the others gave up after dist.timeout_s={self.timeout_s:g} s), find where it was (py-spy dump, "
+                "its log); raise dist.timeout_s if steps legitimately take longer",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(self.exit_code)
 
 

@@ -47,6 +47,7 @@ def flops_per_micro_batch(model, config: RunConfig, target_length: int) -> float
 
     Encoder tokens pass the encoder; decoder tokens the decoder and the vocabulary projection.
     """
+
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters())
 

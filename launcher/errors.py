@@ -28,8 +28,12 @@ EXIT_PREEMPTED = 75  # stopped early by a signal or the time budget, after savin
 DEBUG_VARIABLE = "PERFORMER_DEBUG"
 
 # (rank, world size) variables of the launchers launcher.dist knows, in its order of precedence.
-_RANK_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                   ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))  # fmt: skip
+_RANK_VARIABLES = (
+    ("RANK", "WORLD_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+)
 
 
 def launched_rank(environ=None) -> int | None:

@@ -48,8 +48,10 @@ _KEYED = {
     "enospc": ({"save"}, {"rank"}),
 }
 _LISTED = ("nonfinite_loss", "inf_loss")
-_USAGE = ("nonfinite_loss@N[,N...], inf_loss@N[,N...], kill@step=N,rank=R, hang@step=N,rank=R[,seconds=S], "
-          "slow_save@save=N,rank=R[,seconds=S], enospc@save=N[,rank=R]")  # fmt: skip
+_USAGE = (
+    "nonfinite_loss@N[,N...], inf_loss@N[,N...], kill@step=N,rank=R, hang@step=N,rank=R[,seconds=S], "
+    "slow_save@save=N,rank=R[,seconds=S], enospc@save=N[,rank=R]"
+)
 
 
 class FaultSpecError(InputError, ValueError):
@@ -90,8 +92,10 @@ def _keyed(item: str, name: str, where: str) -> dict[str, str]:
         if not equals or not value:
             raise FaultSpecError(f"{ENVIRONMENT_VARIABLE}: {item!r}: expected key=value, got {pair!r}; forms: {_USAGE}")
         if key not in required | optional:
-            raise FaultSpecError(f"{ENVIRONMENT_VARIABLE}: {item!r}: unknown key {key!r} for {name} "
-                                 f"(keys: {', '.join(sorted(required | optional))})")  # fmt: skip
+            raise FaultSpecError(
+                f"{ENVIRONMENT_VARIABLE}: {item!r}: unknown key {key!r} for {name} "
+                f"(keys: {', '.join(sorted(required | optional))})"
+            )
         if key in values:
             raise FaultSpecError(f"{ENVIRONMENT_VARIABLE}: {item!r}: {key} given twice")
         values[key] = value
@@ -135,14 +139,25 @@ class Faults:
                 (nonfinite if name == "nonfinite_loss" else infinite).update(attempts)
             elif name in ("kill", "hang"):
                 values = _keyed(item, name, where)
-                step_faults.append(StepFault(name, _number(item, "step", values["step"]),
-                                             _number(item, "rank", values["rank"]),
-                                             _number(item, "seconds", values.get("seconds", str(DEFAULT_SLEEP_S)), float)))  # fmt: skip
+                step_faults.append(
+                    StepFault(
+                        name,
+                        _number(item, "step", values["step"]),
+                        _number(item, "rank", values["rank"]),
+                        _number(item, "seconds", values.get("seconds", str(DEFAULT_SLEEP_S)), float),
+                    )
+                )
             elif name in ("slow_save", "enospc"):
                 values = _keyed(item, name, where)
                 rank = _number(item, "rank", values["rank"]) if "rank" in values else None
-                save_faults.append(SaveFault(name, _number(item, "save", values["save"]), rank,
-                                             _number(item, "seconds", values.get("seconds", str(DEFAULT_SLEEP_S)), float)))  # fmt: skip
+                save_faults.append(
+                    SaveFault(
+                        name,
+                        _number(item, "save", values["save"]),
+                        rank,
+                        _number(item, "seconds", values.get("seconds", str(DEFAULT_SLEEP_S)), float),
+                    )
+                )
             else:
                 raise FaultSpecError(f"{ENVIRONMENT_VARIABLE}: unknown fault {name!r} in {item!r}; forms: {_USAGE}")
         return cls(frozenset(nonfinite), frozenset(infinite), tuple(step_faults), tuple(save_faults))

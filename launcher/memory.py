@@ -78,8 +78,9 @@ def _walk(value, path: str, depth: int, visited: set[int]) -> Iterator[tuple[str
     visited.add(id(value))
     if isinstance(value, dict):
         for key, item in list(value.items()):
-            yield from _walk(item, f"{path}[{key!r}]" if not isinstance(key, torch.Tensor) else f"{path}[param]",
-                             depth - 1, visited)  # fmt: skip
+            yield from _walk(
+                item, f"{path}[{key!r}]" if not isinstance(key, torch.Tensor) else f"{path}[param]", depth - 1, visited
+            )
     elif isinstance(value, (list, tuple, set)):
         for index, item in enumerate(list(value)):
             yield from _walk(item, f"{path}[{index}]", depth - 1, visited)

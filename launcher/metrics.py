@@ -32,8 +32,9 @@ def measure_peak_flops(size: int = 1024, repeats: int = 3) -> float:
 class MetricsLogger:
     """Writes only on rank 0; every method is safe to call on every rank."""
 
-    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 tensorboard: bool, progress: bool):  # fmt: skip
+    def __init__(
+        self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool, progress: bool
+    ):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None

@@ -36,22 +36,44 @@ from performer.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", required=True, metavar="YAML",
-                        help="config file; repeat to layer overlays (later files win)")
-    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. --set train.max_steps=50 zero.stage=2")
-    parser.add_argument("--resume", default=None, metavar="auto|TAG",
-                        help="auto: newest complete checkpoint (fresh start if none); TAG: that one or an error")
-    parser.add_argument("--reshard", action="store_true",
-                        help="with --resume: continue a ZeRO-1/2 checkpoint saved on another number of ranks "
-                             "(converted to DeepSpeed's universal format; keep the global batch)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="YAML",
+        help="config file; repeat to layer overlays (later files win)",
+    )
+    parser.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. --set train.max_steps=50 zero.stage=2",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|TAG",
+        help="auto: newest complete checkpoint (fresh start if none); TAG: that one or an error",
+    )
+    parser.add_argument(
+        "--reshard",
+        action="store_true",
+        help="with --resume: continue a ZeRO-1/2 checkpoint saved on another number of ranks "
+        "(converted to DeepSpeed's universal format; keep the global batch)",
+    )
     # The deepspeed launcher appends --local_rank; the rank comes from the environment anyway.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("pretrain", help="pretrain with DeepSpeed (see launcher/pretrain.py)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pretrain with DeepSpeed (see launcher/pretrain.py)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     parser.set_defaults(func=lambda args: exit_without_teardown(run(args.config, args.set, args.resume, args.reshard)))
 
@@ -120,13 +142,17 @@ def explain_collective_failure(error: RuntimeError, timeout_s: float) -> str | N
     text = str(error)
     lowered = text.lower()
     if "timed out" in lowered or "timeout" in lowered:
-        return (f"a collective waited longer than dist.timeout_s={timeout_s:g} s for another rank: a rank is hung "
-                f"(or far slower than the others), so the job stops instead of waiting. Find the hung rank "
-                f"(py-spy dump, its log); if steps or saves legitimately take longer, raise dist.timeout_s. "
-                f"({text.splitlines()[0][:300]})")  # fmt: skip
+        return (
+            f"a collective waited longer than dist.timeout_s={timeout_s:g} s for another rank: a rank is hung "
+            f"(or far slower than the others), so the job stops instead of waiting. Find the hung rank "
+            f"(py-spy dump, its log); if steps or saves legitimately take longer, raise dist.timeout_s. "
+            f"({text.splitlines()[0][:300]})"
+        )
     if any(word in lowered for word in ("connection closed", "connection reset", "broken pipe", "peer")):
-        return (f"another rank died (its connection closed) during a collective; see that rank's error above or "
-                f"the launcher's exit status, then rerun with --resume auto ({text.splitlines()[0][:300]})")
+        return (
+            f"another rank died (its connection closed) during a collective; see that rank's error above or "
+            f"the launcher's exit status, then rerun with --resume auto ({text.splitlines()[0][:300]})"
+        )
     return None
 
 
@@ -146,8 +172,9 @@ def exit_without_teardown(code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launcher.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="launcher.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args.config, args.set, args.resume, args.reshard)

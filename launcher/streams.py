@@ -28,12 +28,19 @@ def make_stream(config: RunConfig, manifest: Path, topology: Topology, max_epoch
 
     data = config.data
     stream_config = StreamConfig(
-        manifest=str(manifest), objective=data.objective, input_length=data.input_length,
-        batch_size=config.train.micro_batch_size, seed=config.seed, num_workers=data.num_workers,
-        shuffle_buffer=data.shuffle_buffer, verify_sha256=data.verify_sha256,
-        allow_pipe=data.allow_pipe, allow_remote=data.allow_remote,
-        allow_shell_characters=data.allow_shell_characters, max_epochs=max_epochs,
-    )  # fmt: skip
+        manifest=str(manifest),
+        objective=data.objective,
+        input_length=data.input_length,
+        batch_size=config.train.micro_batch_size,
+        seed=config.seed,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        verify_sha256=data.verify_sha256,
+        allow_pipe=data.allow_pipe,
+        allow_remote=data.allow_remote,
+        allow_shell_characters=data.allow_shell_characters,
+        max_epochs=max_epochs,
+    )
     try:
         stream = TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size)
         # Each rank verified the files itself: one that changed in between must not give the ranks
@@ -51,8 +58,9 @@ def report_bad_shards(metrics: MetricsLogger, step: int, split: str, stream) -> 
     """One event per skipped shard (name, reason, samples lost), in metrics.jsonl and on the console."""
     samples = {shard.path: shard.samples for shard in stream.manifest.shards}
     for path, reason in sorted(stream.bad_shards.items()):
-        metrics.log("event", step, {"data_bad_shard": path, "split": split, "reason": reason,
-                                    "samples_lost": samples[path]})  # fmt: skip
+        metrics.log(
+            "event", step, {"data_bad_shard": path, "split": split, "reason": reason, "samples_lost": samples[path]}
+        )
         metrics.message(f"data: skipping {split} shard {path} ({samples[path]} samples lost): {reason}")
 
 
@@ -68,8 +76,9 @@ def report_lost_documents(metrics: MetricsLogger, step: int, stream, reported: d
             if (path, member) not in reported:
                 reported[(path, member)] = reason
                 metrics.log("event", step, {"data_lost_document": path, "member": member, "reason": reason})
-                metrics.message(f"data: shard {path} document {member} unreadable ({reason}); replaced by the "
-                                "documents after it")  # fmt: skip
+                metrics.message(
+                    f"data: shard {path} document {member} unreadable ({reason}); replaced by the documents after it"
+                )
 
 
 def batch_tokens(batch: dict) -> int:

@@ -32,7 +32,14 @@ from launcher.memory import model_state_bytes, peak_resident_bytes, resident_byt
 from launcher.metrics import MetricsLogger, measure_peak_flops
 from launcher.projections import projection_record, set_projections_everywhere
 from launcher.schedule import learning_rate, set_learning_rate
-from launcher.streams import batch_tokens, eval_manifest_path, make_stream, report_bad_shards, report_lost_documents, to_device
+from launcher.streams import (
+    batch_tokens,
+    eval_manifest_path,
+    make_stream,
+    report_bad_shards,
+    report_lost_documents,
+    to_device,
+)
 from performer.feature_maps import derive_seed
 from performer.redraw import RedrawSchedule
 
@@ -99,33 +106,50 @@ class Run:
         step = self.engine.global_steps
         progress = self.progress
         return {
-            "step": step, "samples": progress.samples, "tokens": progress.tokens,
-            "skipped_nonfinite": progress.skipped_nonfinite, "data": self.stream.state_dict(),
-            "projection_seed": self.projection_seed, "projection": projection_record(self.model, self.redraws, step),
-            "config_fingerprint": self.config.fingerprint(), "model_config": self.model_config.to_dict(),
-            "run_config": self.config.to_dict(), "world_size": self.topology.world_size,
-            "data_lost_documents": [[path, member, reason] for (path, member), reason in sorted(self.reported_lost.items())],
-        }  # fmt: skip
+            "step": step,
+            "samples": progress.samples,
+            "tokens": progress.tokens,
+            "skipped_nonfinite": progress.skipped_nonfinite,
+            "data": self.stream.state_dict(),
+            "projection_seed": self.projection_seed,
+            "projection": projection_record(self.model, self.redraws, step),
+            "config_fingerprint": self.config.fingerprint(),
+            "model_config": self.model_config.to_dict(),
+            "run_config": self.config.to_dict(),
+            "world_size": self.topology.world_size,
+            "data_lost_documents": [
+                [path, member, reason] for (path, member), reason in sorted(self.reported_lost.items())
+            ],
+        }
 
     def save(self) -> None:
-        checkpoint.save(self.engine, self.checkpoint_dir, self.engine.global_steps, self.client_state(),
-                        self.topology, self.config.checkpoint.keep, self.config)  # fmt: skip
+        checkpoint.save(
+            self.engine,
+            self.checkpoint_dir,
+            self.engine.global_steps,
+            self.client_state(),
+            self.topology,
+            self.config.checkpoint.keep,
+            self.config,
+        )
         self.last_saved_step = self.engine.global_steps
 
 
 # ------------------------------------------------------------------------------ building
 
 
-def build_run(config: RunConfig, topology: Topology, resume: str | None, faults: Faults | None = None,
-              reshard: bool = False) -> Run:  # fmt: skip
+def build_run(
+    config: RunConfig, topology: Topology, resume: str | None, faults: Faults | None = None, reshard: bool = False
+) -> Run:
     """Resume point, model, engine, projections, streams and metrics of this rank (collective)."""
     from data.shards import Manifest
     from performer.models import build_model
 
     checkpoint_dir = Path(config.train.output_dir) / "checkpoints"
     resume_tag = checkpoint.resolve_resume_tag(checkpoint_dir, resume, topology)
-    convert = resume_tag is not None and checkpoint.check_compatible(checkpoint_dir / resume_tag, config, topology,
-                                                                      reshard)  # fmt: skip
+    convert = resume_tag is not None and checkpoint.check_compatible(
+        checkpoint_dir / resume_tag, config, topology, reshard
+    )
     load_dir = checkpoint.convert_to_universal(checkpoint_dir, resume_tag, topology) if convert else checkpoint_dir
     model_config = build_model_config(config, Manifest.load(config.data.manifest).special)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -145,8 +169,9 @@ def build_run(config: RunConfig, topology: Topology, resume: str | None, faults:
         for path, member, reason in client.get("data_lost_documents", []):
             stream.lost_documents[(path, member)] = reason
         projection_seed = int(client["projection_seed"])
-        progress = Progress(samples=client["samples"], tokens=client["tokens"],
-                            skipped_nonfinite=client["skipped_nonfinite"])  # fmt: skip
+        progress = Progress(
+            samples=client["samples"], tokens=client["tokens"], skipped_nonfinite=client["skipped_nonfinite"]
+        )
     redraws = RedrawSchedule(config.model.feature_redraw_interval, config.model.redraw_mode)
     # The projection the next step trains with (a function of (seed, step): resuming restores it exactly).
     set_projections_everywhere(model, projection_seed, engine.global_steps + 1, redraws, check=True)
@@ -157,17 +182,33 @@ def build_run(config: RunConfig, topology: Topology, resume: str | None, faults:
     eval_manifest = eval_manifest_path(config) if config.eval.interval else None
     eval_stream = make_stream(config, eval_manifest, topology, max_epochs=1) if eval_manifest is not None else None
     _install_stop_signals(progress)
-    metrics = MetricsLogger(Path(config.train.output_dir), topology.is_main, config.train.max_steps, engine.global_steps,
-                            config.log.tensorboard, config.log.progress)  # fmt: skip
+    metrics = MetricsLogger(
+        Path(config.train.output_dir),
+        topology.is_main,
+        config.train.max_steps,
+        engine.global_steps,
+        config.log.tensorboard,
+        config.log.progress,
+    )
     run = Run(
-        config=config, topology=topology, model=model, model_config=model_config, engine=engine, stream=stream,
-        eval_stream=eval_stream, metrics=metrics, redraws=redraws, projection_seed=projection_seed, faults=faults,
-        progress=progress, last_saved_step=engine.global_steps if resume_tag is not None else -1,
+        config=config,
+        topology=topology,
+        model=model,
+        model_config=model_config,
+        engine=engine,
+        stream=stream,
+        eval_stream=eval_stream,
+        metrics=metrics,
+        redraws=redraws,
+        projection_seed=projection_seed,
+        faults=faults,
+        progress=progress,
+        last_saved_step=engine.global_steps if resume_tag is not None else -1,
         peak_flops=config.log.peak_flops_per_rank or measure_peak_flops(),
         micro_batch_flops=flops_per_micro_batch(model, config, stream.config.target_length),
         eval_start=eval_stream.state_dict() if eval_stream is not None else None,
         reported_lost=dict(stream.lost_documents),
-    )  # fmt: skip
+    )
     _announce(run, resume_tag, client, convert, parameter_groups)
     return run
 
@@ -178,12 +219,19 @@ def _announce(run: Run, resume_tag: str | None, client: dict | None, convert: bo
         resharded = f", resharded from {client['world_size']} to {run.topology.world_size} rank(s)" if convert else ""
         metrics.message(f"resumed from {resume_tag} at step {step}{resharded}")
     parameters = sum(p.numel() for p in run.model.parameters())
-    metrics.message(f"{config.model.kind} model, {parameters / 1e6:.2f}M parameters, {run.topology.world_size} "
-                    f"rank(s), ZeRO {config.zero.stage}, {config.precision}")  # fmt: skip
+    metrics.message(
+        f"{config.model.kind} model, {parameters / 1e6:.2f}M parameters, {run.topology.world_size} "
+        f"rank(s), ZeRO {config.zero.stage}, {config.precision}"
+    )
     metrics.log("event", step, {"parameter_groups": parameter_groups})
-    metrics.message("optimizer groups: " + "; ".join(
-        f"{name} (weight decay {group['weight_decay']:g}): {group['tensors']} tensors, {group['parameters']:,} parameters"
-        for name, group in parameter_groups.items()))  # fmt: skip
+    metrics.message(
+        "optimizer groups: "
+        + "; ".join(
+            f"{name} (weight decay {group['weight_decay']:g}): {group['tensors']} tensors, "
+            f"{group['parameters']:,} parameters"
+            for name, group in parameter_groups.items()
+        )
+    )
     report_bad_shards(metrics, step, "train", run.stream)
     if run.eval_stream is not None:
         report_bad_shards(metrics, step, "heldout", run.eval_stream)
@@ -243,8 +291,13 @@ def micro_step(run: Run, batches: Iterator[dict]) -> bool:
         step = engine.global_steps + 1
         if step % config.log.interval == 0 or step == config.train.max_steps:
             run.held = model_state_bytes(engine)  # while weights, gradients and optimizer state are all alive
-        run.step_lr = learning_rate(step, config.optimizer.lr, config.schedule.warmup_steps, config.train.max_steps,
-                                    config.schedule.min_lr_ratio)  # fmt: skip
+        run.step_lr = learning_rate(
+            step,
+            config.optimizer.lr,
+            config.schedule.warmup_steps,
+            config.train.max_steps,
+            config.schedule.min_lr_ratio,
+        )
         set_learning_rate(engine.optimizer, run.step_lr)
     engine.step()
     run.window.loss += loss.item()
@@ -291,11 +344,15 @@ def at_boundary(run: Run) -> bool:
         return False
     if run.redraws.changes_after(step) and not last:
         # Last at the boundary: everything above saw the projection this step trained with.
-        digest = set_projections_everywhere(run.model, run.projection_seed, step + 1, run.redraws,
-                                            check=run.redraws.redraws_after(step))  # fmt: skip
+        digest = set_projections_everywhere(
+            run.model, run.projection_seed, step + 1, run.redraws, check=run.redraws.redraws_after(step)
+        )
         if digest is not None:
-            run.metrics.log("event", step, {"redraw": step, "first_step": step + 1, "mode": run.redraws.mode,
-                                            "projection_digest": digest})  # fmt: skip
+            run.metrics.log(
+                "event",
+                step,
+                {"redraw": step, "first_step": step + 1, "mode": run.redraws.mode, "projection_digest": digest},
+            )
     return True
 
 
@@ -311,19 +368,23 @@ def log_window(run: Run, step: int) -> None:
     progress.tokens += int(tokens * world_size)
     grad_norm = engine.get_global_grad_norm()
     fp16 = run.config.precision == "fp16"
-    run.metrics.log("train", step, {
-        "loss": mean_loss,
-        "lr": run.step_lr,  # the rate this step used
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if fp16 else 1.0,
-        "tokens_per_s": tokens * world_size / elapsed,
-        "mfu": run.micro_batch_flops * window.micro / elapsed / run.peak_flops,
-        "data_wait_fraction": window.wait / elapsed,
-        "skipped_steps": progress.skipped_nonfinite + int(getattr(engine, "skipped_steps", 0)),
-        "tokens": progress.tokens,
-        "data_skipped_shards": len(stream.bad_shards),
-        "data_lost_samples": stream.lost_samples - len(stream.lost_documents) + len(run.reported_lost),
-    })  # fmt: skip
+    run.metrics.log(
+        "train",
+        step,
+        {
+            "loss": mean_loss,
+            "lr": run.step_lr,  # the rate this step used
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if fp16 else 1.0,
+            "tokens_per_s": tokens * world_size / elapsed,
+            "mfu": run.micro_batch_flops * window.micro / elapsed / run.peak_flops,
+            "data_wait_fraction": window.wait / elapsed,
+            "skipped_steps": progress.skipped_nonfinite + int(getattr(engine, "skipped_steps", 0)),
+            "tokens": progress.tokens,
+            "data_skipped_shards": len(stream.bad_shards),
+            "data_lost_samples": stream.lost_samples - len(stream.lost_documents) + len(run.reported_lost),
+        },
+    )
     log_memory(run.metrics, step, run.held)
     run.window = MetricsWindow()
 
@@ -355,8 +416,12 @@ def log_memory(metrics: MetricsLogger, step: int, held: dict[str, int] | None) -
     maxima over ranks as scalars. One gather of a few integers per rank."""
     mine = {**(held or {}), "rss_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes()}
     ranks = gather_objects(mine)
-    metrics.log("memory", step, {
-        "model_state_bytes": max(r.get("total", 0) for r in ranks),
-        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
-        "per_rank": ranks,
-    })  # fmt: skip
+    metrics.log(
+        "memory",
+        step,
+        {
+            "model_state_bytes": max(r.get("total", 0) for r in ranks),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+            "per_rank": ranks,
+        },
+    )

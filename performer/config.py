@@ -15,6 +15,7 @@ from performer.activations import ActivationFunctions
 from performer.attention.kinds import KERNELS, guide_attention_type
 from performer.errors import ConfigError
 from performer.feature_maps import FEATURE_MAPS
+
 NORMS = ("layernorm", "rezero", "scalenorm")
 POSITIONS = ("rotary", "absolute")
 
@@ -40,7 +41,10 @@ class ModelConfig:
     nb_features: int | None = None
     "FAVOR+ random features per head; None = round(D ln D) with D the head dim."
     feature_map: str = "favor+"
-    "Features of favor attention: favor+ or favor++ (optimised positive features, lower variance, one buffer A per attention; see performer.feature_maps)."
+    (
+        "Features of favor attention: favor+ or favor++ (optimised positive features, lower variance, one buffer A "
+        "per attention; see performer.feature_maps)."
+    )
     activation: str = "swiglu"
     "Feed-forward activation: swiglu, geglu, reglu, gelu or relu."
     norm: str = "layernorm"
@@ -54,7 +58,10 @@ class ModelConfig:
     pad_id: int = 0
     "Padding token id (its embedding row gets no gradient)."
     decoder_start_id: int | None = None
-    "Token every decoder target starts from, the default of seq2seq generate(); None = pad_id (T5's choice). The trainer sets the tokenizer's bos, which its batches start with."
+    (
+        "Token every decoder target starts from, the default of seq2seq generate(); None = pad_id (T5's choice). The "
+        "trainer sets the tokenizer's bos, which its batches start with."
+    )
     feature_redraw_interval: int | None = 1000
     "Redraw FAVOR+ projections every N training forwards (standalone use); None = never."
     auto_check_redraw: bool = True
@@ -69,8 +76,12 @@ class ModelConfig:
     "Encoder-only models: size of a classification head on the first token (None = MLM head only)."
 
     def __post_init__(self) -> None:
-        for key, choices in (("attention_type", KERNELS), ("feature_map", FEATURE_MAPS), ("norm", NORMS),
-                             ("position", POSITIONS)):  # fmt: skip
+        for key, choices in (
+            ("attention_type", KERNELS),
+            ("feature_map", FEATURE_MAPS),
+            ("norm", NORMS),
+            ("position", POSITIONS),
+        ):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}; choose one of {', '.join(choices)}")
         if self.d_model % self.num_heads:
@@ -118,8 +129,10 @@ class ModelConfig:
             chunk_size=self.chunk_size,
         )
         if role == "encoder":
-            params.update(num_layers=self.num_encoder_layers,
-                          attention_type=guide_attention_type(self.attention_type, causal=False))  # fmt: skip
+            params.update(
+                num_layers=self.num_encoder_layers,
+                attention_type=guide_attention_type(self.attention_type, causal=False),
+            )
         else:
             params.update(
                 num_layers=self.num_decoder_layers,

@@ -140,9 +140,7 @@ def favorpp_rho(q: torch.Tensor, k: torch.Tensor) -> float:
     head_dim = q.shape[-1]
     queries = q.detach().double().reshape(-1, head_dim) * head_dim**-0.25
     keys = k.detach().double().reshape(-1, head_dim) * head_dim**-0.25
-    pair_mean = (
-        queries.square().sum(-1).mean() + keys.square().sum(-1).mean() + 2.0 * queries.mean(0) @ keys.mean(0)
-    )
+    pair_mean = queries.square().sum(-1).mean() + keys.square().sum(-1).mean() + 2.0 * queries.mean(0) @ keys.mean(0)
     return float(pair_mean) / head_dim
 
 

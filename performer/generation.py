@@ -102,5 +102,5 @@ def beam_search(
             break
         logits = step(new_tokens, cache)
     normalised = scores / lengths.reshape(batch, num_beams).clamp_min(1).float() ** length_penalty
-    best = (row_offsets.squeeze(1) + normalised.argmax(dim=-1))
+    best = row_offsets.squeeze(1) + normalised.argmax(dim=-1)
     return tokens.index_select(0, best)[:, 1:]

@@ -172,14 +172,24 @@ class PerformerSeq2Seq(_PretrainingModel):
                 memory_mask = None if cross_mask is None else cross_mask.index_select(0, rows)
                 return beam_search(
                     lambda tokens, cache: step(tokens, cache, memory, memory_mask),
-                    self.decoder.new_cache(), start, num_beams, max_new_tokens, eos_id,
-                    self.config.pad_id, length_penalty,
-                )  # fmt: skip
+                    self.decoder.new_cache(),
+                    start,
+                    num_beams,
+                    max_new_tokens,
+                    eos_id,
+                    self.config.pad_id,
+                    length_penalty,
+                )
             cache = self.decoder.new_cache()
             return _decode_loop(
                 lambda tokens: step(tokens, cache, encoded, cross_mask),
-                start, max_new_tokens, eos_id, self.config.pad_id, sampling, generator,
-            )[:, 1:]  # fmt: skip
+                start,
+                max_new_tokens,
+                eos_id,
+                self.config.pad_id,
+                sampling,
+                generator,
+            )[:, 1:]
 
 
 class PerformerLM(_PretrainingModel):

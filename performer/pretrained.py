@@ -57,6 +57,8 @@ def dtype_named(name: str) -> torch.dtype:
     if full not in DTYPES:
         raise ExportError(f"unknown dtype {name!r}; choose one of {', '.join([*SHORT_DTYPE_NAMES, *DTYPES])}")
     return DTYPES[full]
+
+
 # Prefixes that wrappers put in front of every key (DDP/DeepSpeed engines, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -119,8 +121,10 @@ def save_pretrained_from_state_dict(
     _check_kind(model_kind)
     dtype_name = _dtype_name(dtype)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise ExportError(f"tokenizer directory {tokenizer_dir} does not exist; pass the directory "
-                          "that holds tokenizer.model and tokenizer.json, or no tokenizer")
+        raise ExportError(
+            f"tokenizer directory {tokenizer_dir} does not exist; pass the directory "
+            "that holds tokenizer.model and tokenizer.json, or no tokenizer"
+        )
     state_dict = _strip_wrapper_prefix(dict(state_dict))
     export_config = _frozen_features_config(config)
     model = _build_quietly(model_kind, export_config)
@@ -139,8 +143,13 @@ def save_pretrained_from_state_dict(
         "model_kind": model_kind,
         "model": export_config.to_dict(),
         "dtype": dtype_name,
-        "projections": None if projection_state is None else {
-            "fixed": True, "dtype": "float32", "base_seed": projection_state[0], "redraw_step": projection_state[1],
+        "projections": None
+        if projection_state is None
+        else {
+            "fixed": True,
+            "dtype": "float32",
+            "base_seed": projection_state[0],
+            "redraw_step": projection_state[1],
             "nb_features": model.favor_attentions()[0].nb_features,
             "trained_steps": list(trained_steps) if trained_steps else None,
             **({"blend": {"next_draw": blend[0], "weight": blend[1]}} if blend else {}),
@@ -192,8 +201,14 @@ def _unshared_tensors(
     seen: dict[tuple, str] = {}
     for name, value in fixed.items():
         original = given.get(name, value)
-        identity = (original.device, original.untyped_storage().data_ptr(), original.storage_offset(),
-                    tuple(original.shape), tuple(original.stride()), original.dtype)
+        identity = (
+            original.device,
+            original.untyped_storage().data_ptr(),
+            original.storage_offset(),
+            tuple(original.shape),
+            tuple(original.stride()),
+            original.dtype,
+        )
         if original.numel() and identity in seen:
             tied[name] = seen[identity]
             continue
@@ -280,13 +295,18 @@ def render_card(metadata: Mapping[str, Any]) -> str:
             first, last = projections["trained_steps"]
             drawn = f"draw {projections['redraw_step']}"
             if projections.get("blend"):
-                drawn = (f"a blend of draws {projections['redraw_step']} and {projections['blend']['next_draw']} "
-                         f"(weight {projections['blend']['weight']:.3f})")
+                drawn = (
+                    f"a blend of draws {projections['redraw_step']} and {projections['blend']['next_draw']} "
+                    f"(weight {projections['blend']['weight']:.3f})"
+                )
             steps = f"step {first}" if first == last else f"steps {first}-{last}"
             attention += f"; {drawn}, trained with in {steps}"
         attention += ")"
-    layers = {"seq2seq": f"{config['num_encoder_layers']} encoder + {config['num_decoder_layers']} decoder",
-              "lm": f"{config['num_decoder_layers']} decoder", "encoder": f"{config['num_encoder_layers']} encoder"}
+    layers = {
+        "seq2seq": f"{config['num_encoder_layers']} encoder + {config['num_decoder_layers']} decoder",
+        "lm": f"{config['num_decoder_layers']} decoder",
+        "encoder": f"{config['num_encoder_layers']} encoder",
+    }
     rows = {
         "model kind": f"{kind} ({_KIND_DESCRIPTIONS[kind]})",
         "parameters": f"{metadata['parameters']:,}",
@@ -299,13 +319,16 @@ def render_card(metadata: Mapping[str, Any]) -> str:
     }
     table = "\n".join(f"| {key} | {_cell(value)} |" for key, value in rows.items())
     tokenizer = ", the tokenizer in `tokenizer/`" if metadata.get("tokenizer") else ""
-    fixed = " The random features are part of the model: they are never redrawn after loading." if (
-        metadata.get("projections")) else ""
+    fixed = (
+        " The random features are part of the model: they are never redrawn after loading."
+        if (metadata.get("projections"))
+        else ""
+    )
     return (
         f"# Performer {kind} model\n\n"
         f"| | |\n|---|---|\n{table}\n\n"
         "## Loading\n\n"
-        "```python\nimport performer\nmodel = performer.from_pretrained(\"path/to/this/directory\")\n```\n\n"
+        '```python\nimport performer\nmodel = performer.from_pretrained("path/to/this/directory")\n```\n\n'
         f"Weights are in `model.safetensors`, the architecture in `config.json`{tokenizer}.{fixed}\n"
     )
 
@@ -378,9 +401,7 @@ def read_export_config(directory: Path) -> dict[str, Any]:
     try:
         metadata = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ExportError(
-            f"{config_path} is not valid JSON ({error}); the export is corrupted, export again"
-        ) from None
+        raise ExportError(f"{config_path} is not valid JSON ({error}); the export is corrupted, export again") from None
     if not isinstance(metadata, dict):
         raise ExportError(f"{config_path} is not a JSON object; the export is corrupted, export again")
     version = metadata.get("format_version")
@@ -390,8 +411,10 @@ def read_export_config(directory: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}); use the performer version that wrote it, or export again"
         )
     if metadata.get("model_kind") not in MODEL_CLASSES:
-        raise ExportError(f"{config_path}: unknown model_kind {metadata.get('model_kind')!r}; "
-                          f"expected one of {', '.join(MODEL_CLASSES)}")
+        raise ExportError(
+            f"{config_path}: unknown model_kind {metadata.get('model_kind')!r}; "
+            f"expected one of {', '.join(MODEL_CLASSES)}"
+        )
     if metadata.get("dtype") not in DTYPES:
         raise ExportError(
             f"{config_path}: unknown dtype {metadata.get('dtype')!r}; expected one of {', '.join(DTYPES)}"
@@ -463,7 +486,7 @@ def _build_quietly(model_kind: str, config: ModelConfig) -> nn.Module:
 def _strip_wrapper_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         if state_dict and all(name.startswith(prefix) for name in state_dict):
-            state_dict = {name[len(prefix):]: value for name, value in state_dict.items()}
+            state_dict = {name[len(prefix) :]: value for name, value in state_dict.items()}
     return state_dict
 
 

@@ -209,7 +209,9 @@ class ProjectionOwner(nn.Module):
     def tick_auto_redraw(self) -> None:
         """Count one training forward for every owner below with automatic redraw on."""
         for module in self.modules():
-            if not (isinstance(module, ProjectionOwner) and module.auto_check_redraw and module.feature_redraw_interval):
+            if not (
+                isinstance(module, ProjectionOwner) and module.auto_check_redraw and module.feature_redraw_interval
+            ):
                 continue
             if module.forwards_since_redraw >= module.feature_redraw_interval:
                 module.redraw_projection_matrices_()

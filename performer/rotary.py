@@ -17,7 +17,9 @@ def rotary_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0)
     """positions (L,) int -> cos, sin each (L, D) float32."""
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
-    inverse_frequencies = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inverse_frequencies = base ** (
+        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
     angles = positions.float()[:, None] * inverse_frequencies[None, :]  # (L, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, D)
     return angles.cos(), angles.sin()

@@ -27,7 +27,6 @@ from performer.redraw import ProjectionOwner, inside_forward, projection_forward
 from performer.rotary import rotary_angles
 
 
-
 def prepare_mask(mask, batch: int, query_length: int, key_length: int, name: str) -> torch.Tensor | None:
     """Any accepted mask -> bool (B, Lk) or (B, Lq, Lk), True = attend; shape errors name the mask."""
     if mask is None:
@@ -100,7 +99,8 @@ class PerformerLayer(ProjectionOwner):
         redraw projections every N training forwards of the outermost module.
         cross_attention_type: "softmax" or "linear" (default follows attention_type).
         context_dim: width of the encoder output (default d_model). chunk_size: causal FAVOR+
-        chunk length (None: chosen per sequence length). projection_seed: base seed of the projections (default: from torch's RNG).
+        chunk length (None: chosen per sequence length). projection_seed: base seed of the projections
+        (default: from torch's RNG).
         feature_map: "favor+" or "favor++" (lower-variance optimised positive features, see
         performer.feature_maps), for the FAVOR self- and cross-attention.
         """
@@ -120,7 +120,11 @@ class PerformerLayer(ProjectionOwner):
         self.cross_attention = None
         if use_cross_attention:
             self.cross_attention = Attention(
-                d_model, num_heads, cross_kernel, nb_features, context_dim=context_dim or d_model,
+                d_model,
+                num_heads,
+                cross_kernel,
+                nb_features,
+                context_dim=context_dim or d_model,
                 feature_map=feature_map,
             )
             self.cross_attention_branch = ResidualBranch(d_model, dropout, use_rezero, use_scalenorm)
@@ -275,14 +279,27 @@ class PerformerEncoder(_PerformerStack):
         self-attention) and gradient_checkpointing (recompute layers in backward: True or 1 = every
         layer, k = every k-th layer)."""
         super().__init__(
-            d_model=d_model, device=device, batch_size=batch_size, num_layers=num_layers,
-            use_rezero=use_rezero, use_scalenorm=use_scalenorm,
-            feature_redraw_interval=feature_redraw_interval, auto_check_redraw=auto_check_redraw,
-            use_rotary=use_rotary, gradient_checkpointing=gradient_checkpointing,
-            projection_seed=projection_seed, num_heads=num_heads, d_ff=d_ff, dropout=dropout,
-            attention_type=attention_type, activation=activation, use_cross_attention=False,
-            nb_features=nb_features, feature_map=feature_map, chunk_size=chunk_size,
-        )  # fmt: skip
+            d_model=d_model,
+            device=device,
+            batch_size=batch_size,
+            num_layers=num_layers,
+            use_rezero=use_rezero,
+            use_scalenorm=use_scalenorm,
+            feature_redraw_interval=feature_redraw_interval,
+            auto_check_redraw=auto_check_redraw,
+            use_rotary=use_rotary,
+            gradient_checkpointing=gradient_checkpointing,
+            projection_seed=projection_seed,
+            num_heads=num_heads,
+            d_ff=d_ff,
+            dropout=dropout,
+            attention_type=attention_type,
+            activation=activation,
+            use_cross_attention=False,
+            nb_features=nb_features,
+            feature_map=feature_map,
+            chunk_size=chunk_size,
+        )
 
     @projection_forward
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -321,15 +338,29 @@ class PerformerDecoder(_PerformerStack):
         """Keywords as PerformerEncoder's, plus use_cross_attention (default True),
         cross_attention_type and context_dim (the encoder's width, default d_model)."""
         super().__init__(
-            d_model=d_model, device=device, batch_size=batch_size, num_layers=num_layers,
-            use_rezero=use_rezero, use_scalenorm=use_scalenorm,
-            feature_redraw_interval=feature_redraw_interval, auto_check_redraw=auto_check_redraw,
-            use_rotary=use_rotary, gradient_checkpointing=gradient_checkpointing,
-            projection_seed=projection_seed, num_heads=num_heads, d_ff=d_ff, dropout=dropout,
-            attention_type=attention_type, activation=activation,
-            use_cross_attention=use_cross_attention, nb_features=nb_features, feature_map=feature_map,
-            cross_attention_type=cross_attention_type, context_dim=context_dim, chunk_size=chunk_size,
-        )  # fmt: skip
+            d_model=d_model,
+            device=device,
+            batch_size=batch_size,
+            num_layers=num_layers,
+            use_rezero=use_rezero,
+            use_scalenorm=use_scalenorm,
+            feature_redraw_interval=feature_redraw_interval,
+            auto_check_redraw=auto_check_redraw,
+            use_rotary=use_rotary,
+            gradient_checkpointing=gradient_checkpointing,
+            projection_seed=projection_seed,
+            num_heads=num_heads,
+            d_ff=d_ff,
+            dropout=dropout,
+            attention_type=attention_type,
+            activation=activation,
+            use_cross_attention=use_cross_attention,
+            nb_features=nb_features,
+            feature_map=feature_map,
+            cross_attention_type=cross_attention_type,
+            context_dim=context_dim,
+            chunk_size=chunk_size,
+        )
         self.use_cross_attention = use_cross_attention
 
     def new_cache(self) -> DecodingCache:

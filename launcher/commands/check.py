@@ -55,17 +55,31 @@ class Report:
         return all(f.status != ERROR for f in self.findings)
 
     def to_json(self) -> dict:
-        return {"healthy": self.healthy, "findings": [asdict(f) for f in self.findings],
-                "checkpoints": self.checkpoints, "resume_auto": self.resume_auto}  # fmt: skip
+        return {
+            "healthy": self.healthy,
+            "findings": [asdict(f) for f in self.findings],
+            "checkpoints": self.checkpoints,
+            "resume_auto": self.resume_auto,
+        }
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("check", help="report what is wrong with a run directory, config or data",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR",
-                        help="a train.output_dir (default: the config's)")
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="config file(s) as for `performer pretrain` (default: RUN_DIR/config.yaml)")
+    parser = subparsers.add_parser(
+        "check",
+        help="report what is wrong with a run directory, config or data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "run_dir", nargs="?", default=None, metavar="RUN_DIR", help="a train.output_dir (default: the config's)"
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config file(s) as for `performer pretrain` (default: RUN_DIR/config.yaml)",
+    )
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="dotted overrides")
     parser.add_argument("--no-sha256", action="store_true", help="skip hashing shards (size/structure/counts only)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -79,8 +93,12 @@ def check_config(report: Report, run_dir: Path | None, paths: list[str], overrid
     if not paths and run_dir is not None and (run_dir / "config.yaml").is_file():
         paths = [str(run_dir / "config.yaml")]
     if not paths:
-        report.add("config", ERROR, f"no config: {run_dir}/config.yaml does not exist",
-                   "pass --config with the YAML file(s) the job uses")  # fmt: skip
+        report.add(
+            "config",
+            ERROR,
+            f"no config: {run_dir}/config.yaml does not exist",
+            "pass --config with the YAML file(s) the job uses",
+        )
         return None
     try:
         config = load_config(paths, overrides)
@@ -99,11 +117,17 @@ def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bo
     try:
         manifest = Manifest.load(manifest_path)
     except DataError as error:
-        report.add("data", ERROR, f"{name} split: {error}", "build it with `performer data prepare` or fix data.manifest")
+        report.add(
+            "data", ERROR, f"{name} split: {error}", "build it with `performer data prepare` or fix data.manifest"
+        )
         return None
     try:  # before any shard is opened: verifying a pipe: shard would run it
-        check_shard_paths(manifest, allow_pipe=config.data.allow_pipe, allow_remote=config.data.allow_remote,
-                          allow_shell_characters=config.data.allow_shell_characters)  # fmt: skip
+        check_shard_paths(
+            manifest,
+            allow_pipe=config.data.allow_pipe,
+            allow_remote=config.data.allow_remote,
+            allow_shell_characters=config.data.allow_shell_characters,
+        )
     except DataError as error:
         report.add("data", ERROR, f"{name} split {manifest_path}: {error}", "fix the manifest, or allow it as said")
         return None
@@ -114,12 +138,20 @@ def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bo
             consequence = "`performer pretrain` stops before step 1 while data.verify_sha256 is true"
         else:
             consequence = f"`performer pretrain` skips it ({samples[path]} samples lost)"
-        report.add("data", ERROR, f"{name} shard {path}: {error}; {consequence}",
-                   "restore the shard from its source or rebuild the split with `performer data shards`")  # fmt: skip
+        report.add(
+            "data",
+            ERROR,
+            f"{name} shard {path}: {error}; {consequence}",
+            "restore the shard from its source or rebuild the split with `performer data shards`",
+        )
     hashed = "sha256, " if check_sha256 else ""
     status = OK if not bad else ERROR
-    report.add("data", status, f"{name} split {manifest_path}: {len(good)} of {len(manifest.shards)} shards match "
-                               f"the manifest ({hashed}size, tar structure, counts); {manifest.samples} samples")  # fmt: skip
+    report.add(
+        "data",
+        status,
+        f"{name} split {manifest_path}: {len(good)} of {len(manifest.shards)} shards match "
+        f"the manifest ({hashed}size, tar structure, counts); {manifest.samples} samples",
+    )
     return manifest
 
 
@@ -135,42 +167,68 @@ def check_tokenizer(report: Report, manifest) -> None:
         report.add("tokenizer", ERROR, str(error), "copy the shards' tokenizer back beside them from the data source")
         return
     if tokenizer is None:
-        report.add("tokenizer", WARNING, f"no tokenizer beside the shards of {manifest.root}: `performer export` will "
-                                         "export the model without one", "pass `performer export --tokenizer DIR`")  # fmt: skip
+        report.add(
+            "tokenizer",
+            WARNING,
+            f"no tokenizer beside the shards of {manifest.root}: `performer export` will export the model without one",
+            "pass `performer export --tokenizer DIR`",
+        )
         return
-    report.add("tokenizer", OK, f"{tokenizer.directory} matches the manifest (fingerprint {tokenizer.fingerprint[:12]})")
+    report.add(
+        "tokenizer", OK, f"{tokenizer.directory} matches the manifest (fingerprint {tokenizer.fingerprint[:12]})"
+    )
 
 
 def check_checkpoints(report: Report, run_dir: Path, config: RunConfig | None) -> None:
     directory = run_dir / "checkpoints"
-    tags = sorted((p.name for p in directory.iterdir() if checkpoint.TAG_PATTERN.match(p.name)),
-                  key=lambda tag: int(checkpoint.TAG_PATTERN.match(tag).group(1))) if directory.is_dir() else []  # fmt: skip
+    tags = (
+        sorted(
+            (p.name for p in directory.iterdir() if checkpoint.TAG_PATTERN.match(p.name)),
+            key=lambda tag: int(checkpoint.TAG_PATTERN.match(tag).group(1)),
+        )
+        if directory.is_dir()
+        else []
+    )
     if not tags:
         report.add("checkpoint", OK, f"no checkpoints in {directory}: the next job starts at step 0")
         return
     verified = []
     for tag in tags:
         tag_directory = directory / tag
-        entry = {"tag": tag, "step": int(checkpoint.TAG_PATTERN.match(tag).group(1)),
-                 "bytes": sum(p.stat().st_size for p in tag_directory.rglob("*") if p.is_file())}  # fmt: skip
+        entry = {
+            "tag": tag,
+            "step": int(checkpoint.TAG_PATTERN.match(tag).group(1)),
+            "bytes": sum(p.stat().st_size for p in tag_directory.rglob("*") if p.is_file()),
+        }
         if not (tag_directory / checkpoint.COMPLETE_MARKER).is_file():
             entry.update(status="incomplete", problems=["no COMPLETE marker: a save was interrupted"])
-            report.add("checkpoint", WARNING, f"{tag}: incomplete (no {checkpoint.COMPLETE_MARKER} marker: a save was "
-                                              "interrupted); resume never takes it",
-                       f"delete {tag_directory} to free {entry['bytes']:,} bytes")  # fmt: skip
+            report.add(
+                "checkpoint",
+                WARNING,
+                f"{tag}: incomplete (no {checkpoint.COMPLETE_MARKER} marker: a save was "
+                "interrupted); resume never takes it",
+                f"delete {tag_directory} to free {entry['bytes']:,} bytes",
+            )
         else:
             single = Topology(rank=0, world_size=1, local_rank=0)
             problems = checkpoint.verification_problems(tag_directory, single)
             if problems:
                 entry.update(status="corrupted", problems=problems)
-                report.add("checkpoint", ERROR, f"{tag}: corrupted: {'; '.join(problems)}",
-                           f"restore the files from a backup, or delete {tag_directory} (resume falls back to "
-                           "the previous complete tag)")  # fmt: skip
+                report.add(
+                    "checkpoint",
+                    ERROR,
+                    f"{tag}: corrupted: {'; '.join(problems)}",
+                    f"restore the files from a backup, or delete {tag_directory} (resume falls back to "
+                    "the previous complete tag)",
+                )
             else:
                 entry.update(status="complete", problems=[])
                 verified.append(tag)
-                report.add("checkpoint", OK, f"{tag}: complete, every file matches its COMPLETE marker "
-                                             f"({entry['bytes']:,} bytes)")  # fmt: skip
+                report.add(
+                    "checkpoint",
+                    OK,
+                    f"{tag}: complete, every file matches its COMPLETE marker ({entry['bytes']:,} bytes)",
+                )
                 if config is not None:
                     _check_continues(report, tag_directory, config)
         report.checkpoints.append(entry)
@@ -181,8 +239,12 @@ def check_checkpoints(report: Report, run_dir: Path, config: RunConfig | None) -
         note = f" (skipping {', '.join(skipped)}: failed verification)" if skipped else ""
         report.add("resume", OK if not skipped else WARNING, f"--resume auto takes {report.resume_auto}{note}")
     elif complete:
-        report.add("resume", ERROR, f"--resume auto fails: none of the complete checkpoints ({', '.join(complete)}) "
-                                    "verifies", "restore a checkpoint from a backup or start a new train.output_dir")  # fmt: skip
+        report.add(
+            "resume",
+            ERROR,
+            f"--resume auto fails: none of the complete checkpoints ({', '.join(complete)}) verifies",
+            "restore a checkpoint from a backup or start a new train.output_dir",
+        )
     else:
         report.add("resume", OK, "--resume auto starts at step 0 (no complete checkpoint)")
 
@@ -194,8 +256,12 @@ def _check_continues(report: Report, tag_directory: Path, config: RunConfig) -> 
         world = int(marker.get("world_size", 1))
         checkpoint.check_compatible(tag_directory, config, Topology(rank=0, world_size=world, local_rank=0))
     except InputError as error:
-        report.add("checkpoint", ERROR, f"{tag_directory.name} cannot continue this config: {error}",
-                   "resume with the saved config (config.yaml in the run directory)")  # fmt: skip
+        report.add(
+            "checkpoint",
+            ERROR,
+            f"{tag_directory.name} cannot continue this config: {error}",
+            "resume with the saved config (config.yaml in the run directory)",
+        )
 
 
 def check_disk(report: Report, run_dir: Path) -> None:
@@ -207,15 +273,25 @@ def check_disk(report: Report, run_dir: Path) -> None:
         return
     needed = max(sizes)  # a save writes a whole new tag before retention deletes an old one
     if free < needed:
-        report.add("disk", ERROR, f"{free / 2**30:.2f} GiB free under {existing}, one checkpoint takes "
-                                  f"{needed / 2**30:.2f} GiB: the next save fails",
-                   "free space, lower checkpoint.keep, or move train.output_dir")  # fmt: skip
+        report.add(
+            "disk",
+            ERROR,
+            f"{free / 2**30:.2f} GiB free under {existing}, one checkpoint takes "
+            f"{needed / 2**30:.2f} GiB: the next save fails",
+            "free space, lower checkpoint.keep, or move train.output_dir",
+        )
     else:
-        report.add("disk", OK, f"{free / 2**30:.1f} GiB free under {existing}: room for {free // needed} more "
-                               f"checkpoint(s) of {needed / 2**20:.1f} MiB")  # fmt: skip
+        report.add(
+            "disk",
+            OK,
+            f"{free / 2**30:.1f} GiB free under {existing}: room for {free // needed} more "
+            f"checkpoint(s) of {needed / 2**20:.1f} MiB",
+        )
 
 
-def run_checks(run_dir: Path | None, config_paths: list[str], overrides: list[str], check_sha256: bool = True) -> Report:
+def run_checks(
+    run_dir: Path | None, config_paths: list[str], overrides: list[str], check_sha256: bool = True
+) -> Report:
     from launcher.streams import eval_manifest_path
 
     report = Report()
@@ -243,8 +319,11 @@ def format_report(report: Report) -> str:
             lines.append(f"     fix: {finding.fix}")
     errors = sum(f.status == ERROR for f in report.findings)
     warnings = sum(f.status == WARNING for f in report.findings)
-    lines.append("healthy" + (f" ({warnings} warning(s))" if warnings else "") if report.healthy
-                 else f"{errors} problem(s), {warnings} warning(s)")  # fmt: skip
+    lines.append(
+        "healthy" + (f" ({warnings} warning(s))" if warnings else "")
+        if report.healthy
+        else f"{errors} problem(s), {warnings} warning(s)"
+    )
     return "\n".join(lines)
 
 

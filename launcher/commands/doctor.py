@@ -36,7 +36,6 @@ from launcher.dist import Topology, discover_topology, set_default_timeouts
 from launcher.errors import EXIT_FAILED
 from performer.errors import InputError
 
-
 WHAT_TO_CHECK = """\
 what to check:
   - every rank belongs to one launch: the same WORLD_SIZE everywhere (this rank has {world_size}) and
@@ -50,20 +49,34 @@ what to check:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("doctor", help="check the launch: topology on every rank, a timed all-reduce",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = subparsers.add_parser(
+        "doctor",
+        help="check the launch: topology on every rank, a timed all-reduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     parser.set_defaults(func=lambda args: run(args.timeout, args.size_mb, args.repeats))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="the whole check, rendezvous included, fails after this long (default 30)")
-    parser.add_argument("--size-mb", type=float, default=4.0, metavar="MB",
-                        help="all-reduce message size in MiB for the bandwidth figure (default 4)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the whole check, rendezvous included, fails after this long (default 30)",
+    )
+    parser.add_argument(
+        "--size-mb",
+        type=float,
+        default=4.0,
+        metavar="MB",
+        help="all-reduce message size in MiB for the bandwidth figure (default 4)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed all-reduces (default 5)")
     # The deepspeed launcher appends --local_rank; the rank comes from the environment anyway.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -80,8 +93,11 @@ class _Report:
         self.lock = threading.Lock()
         self.label = f"rank {os.environ.get('RANK', '?')}"
         self.phase = "discovering the topology"
-        self.context = {"world_size": "?", "master_addr": os.environ.get("MASTER_ADDR", "?"),
-                        "master_port": os.environ.get("MASTER_PORT", "?")}  # fmt: skip
+        self.context = {
+            "world_size": "?",
+            "master_addr": os.environ.get("MASTER_ADDR", "?"),
+            "master_port": os.environ.get("MASTER_PORT", "?"),
+        }
 
     def fail(self, problem: str) -> None:
         if self.lock.acquire(blocking=False):
@@ -123,10 +139,12 @@ def describe_devices(backend: str, local_rank: int) -> str:
 
 def describe(topology: Topology, backend: str) -> str:
     """The rank's one line: everything the trainer would use to join."""
-    return (f"doctor: rank {topology.rank}/{topology.world_size} local_rank {topology.local_rank} "
-            f"source={topology.source} host={socket.gethostname()} "
-            f"master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} backend={backend} "
-            f"devices={describe_devices(backend, topology.local_rank)}")  # fmt: skip
+    return (
+        f"doctor: rank {topology.rank}/{topology.world_size} local_rank {topology.local_rank} "
+        f"source={topology.source} host={socket.gethostname()} "
+        f"master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} backend={backend} "
+        f"devices={describe_devices(backend, topology.local_rank)}"
+    )
 
 
 def duplicate_local_ranks(placements: list[tuple[str, int]]) -> list[str]:
@@ -170,10 +188,12 @@ def bandwidth_line(numel: int, big: list[float], small: list[float], world_size:
     median = statistics.median(big)
     algbw = size / median
     busbw = algbw * 2 * (world_size - 1) / world_size  # bytes each link carries in a ring all-reduce
-    return (f"doctor: all-reduce {size / 2**20:.1f} MiB x {len(big)} on {world_size} rank(s) ({backend}): "
-            f"median {median * 1e3:.2f} ms (min {min(big) * 1e3:.2f}), algbw {algbw / 1e9:.3f} GB/s, "
-            f"busbw {busbw / 1e9:.3f} GB/s; latency (4 B x {len(small)}): median "
-            f"{statistics.median(small) * 1e6:.0f} us")  # fmt: skip
+    return (
+        f"doctor: all-reduce {size / 2**20:.1f} MiB x {len(big)} on {world_size} rank(s) ({backend}): "
+        f"median {median * 1e3:.2f} ms (min {min(big) * 1e3:.2f}), algbw {algbw / 1e9:.3f} GB/s, "
+        f"busbw {busbw / 1e9:.3f} GB/s; latency (4 B x {len(small)}): median "
+        f"{statistics.median(small) * 1e6:.0f} us"
+    )
 
 
 # ------------------------------------------------------------------------------ the check
@@ -199,8 +219,9 @@ def run(timeout_s: float = 30.0, size_mb: float = 4.0, repeats: int = 5) -> int:
         except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as error:
             report.fail(str(error))
         report.label = f"rank {topology.rank}/{topology.world_size}"
-        report.context.update(world_size=topology.world_size, master_addr=os.environ["MASTER_ADDR"],
-                              master_port=os.environ["MASTER_PORT"])  # fmt: skip
+        report.context.update(
+            world_size=topology.world_size, master_addr=os.environ["MASTER_ADDR"], master_port=os.environ["MASTER_PORT"]
+        )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         print(describe(topology, backend), flush=True)
 
@@ -237,7 +258,10 @@ def run(timeout_s: float = 30.0, size_mb: float = 4.0, repeats: int = 5) -> int:
             report.fail(f"{type(error).__name__}: {error} (a peer died or the network dropped)")
         if topology.is_main:
             print(bandwidth_line(numel, big, small, topology.world_size, backend), flush=True)
-            print(f"doctor: OK, {topology.world_size} rank(s) joined, all-reduce correct, barrier passed "
-                  f"in {time.monotonic() - started:.1f} s", flush=True)  # fmt: skip
+            print(
+                f"doctor: OK, {topology.world_size} rank(s) joined, all-reduce correct, barrier passed "
+                f"in {time.monotonic() - started:.1f} s",
+                flush=True,
+            )
         torch_dist.destroy_process_group()
     return 0

@@ -30,13 +30,18 @@ from performer.redraw import RedrawSchedule
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="checkpoint -> safetensors export for fine-tuning",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "export",
+        help="checkpoint -> safetensors export for fine-tuning",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run's train.output_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     parser.add_argument("--out", required=True, metavar="EXPORT_DIR")
-    parser.add_argument("--dtype", choices=[*SHORT_DTYPE_NAMES, *DTYPES], default="fp32",
-                        help="weight dtype in the export")
+    parser.add_argument(
+        "--dtype", choices=[*SHORT_DTYPE_NAMES, *DTYPES], default="fp32", help="weight dtype in the export"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: beside the shards)")
     parser.set_defaults(func=command)
 
@@ -46,7 +51,9 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, run_config) -> dict[
     if run_config.zero.stage == 0 and run_config.precision == "fp32":
         # Trusted input only (pickle): the module state written by rank 0.
         states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()}
+        return {
+            name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()
+        }
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
@@ -71,8 +78,9 @@ def trained_projection(marker: dict, run_config) -> dict:
     return RedrawSchedule(run_config.model.feature_redraw_interval, mode="swap").record(marker["step"], base_seed=None)
 
 
-def with_trained_projections(state_dict: dict[str, torch.Tensor], model_config, model_kind: str,
-                             projection: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+def with_trained_projections(
+    state_dict: dict[str, torch.Tensor], model_config, model_kind: str, projection: dict
+) -> dict[str, torch.Tensor]:
     """``state_dict`` with the projections of ``projection["draw"]``.
 
     Checkpoints written before redraws were moved after the save hold, at a redraw step, the draw
@@ -86,9 +94,12 @@ def with_trained_projections(state_dict: dict[str, torch.Tensor], model_config, 
     if not draws or stored == {projection["draw"]}:
         return state_dict
     base_seed = int(next(iter(draws.values()))[0])
-    print(f"note: the checkpoint holds projection draw {sorted(stored)}, which no training step used "
-          f"(saved before redraws followed the save); exporting draw {projection['draw']}, which steps "
-          f"{projection['trained_steps']} trained with", file=sys.stderr)  # fmt: skip
+    print(
+        f"note: the checkpoint holds projection draw {sorted(stored)}, which no training step used "
+        f"(saved before redraws followed the save); exporting draw {projection['draw']}, which steps "
+        f"{projection['trained_steps']} trained with",
+        file=sys.stderr,
+    )
     with torch.random.fork_rng(devices=[]):
         model = build_model(model_kind, model_config)
     model.load_state_dict(state_dict)
@@ -123,15 +134,18 @@ def model_card(run_dir: Path, marker: dict) -> dict:
     return card
 
 
-def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32",
-                      tokenizer: str | None = None) -> Path:  # fmt: skip
+def export_checkpoint(
+    run_dir: Path, out: Path, tag: str | None = None, dtype: str = "fp32", tokenizer: str | None = None
+) -> Path:
     from performer.config import ModelConfig
     from performer.pretrained import check_out_dir, save_pretrained_from_state_dict
 
     checkpoint_dir = run_dir / "checkpoints"
     resolved = resolve_resume_tag(checkpoint_dir, tag or "auto")
     if resolved is None:
-        raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}: train first (performer pretrain) or check the path")
+        raise CheckpointError(
+            f"no complete checkpoint in {checkpoint_dir}: train first (performer pretrain) or check the path"
+        )
     marker = read_marker(checkpoint_dir / resolved)
     run_config = config_from_dict(marker["run_config"])
     model_config = ModelConfig.from_dict(marker["model_config"])
@@ -144,10 +158,16 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None, dtype: s
     trained = projection["trained_steps"]
     blend = (projection["next_draw"], projection["blend_weight"]) if projection.get("blend_weight") else None
     return save_pretrained_from_state_dict(
-        state_dict, model_config, run_config.model.kind, out, dtype=dtype_named(dtype),
-        tokenizer_dir=tokenizer_dir, card=model_card(run_dir, marker),
-        trained_steps=tuple(trained) if trained else None, blend=blend,
-    )  # fmt: skip
+        state_dict,
+        model_config,
+        run_config.model.kind,
+        out,
+        dtype=dtype_named(dtype),
+        tokenizer_dir=tokenizer_dir,
+        card=model_card(run_dir, marker),
+        trained_steps=tuple(trained) if trained else None,
+        blend=blend,
+    )
 
 
 def command(args) -> int:

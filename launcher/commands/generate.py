@@ -5,7 +5,8 @@
 
 seq2seq exports read the prompt the way pretraining fed the encoder: the prompt's tokens then eos
 (span-corruption inputs end with eos, data/objectives.py), and the decoder starts from the
-export's `decoder_start_id` (bos, the start of the stream's target rows, data/stream.py); `<extra_id_N>` in the prompt is
+export's `decoder_start_id` (bos, the start of the stream's target rows, data/stream.py);
+`<extra_id_N>` in the prompt is
 sentinel N, so `def f(x):<extra_id_0> x` asks the model to fill the span. The output is the
 decoder's text up to eos (sentinels shown as `<extra_id_N>`).
 LM exports continue the prompt, which follows an eos (in the packed training stream every
@@ -24,9 +25,9 @@ import torch
 
 from data.tokenizer import Tokenizer
 from performer.errors import InputError
-from performer.pretrained import TOKENIZER_DIR, from_pretrained
 from performer.generation import SamplingParams
 from performer.models import PerformerLM, PerformerSeq2Seq
+from performer.pretrained import TOKENIZER_DIR, from_pretrained
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -36,8 +37,12 @@ class GenerateError(InputError):
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="generate text from an exported model",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from an exported model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="export directory (performer export / save_pretrained)")
     parser.add_argument("--prompt", required=True, help="input text (seq2seq) or text to continue (LM)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -64,18 +69,27 @@ def generate_text(args: argparse.Namespace) -> str:
     special = tokenizer.special
     if isinstance(model, PerformerSeq2Seq):
         source = torch.tensor([prompt + [special.eos_id]], device=args.device)
-        output = model.generate(source, max_new_tokens=args.max_new_tokens, eos_id=special.eos_id, num_beams=args.num_beams, sampling=sampling,
-                                generator=generator)[0]
+        output = model.generate(
+            source,
+            max_new_tokens=args.max_new_tokens,
+            eos_id=special.eos_id,
+            num_beams=args.num_beams,
+            sampling=sampling,
+            generator=generator,
+        )[0]
         return tokenizer.decode(_until_eos(output.tolist(), special.eos_id))
     if isinstance(model, PerformerLM):
         if args.num_beams > 1:
             raise GenerateError("--num-beams works with seq2seq exports only; sample or decode greedily with an LM")
         context = torch.tensor([[special.eos_id] + prompt], device=args.device)
-        output = model.generate(context, max_new_tokens=args.max_new_tokens, eos_id=special.eos_id,
-                                sampling=sampling, generator=generator)[0]
+        output = model.generate(
+            context, max_new_tokens=args.max_new_tokens, eos_id=special.eos_id, sampling=sampling, generator=generator
+        )[0]
         return tokenizer.decode(_until_eos(output[1:].tolist(), special.eos_id))
-    raise GenerateError(f"{args.model} is a {type(model).__name__}: an encoder-only model does not generate text; "
-                        "use a seq2seq or LM export")
+    raise GenerateError(
+        f"{args.model} is a {type(model).__name__}: an encoder-only model does not generate text; "
+        "use a seq2seq or LM export"
+    )
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams | None:
@@ -88,8 +102,9 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams | None:
     if args.num_beams > 1:
         raise GenerateError("beam search is deterministic: drop --num-beams or the sampling options")
     try:
-        return SamplingParams(temperature=1.0 if args.temperature is None else args.temperature,
-                              top_k=args.top_k, top_p=args.top_p)
+        return SamplingParams(
+            temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k, top_p=args.top_p
+        )
     except ValueError as error:
         raise GenerateError(str(error)) from None
 
@@ -101,12 +116,16 @@ def _load(export_dir: Path, device: str):
     except FileNotFoundError as error:  # from_pretrained's word for a missing export or file (ExportError: the rest)
         raise GenerateError(str(error)) from None
     if not tokenizer_dir.is_dir():
-        raise GenerateError(f"{export_dir} has no {TOKENIZER_DIR}/ directory; export again with the "
-                            "tokenizer (performer export, or save_pretrained(..., tokenizer_dir=DIR))")
+        raise GenerateError(
+            f"{export_dir} has no {TOKENIZER_DIR}/ directory; export again with the "
+            "tokenizer (performer export, or save_pretrained(..., tokenizer_dir=DIR))"
+        )
     tokenizer = Tokenizer.load(tokenizer_dir)  # a damaged one is a DataError naming the file
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise GenerateError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}; "
-                            "the export's tokenizer/ is not the one the model was trained with")
+        raise GenerateError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}; "
+            "the export's tokenizer/ is not the one the model was trained with"
+        )
     return model, tokenizer
 
 
@@ -116,12 +135,14 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     ids: list[int] = []
     position = 0
     for match in _SENTINEL.finditer(text):
-        ids += _encode_segment(tokenizer, text[position:match.start()], at_start=not ids)
+        ids += _encode_segment(tokenizer, text[position : match.start()], at_start=not ids)
         index = int(match.group(1))
         count = tokenizer.special.num_sentinels
         if index >= count:
-            raise GenerateError(f"<extra_id_{index}> in the prompt: this tokenizer has {count} sentinels "
-                                f"(<extra_id_0> .. <extra_id_{count - 1}>)")
+            raise GenerateError(
+                f"<extra_id_{index}> in the prompt: this tokenizer has {count} sentinels "
+                f"(<extra_id_0> .. <extra_id_{count - 1}>)"
+            )
         ids.append(tokenizer.special.sentinel_id(index))
         position = match.end()
     return ids + _encode_segment(tokenizer, text[position:], at_start=not ids)

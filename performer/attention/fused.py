@@ -329,9 +329,13 @@ class _FavorAttention(torch.autograd.Function):
                 kept_operands[index] = None  # freed as soon as this group is done
             else:
                 scaled_q, scaled_k, phi_q, phi_k, values, keep = _group_operands(
-                    flat_q[start:stop], flat_k[start:stop], flat_v[start:stop],
-                    None if slice_keep is None else slice_keep[start:stop], constants, chunk,
-                )  # fmt: skip
+                    flat_q[start:stop],
+                    flat_k[start:stop],
+                    flat_v[start:stop],
+                    None if slice_keep is None else slice_keep[start:stop],
+                    constants,
+                    chunk,
+                )
             grad_numerator = _chunk_major(
                 _output_grad(flat_grad[start:stop], out[start:stop], denominator[start:stop]), chunk
             )

@@ -221,8 +221,10 @@ class Attention(nn.Module):
             return softmax_attention(q, k, v, causal=True)
         with _fp32_region(q):
             phi_q, phi_k = self._features(q, k)
-            state = CausalLinearState(cache["key_value"], cache["key_sum"]) if "key_value" in cache else (
-                CausalLinearState.empty(q.shape[0], self.num_heads, self.nb_features, self.head_dim, q.device)
+            state = (
+                CausalLinearState(cache["key_value"], cache["key_sum"])
+                if "key_value" in cache
+                else (CausalLinearState.empty(q.shape[0], self.num_heads, self.nb_features, self.head_dim, q.device))
             )
             out, state = causal_linear_attention_step(phi_q, phi_k, v, state)
         cache["key_value"], cache["key_sum"] = state.key_value, state.key_sum

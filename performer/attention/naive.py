@@ -84,7 +84,6 @@ def causal_linear_attention(
     return out.reshape(batch, heads, padded_length, value_dim)[:, :, :length]
 
 
-
 def linear_attention_quadratic(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Twin of ``linear_attention`` through the explicit (Lq, Lk) kernel matrix."""
     scores = phi_q @ phi_k.transpose(-2, -1)  # (B, H, Lq, Lk)

@@ -30,15 +30,17 @@ def synthetic_documents(lengths) -> list[np.ndarray]:
 
 def write_synthetic(out: Path, lengths, samples_per_shard: int) -> list[np.ndarray]:
     docs = synthetic_documents(lengths)
-    write_shards(docs, out, split="train", special=SYNTHETIC_SPECIAL,
-                 config=ShardConfig(max_samples_per_shard=samples_per_shard))
+    write_shards(
+        docs, out, split="train", special=SYNTHETIC_SPECIAL, config=ShardConfig(max_samples_per_shard=samples_per_shard)
+    )
     return docs
 
 
 def causal_config(manifest: Path, **overrides) -> StreamConfig:
     """Causal LM rows of 16 (+1) tokens: a row is input_ids plus the last label."""
-    values = dict(manifest=str(manifest), objective="causal_lm", input_length=16, batch_size=4,
-                  shuffle_buffer=16, seed=3)
+    values = dict(
+        manifest=str(manifest), objective="causal_lm", input_length=16, batch_size=4, shuffle_buffer=16, seed=3
+    )
     values.update(overrides)
     return StreamConfig(**values)
 

@@ -15,9 +15,28 @@ from launcher.__main__ import main
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    code = main(["data", "prepare", "--source", "stdlib", "--out", str(out), "--max-documents", "40",
-                 "--vocab-size", "700", "--sample-lines", "5000", "--heldout-fraction", "0.1",
-                 "--max-samples-per-shard", "8", "--workers", "2"])
+    code = main(
+        [
+            "data",
+            "prepare",
+            "--source",
+            "stdlib",
+            "--out",
+            str(out),
+            "--max-documents",
+            "40",
+            "--vocab-size",
+            "700",
+            "--sample-lines",
+            "5000",
+            "--heldout-fraction",
+            "0.1",
+            "--max-samples-per-shard",
+            "8",
+            "--workers",
+            "2",
+        ]
+    )
     assert code == 0
     return out
 

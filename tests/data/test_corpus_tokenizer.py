@@ -51,7 +51,9 @@ def test_files_globs_and_jsonl_sources(tmp_path):
 def test_configs_reject_unknown_keys_and_bad_values():
     assert CorpusConfig.from_dict({"source": "stdlib", "max_documents": 3}).max_documents == 3
     assert CorpusConfig.from_dict({"source": "files", "paths": ["a.txt"]}).paths == ("a.txt",)  # YAML lists: tuples
-    with pytest.raises(ValueError, match="unknown config key 'corpus.heldout_fractoin'; did you mean 'corpus.heldout_fraction'"):
+    with pytest.raises(
+        ValueError, match="unknown config key 'corpus.heldout_fractoin'; did you mean 'corpus.heldout_fraction'"
+    ):
         CorpusConfig.from_dict({"heldout_fractoin": 0.1})
     with pytest.raises(ValueError, match="corpus.max_documents must be of type"):
         CorpusConfig.from_dict({"max_documents": "3"})

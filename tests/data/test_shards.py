@@ -9,10 +9,10 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from synthetic import SYNTHETIC_SPECIAL, causal_config, synthetic_documents, write_synthetic
 
 from data.shards import Manifest, ShardConfig, ShardError, sha256_file, verify_manifest, verify_shard, write_shards
 from data.stream import DataError, TokenStream
-from synthetic import SYNTHETIC_SPECIAL, causal_config, synthetic_documents, write_synthetic
 
 
 def test_manifest_matches_the_tars(synthetic_shards):
@@ -43,18 +43,31 @@ def test_webdataset_reads_our_shards(synthetic_shards):
 def test_writing_is_reproducible_and_respects_limits(tmp_path):
     docs = synthetic_documents([100] * 25)
     for name in ("a", "b"):
-        write_shards(docs, tmp_path / name, split="train", special=SYNTHETIC_SPECIAL,
-                     config=ShardConfig(max_samples_per_shard=10, max_bytes_per_shard=2000))
+        write_shards(
+            docs,
+            tmp_path / name,
+            split="train",
+            special=SYNTHETIC_SPECIAL,
+            config=ShardConfig(max_samples_per_shard=10, max_bytes_per_shard=2000),
+        )
     a, b = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     # 400 payload bytes per document: a shard closes once it holds >= 2000 bytes (5 documents).
     assert [s.samples for s in a.shards] == [5] * 5
-    small = write_shards(synthetic_documents([7]), tmp_path / "c", split="train",
-                         special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=1000))
+    small = write_shards(
+        synthetic_documents([7]),
+        tmp_path / "c",
+        split="train",
+        special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=1000),
+    )
     assert small.dtype == "uint16" and small.field == "u16"
     with pytest.raises(ValueError, match="outside"):
-        write_shards(synthetic_documents([7]), tmp_path / "d", split="train",
-                     special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=12))
+        write_shards(
+            synthetic_documents([7]),
+            tmp_path / "d",
+            split="train",
+            special=dataclasses.replace(SYNTHETIC_SPECIAL, vocab_size=12),
+        )
 
 
 def _rehash(root, manifest, shard_index, **changes):

@@ -105,9 +105,7 @@ def test_epochs_and_seeds_change_the_order(synthetic_shards):
     assert stream.epoch == 1
     epoch1 = np.concatenate([b["input_ids"].numpy() for b in stream.iter_epoch()])
     again = np.concatenate([b["input_ids"].numpy() for b in TokenStream(config).iter_epoch()])
-    other_seed = np.concatenate(
-        [b["input_ids"].numpy() for b in TokenStream(causal_config(root, seed=4)).iter_epoch()]
-    )
+    other_seed = np.concatenate([b["input_ids"].numpy() for b in TokenStream(causal_config(root, seed=4)).iter_epoch()])
     np.testing.assert_array_equal(epoch0, again)
     assert not np.array_equal(epoch0, epoch1) and not np.array_equal(epoch0, other_seed)
     # Same tokens, different order: an epoch is a permutation, not a resample.
@@ -132,8 +130,9 @@ def test_span_corruption_and_masked_lm_batches(synthetic_shards):
     assert (batch["decoder_input_ids"][:, 0] == special.bos_id).all()
     assert (batch["decoder_input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
     assert (batch["labels"][:, 0] == special.sentinel_id(0)).all() and (batch["labels"][:, -1] == special.eos_id).all()
-    mlm = next(iter(TokenStream(StreamConfig(manifest=str(root), objective="masked_lm", input_length=32,
-                                             batch_size=2))))
+    mlm = next(
+        iter(TokenStream(StreamConfig(manifest=str(root), objective="masked_lm", input_length=32, batch_size=2)))
+    )
     assert mlm["input_ids"].shape == mlm["labels"].shape == (2, 32)
     assert ((mlm["labels"] == -100) | (mlm["labels"] >= 10)).all()
 

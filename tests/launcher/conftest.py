@@ -1,5 +1,4 @@
 import pytest
-
 from jobs import prepare_data
 
 

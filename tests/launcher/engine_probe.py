@@ -19,10 +19,22 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS = {"zero0": ["zero.stage=0"], "zero1": ["zero.stage=1"],
-            "zero2-offload": ["zero.stage=2", "zero.offload=optimizer"], "zero3": ["zero.stage=3"]}  # fmt: skip
-COMMON = ["model.d_model=32", "optimizer.weight_decay=0.1", "optimizer.lr=0.01", "schedule.warmup_steps=3",
-          "schedule.min_lr_ratio=0.1", "train.max_steps=6", "train.micro_batch_size=2", "log.progress=false"]  # fmt: skip
+SETTINGS = {
+    "zero0": ["zero.stage=0"],
+    "zero1": ["zero.stage=1"],
+    "zero2-offload": ["zero.stage=2", "zero.offload=optimizer"],
+    "zero3": ["zero.stage=3"],
+}
+COMMON = [
+    "model.d_model=32",
+    "optimizer.weight_decay=0.1",
+    "optimizer.lr=0.01",
+    "schedule.warmup_steps=3",
+    "schedule.min_lr_ratio=0.1",
+    "train.max_steps=6",
+    "train.micro_batch_size=2",
+    "log.progress=false",
+]
 WEIGHT_DECAY, STEPS = 0.1, 6
 
 
@@ -47,17 +59,27 @@ def probe(name: str, overrides: list[str], world_size: int) -> dict:
     model = build_model("seq2seq", build_model_config(config, special))
     engine, groups = build_engine(config, model, world_size)
     generator = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(5, 280, (2, 16), generator=generator),
-             "decoder_input_ids": torch.randint(5, 280, (2, 8), generator=generator),
-             "labels": torch.randint(5, 280, (2, 8), generator=generator)}  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(5, 280, (2, 16), generator=generator),
+        "decoder_input_ids": torch.randint(5, 280, (2, 8), generator=generator),
+        "labels": torch.randint(5, 280, (2, 8), generator=generator),
+    }
     before = full_parameters(engine)
     moved: set[str] = set()
     measured_rates = []
     for step in range(1, STEPS + 1):
         loss = engine(**batch).loss * 0.0
         engine.backward(loss)
-        set_learning_rate(engine.optimizer, learning_rate(step, config.optimizer.lr, config.schedule.warmup_steps,
-                                                          config.train.max_steps, config.schedule.min_lr_ratio))
+        set_learning_rate(
+            engine.optimizer,
+            learning_rate(
+                step,
+                config.optimizer.lr,
+                config.schedule.warmup_steps,
+                config.train.max_steps,
+                config.schedule.min_lr_ratio,
+            ),
+        )
         engine.step()
         after = full_parameters(engine)
         shrink = []

@@ -60,9 +60,22 @@ def removing_new_open_mpi_segments() -> Iterator[None]:
 
 def prepare_data(out: Path) -> Path:
     command = [
-        str(BIN / "performer"), "data", "prepare", "--source", "stdlib", "--out", str(out),
-        "--max-documents", "80", "--vocab-size", "1000", "--sample-lines", "20000", "--heldout-fraction", "0.15",
-    ]  # fmt: skip
+        str(BIN / "performer"),
+        "data",
+        "prepare",
+        "--source",
+        "stdlib",
+        "--out",
+        str(out),
+        "--max-documents",
+        "80",
+        "--vocab-size",
+        "1000",
+        "--sample-lines",
+        "20000",
+        "--heldout-fraction",
+        "0.15",
+    ]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
     return out
 
@@ -90,8 +103,9 @@ _PLACEMENT_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 
 def launch_environment(**extra: str) -> dict[str, str]:
     """os.environ without any launcher's placement, one torch thread per rank, unbuffered output."""
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in _PLACEMENT_NAMES and not k.startswith(_PLACEMENT_PREFIXES)}  # fmt: skip
+    environment = {
+        k: v for k, v in os.environ.items() if k not in _PLACEMENT_NAMES and not k.startswith(_PLACEMENT_PREFIXES)
+    }
     return {**environment, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -104,8 +118,16 @@ def mpirun(ranks: int) -> list[str]:
     return [str(BIN / "mpirun"), "-np", str(ranks), "--oversubscribe"]
 
 
-def run_pretrain(data: Path, output_dir: Path, *settings: str, ranks: int = 2, resume: str | None = None,
-                 timeout: float = 300, launcher: str = "deepspeed", extra_env: dict | None = None) -> Run:  # fmt: skip
+def run_pretrain(
+    data: Path,
+    output_dir: Path,
+    *settings: str,
+    ranks: int = 2,
+    resume: str | None = None,
+    timeout: float = 300,
+    launcher: str = "deepspeed",
+    extra_env: dict | None = None,
+) -> Run:
     overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
     arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
     if resume is not None:
@@ -115,8 +137,16 @@ def run_pretrain(data: Path, output_dir: Path, *settings: str, ranks: int = 2, r
     elif launcher == "mpirun":
         command = [*mpirun(ranks), sys.executable, "-m", "launcher.pretrain", *arguments]
     else:
-        command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                   "--module", "launcher.pretrain", *arguments]  # fmt: skip
+        command = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "launcher.pretrain",
+            *arguments,
+        ]
     environment = launch_environment(**(MPIRUN_ENV if launcher == "mpirun" else {}), **(extra_env or {}))
     completed = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
     return Run(completed.returncode, completed.stdout + completed.stderr, output_dir)

@@ -63,8 +63,13 @@ def test_damage_is_named_and_auto_falls_back_to_the_previous_checkpoint(two_chec
         (newer / COMPLETE_MARKER).write_text(json.dumps(marker))
     problems = verification_problems(newer, ONE_RANK)
     assert len(problems) == 1
-    expected_word = {"flip_byte": "sha256", "truncate": "truncated", "delete": "missing",
-                     "add_file": "not written", "marker_without_digests": "no file digests"}[damage]  # fmt: skip
+    expected_word = {
+        "flip_byte": "sha256",
+        "truncate": "truncated",
+        "delete": "missing",
+        "add_file": "not written",
+        "marker_without_digests": "no file digests",
+    }[damage]
     assert expected_word in problems[0]
     assert resolve_resume_tag(directory, "auto", ONE_RANK) == older.name
     assert "fails verification, trying the one before" in capsys.readouterr().err
@@ -84,4 +89,3 @@ def test_no_checkpoint_at_all_is_a_fresh_start_with_auto_only(tmp_path):
     assert resolve_resume_tag(tmp_path / "checkpoints", "auto", ONE_RANK) is None
     with pytest.raises(CheckpointError, match="no checkpoint"):
         resolve_resume_tag(tmp_path / "checkpoints", "step00000004", ONE_RANK)
-

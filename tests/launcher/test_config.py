@@ -11,7 +11,6 @@ on top of a base. Overlays are checked on top of tiny.yaml (fp32, ZeRO 1) and la
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -119,8 +118,12 @@ def test_shipped_config_round_trips(paths, tmp_path):
 
 
 def test_later_files_win_and_mappings_merge_key_by_key(tmp_path):
-    first = _write(tmp_path, "a.yaml", "model:\n  preset: small\n  dropout: 0.1\n  d_model: 64\n  num_heads: 2\n"
-                                       "optimizer:\n  betas: [0.9, 0.95]\n  lr: 0.5\n")
+    first = _write(
+        tmp_path,
+        "a.yaml",
+        "model:\n  preset: small\n  dropout: 0.1\n  d_model: 64\n  num_heads: 2\n"
+        "optimizer:\n  betas: [0.9, 0.95]\n  lr: 0.5\n",
+    )
     second = _write(tmp_path, "b.yaml", "model:\n  dropout: 0.2\n  d_model: 96\noptimizer:\n  betas: [0.8, 0.9]\n")
     config = load_config([first, second])
     assert config.model.preset == "small"  # kept from the first file
@@ -135,7 +138,12 @@ def test_later_files_win_and_mappings_merge_key_by_key(tmp_path):
 def test_overlay_keeps_the_rest_of_the_base():
     config = load_config([CONFIG_DIR / "tiny.yaml", CONFIG_DIR / "zero2.yaml"])
     assert (config.zero.stage, config.zero.offload) == (2, "none")
-    assert (config.model.preset, config.optimizer.lr, config.train.max_steps, config.precision) == ("tiny", 2e-3, 600, "fp32")
+    assert (config.model.preset, config.optimizer.lr, config.train.max_steps, config.precision) == (
+        "tiny",
+        2e-3,
+        600,
+        "fp32",
+    )
 
 
 def test_deep_merge_does_not_mutate_its_inputs():
@@ -148,8 +156,21 @@ def test_deep_merge_does_not_mutate_its_inputs():
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("3", 3), ("0.5", 0.5), ("3.0e-4", 3e-4), ("null", None), ("~", None), ("[1, 2]", [1, 2]), ("true", True),
-     ("false", False), ("abc", "abc"), ("'3'", "3"), ("{a: 1}", {"a": 1}), ("", ""), ("a=b", "a=b")],
+    [
+        ("3", 3),
+        ("0.5", 0.5),
+        ("3.0e-4", 3e-4),
+        ("null", None),
+        ("~", None),
+        ("[1, 2]", [1, 2]),
+        ("true", True),
+        ("false", False),
+        ("abc", "abc"),
+        ("'3'", "3"),
+        ("{a: 1}", {"a": 1}),
+        ("", ""),
+        ("a=b", "a=b"),
+    ],
 )
 def test_parse_override_values_are_yaml(raw, expected):
     parsed = parse_override(f"a.b.c={raw}")
@@ -164,8 +185,14 @@ def test_parse_override_rejects_malformed(bad):
 
 
 def test_set_overrides_files_in_order():
-    config = _tiny("train.max_steps=50", "optimizer.lr=1", "train.time_budget_s=null", "optimizer.betas=[0.8, 0.9]",
-                   "log.tensorboard=false", "train.max_steps=70")
+    config = _tiny(
+        "train.max_steps=50",
+        "optimizer.lr=1",
+        "train.time_budget_s=null",
+        "optimizer.betas=[0.8, 0.9]",
+        "log.tensorboard=false",
+        "train.max_steps=70",
+    )
     assert config.train.max_steps == 70  # the later --set wins
     assert config.optimizer.lr == 1.0 and type(config.optimizer.lr) is float  # ints widen for float fields
     assert config.train.time_budget_s is None
@@ -187,16 +214,22 @@ def test_preset_fills_the_model_fields_not_set():
     assert _tiny("model.preset=large", "model.d_model=512").model.d_model == 512
 
 
-@pytest.mark.parametrize("key", ["vocab_size", "pad_id", "decoder_start_id", "projection_seed", "auto_check_redraw",
-                                 "num_classes"])
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "pad_id", "decoder_start_id", "projection_seed", "auto_check_redraw", "num_classes"]
+)
 def test_fields_the_trainer_derives_are_refused_with_their_source(key):
     with pytest.raises(ConfigError, match=rf"model\.{key} is set by the trainer from .*; remove it"):
         _tiny(f"model.{key}=1")
 
 
-@pytest.mark.parametrize(("old", "new"), [("model.redraw_interval=5", "model.feature_redraw_interval"),
-                                          ("model.activation_checkpointing=1", "model.gradient_checkpointing"),
-                                          ("model.overrides.d_model=64", "directly under model")])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("model.redraw_interval=5", "model.feature_redraw_interval"),
+        ("model.activation_checkpointing=1", "model.gradient_checkpointing"),
+        ("model.overrides.d_model=64", "directly under model"),
+    ],
+)
 def test_renamed_keys_name_their_new_name(old, new):
     with pytest.raises(ConfigError, match="was renamed: use") as caught:
         _tiny(old)
@@ -206,9 +239,18 @@ def test_renamed_keys_name_their_new_name(old, new):
 def test_configs_saved_before_the_rename_still_load():
     """Checkpoints and run directories written with the old model section resume and export."""
     values = _tiny().to_dict()
-    old_model = {"preset": "tiny", "kind": "seq2seq", "attention_type": "favor", "nb_features": None,
-                 "feature_map": "favor++", "dropout": 0.0, "redraw_interval": 7, "redraw_mode": "swap",
-                 "activation_checkpointing": 1, "overrides": {"d_model": 64}}  # fmt: skip
+    old_model = {
+        "preset": "tiny",
+        "kind": "seq2seq",
+        "attention_type": "favor",
+        "nb_features": None,
+        "feature_map": "favor++",
+        "dropout": 0.0,
+        "redraw_interval": 7,
+        "redraw_mode": "swap",
+        "activation_checkpointing": 1,
+        "overrides": {"d_model": 64},
+    }
     config = config_from_dict({**values, "model": old_model})
     assert (config.model.feature_redraw_interval, config.model.gradient_checkpointing) == (7, 1)
     assert (config.model.d_model, config.model.num_heads, config.model.redraw_mode) == (64, 4, "swap")
@@ -224,11 +266,13 @@ def test_set_deepspeed_passthrough_merges():
 
 @pytest.mark.parametrize(
     ("override", "unknown", "hint"),
-    [("trian.max_steps=5", "trian", "train"),
-     ("precison=bf16", "precison", "precision"),
-     ("train.max_step=5", "train.max_step", "train.max_steps"),
-     ("model.d_modle=64", "model.d_modle", "model.d_model"),
-     ("optimizer.weight_decy=0.1", "optimizer.weight_decy", "optimizer.weight_decay")],
+    [
+        ("trian.max_steps=5", "trian", "train"),
+        ("precison=bf16", "precison", "precision"),
+        ("train.max_step=5", "train.max_step", "train.max_steps"),
+        ("model.d_modle=64", "model.d_modle", "model.d_model"),
+        ("optimizer.weight_decy=0.1", "optimizer.weight_decy", "optimizer.weight_decay"),
+    ],
 )
 def test_unknown_key_has_did_you_mean_with_full_dotted_key(override, unknown, hint):
     with pytest.raises(ConfigError) as caught:
@@ -240,26 +284,30 @@ def test_unknown_key_has_did_you_mean_with_full_dotted_key(override, unknown, hi
 
 def test_unknown_key_in_a_file_without_close_match_lists_known_keys(tmp_path):
     path = _write(tmp_path, "odd.yaml", "zero:\n  stage: 1\n  qqqqqq: 2\n")
-    with pytest.raises(ConfigError, match=r"'zero\.qqqqqq'.*known here: bucket_elements, offload, persistence_threshold, stage") as caught:
+    with pytest.raises(
+        ConfigError, match=r"'zero\.qqqqqq'.*known here: bucket_elements, offload, persistence_threshold, stage"
+    ) as caught:
         load_config([path])
     assert "did you mean" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
     ("override", "key", "expected"),
-    [("train.max_steps=abc", "train.max_steps", "int"),
-     ("optimizer.lr=[1]", "optimizer.lr", "float"),
-     ("optimizer.lr=abc", "optimizer.lr", "float"),
-     ("train.max_steps=true", "train.max_steps", "int"),  # bool is not an int here
-     ("seed=false", "seed", "int"),
-     ("train.max_steps=1.5", "train.max_steps", "int"),
-     ("optimizer.lr=true", "optimizer.lr", "float"),
-     ("train.global_batch_size=true", "train.global_batch_size", "int"),
-     ("data.verify_sha256=1", "data.verify_sha256", "bool"),
-     ("data.manifest=5", "data.manifest", "str"),
-     ("optimizer.betas=0.9", "optimizer.betas", "list"),
-     ("model.num_heads=[4]", "model.num_heads", "int"),
-     ("deepspeed=[1]", "deepspeed", "dict")],
+    [
+        ("train.max_steps=abc", "train.max_steps", "int"),
+        ("optimizer.lr=[1]", "optimizer.lr", "float"),
+        ("optimizer.lr=abc", "optimizer.lr", "float"),
+        ("train.max_steps=true", "train.max_steps", "int"),  # bool is not an int here
+        ("seed=false", "seed", "int"),
+        ("train.max_steps=1.5", "train.max_steps", "int"),
+        ("optimizer.lr=true", "optimizer.lr", "float"),
+        ("train.global_batch_size=true", "train.global_batch_size", "int"),
+        ("data.verify_sha256=1", "data.verify_sha256", "bool"),
+        ("data.manifest=5", "data.manifest", "str"),
+        ("optimizer.betas=0.9", "optimizer.betas", "list"),
+        ("model.num_heads=[4]", "model.num_heads", "int"),
+        ("deepspeed=[1]", "deepspeed", "dict"),
+    ],
 )
 def test_wrong_type_names_the_key(override, key, expected):
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} must be of type .*{expected}"):
@@ -280,14 +328,16 @@ def test_empty_section_means_defaults(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "needle"),
-    [("precision=fp8", "precision='fp8'; choose one of fp32, bf16, fp16"),
-     ("model.attention_type=linear", "model.attention_type='linear'"),
-     ("zero.stage=4", "zero.stage=4"),
-     ("zero.offload=nvme", "zero.offload='nvme'"),
-     ("train.max_steps=0", "train.max_steps must be >= 1, got 0"),
-     ("train.grad_accum=0", "train.grad_accum must be >= 1"),
-     ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
-     ("model.gradient_checkpointing=-1", "model.gradient_checkpointing")],
+    [
+        ("precision=fp8", "precision='fp8'; choose one of fp32, bf16, fp16"),
+        ("model.attention_type=linear", "model.attention_type='linear'"),
+        ("zero.stage=4", "zero.stage=4"),
+        ("zero.offload=nvme", "zero.offload='nvme'"),
+        ("train.max_steps=0", "train.max_steps must be >= 1, got 0"),
+        ("train.grad_accum=0", "train.grad_accum must be >= 1"),
+        ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
+        ("model.gradient_checkpointing=-1", "model.gradient_checkpointing"),
+    ],
 )
 def test_invalid_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as caught:
@@ -300,7 +350,13 @@ def test_impossible_batch_triad_names_all_three_numbers():
     with pytest.raises(ConfigError) as caught:
         build_deepspeed_config(config, 2)
     message = str(caught.value)
-    for part in ("train.global_batch_size=100", "train.micro_batch_size (4)", "train.grad_accum (3)", "ranks (2)", "= 24"):
+    for part in (
+        "train.global_batch_size=100",
+        "train.micro_batch_size (4)",
+        "train.grad_accum (3)",
+        "ranks (2)",
+        "= 24",
+    ):
         assert part in message
 
 
@@ -345,9 +401,11 @@ def test_offload_optimizer_without_zero_is_refused():
 
 @pytest.mark.parametrize(
     ("overrides", "fix"),
-    [(["model.kind=lm"], "set data.objective=causal_lm"),
-     (["data.objective=causal_lm"], "set data.objective=span_corruption"),
-     (["model.kind=lm", "data.objective=mlm"], "set data.objective=causal_lm")],
+    [
+        (["model.kind=lm"], "set data.objective=causal_lm"),
+        (["data.objective=causal_lm"], "set data.objective=span_corruption"),
+        (["model.kind=lm", "data.objective=mlm"], "set data.objective=causal_lm"),
+    ],
 )
 def test_wrong_objective_for_model_kind_is_refused_with_the_fix(overrides, fix):
     with pytest.raises(ConfigError, match="does not train model.kind") as caught:
@@ -403,7 +461,11 @@ def test_config_error_is_a_value_error():
 
 def test_tiny_json_content():
     ds = build_deepspeed_config(_tiny(), 2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 8, 1)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16,
+        8,
+        1,
+    )
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": False, "contiguous_gradients": True}
     assert ds["bf16"] == {"enabled": False}
     assert ds["fp16"]["enabled"] is False
@@ -418,8 +480,16 @@ def test_tiny_json_content():
 
 
 def test_optimizer_and_schedule_sections_flow_into_the_json():
-    config = _tiny("optimizer.lr=0.5", "optimizer.betas=[0.8, 0.95]", "optimizer.eps=1.0e-6", "optimizer.weight_decay=0",
-                   "optimizer.grad_clip=0", "train.max_steps=1234", "schedule.warmup_steps=77", "schedule.min_lr_ratio=0.25")
+    config = _tiny(
+        "optimizer.lr=0.5",
+        "optimizer.betas=[0.8, 0.95]",
+        "optimizer.eps=1.0e-6",
+        "optimizer.weight_decay=0",
+        "optimizer.grad_clip=0",
+        "train.max_steps=1234",
+        "schedule.warmup_steps=77",
+        "schedule.min_lr_ratio=0.25",
+    )
     ds = build_deepspeed_config(config, 8)
     params = ds["optimizer"]["params"]
     assert (params["lr"], params["betas"], params["eps"], params["weight_decay"]) == (0.5, [0.8, 0.95], 1e-6, 0.0)
@@ -448,11 +518,14 @@ def test_schedule_rates_follow_the_formula_at_its_landmarks():
         rate(0)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optimizer.no_decay=[norms, gains]", "gains"),
-    ("schedule.min_lr_ratio=1.5", "min_lr_ratio"),
-    ("schedule.warmup_steps=-1", "warmup_steps"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.no_decay=[norms, gains]", "gains"),
+        ("schedule.min_lr_ratio=1.5", "min_lr_ratio"),
+        ("schedule.warmup_steps=-1", "warmup_steps"),
+    ],
+)
 def test_bad_optimizer_and_schedule_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         _tiny(override)
@@ -460,7 +533,11 @@ def test_bad_optimizer_and_schedule_values_are_refused(override, message):
 
 def test_grad_accum_in_the_triad():
     ds = build_deepspeed_config(_tiny("train.micro_batch_size=3", "train.grad_accum=5"), 8)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (120, 3, 5)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        120,
+        3,
+        5,
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -481,20 +558,54 @@ def test_fp16_uses_dynamic_loss_scaling():
 
 @pytest.mark.parametrize(
     ("stage", "offload", "expected"),
-    [(0, "none", {"stage": 0}),
-     (1, "none", {"stage": 1, "overlap_comm": False, "contiguous_gradients": True}),
-     (2, "none", {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}),
-     (2, "optimizer", {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                       "offload_optimizer": {"device": "cpu", "pin_memory": False}}),
-     (3, "none", {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                  "stage3_gather_16bit_weights_on_model_save": True}),
-     (3, "optimizer", {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                       "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                       "stage3_gather_16bit_weights_on_model_save": True}),
-     (3, "all", {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
-                 "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                 "offload_param": {"device": "cpu", "pin_memory": False},
-                 "stage3_gather_16bit_weights_on_model_save": True})],
+    [
+        (0, "none", {"stage": 0}),
+        (1, "none", {"stage": 1, "overlap_comm": False, "contiguous_gradients": True}),
+        (2, "none", {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}),
+        (
+            2,
+            "optimizer",
+            {
+                "stage": 2,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "offload_optimizer": {"device": "cpu", "pin_memory": False},
+            },
+        ),
+        (
+            3,
+            "none",
+            {
+                "stage": 3,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+        ),
+        (
+            3,
+            "optimizer",
+            {
+                "stage": 3,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+        ),
+        (
+            3,
+            "all",
+            {
+                "stage": 3,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                "offload_param": {"device": "cpu", "pin_memory": False},
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+        ),
+    ],
 )
 def test_zero_section(stage, offload, expected):
     ds = build_deepspeed_config(_tiny(f"zero.stage={stage}", f"zero.offload={offload}"), 2)
@@ -510,7 +621,9 @@ def test_shipped_zero3_offload_overlay_on_large():
     config = load_config([CONFIG_DIR / "large.yaml", CONFIG_DIR / "zero3-offload.yaml"])
     ds = build_deepspeed_config(config, 8)
     zero = ds["zero_optimization"]
-    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert (
+        zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    )
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert ds["bf16"]["enabled"] is True
     assert ds["train_batch_size"] == 8 * 1 * 8
@@ -583,18 +696,38 @@ def test_fingerprint_changes_with_any_value(key):
     assert changed.fingerprint() != config.fingerprint()
 
 
-@pytest.mark.parametrize("override", ["model.dropout=0.3", "model.feature_redraw_interval=7", "model.redraw_mode=swap",
-                                      "model.gradient_checkpointing=2", "train.max_steps=9", "optimizer.lr=0.1",
-                                      "precision=bf16", "zero.stage=3", "seed=5", "data.input_length=64"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.dropout=0.3",
+        "model.feature_redraw_interval=7",
+        "model.redraw_mode=swap",
+        "model.gradient_checkpointing=2",
+        "train.max_steps=9",
+        "optimizer.lr=0.1",
+        "precision=bf16",
+        "zero.stage=3",
+        "seed=5",
+        "data.input_length=64",
+    ],
+)
 def test_model_fingerprint_ignores_what_does_not_shape_parameters(override):
     config, changed = _tiny(), _tiny(override)
     assert changed.fingerprint() != config.fingerprint()
     assert changed.model_fingerprint() == config.model_fingerprint()
 
 
-@pytest.mark.parametrize("overrides", [["model.preset=small"], ["model.kind=lm", "data.objective=causal_lm"],
-                                       ["model.attention_type=softmax"], ["model.d_model=64"],
-                                       ["model.nb_features=32"], ["model.feature_map=favor+"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.preset=small"],
+        ["model.kind=lm", "data.objective=causal_lm"],
+        ["model.attention_type=softmax"],
+        ["model.d_model=64"],
+        ["model.nb_features=32"],
+        ["model.feature_map=favor+"],
+    ],
+)
 def test_model_fingerprint_changes_with_what_shapes_parameters(overrides):
     assert _tiny(*overrides).model_fingerprint() != _tiny().model_fingerprint()
 
@@ -603,9 +736,17 @@ def test_model_fingerprint_changes_with_what_shapes_parameters(overrides):
 
 
 def test_round_trip_with_every_field_set(tmp_path):
-    config = _tiny("model.d_model=64", "model.position=absolute", "model.nb_features=16",
-                   "data.eval_manifest=runs/data/heldout", "train.global_batch_size=16", "train.time_budget_s=30",
-                   "log.peak_flops_per_rank=1.0e+12", "deepspeed.communication_data_type=fp32", "zero.offload=optimizer")
+    config = _tiny(
+        "model.d_model=64",
+        "model.position=absolute",
+        "model.nb_features=16",
+        "data.eval_manifest=runs/data/heldout",
+        "train.global_batch_size=16",
+        "train.time_budget_s=30",
+        "log.peak_flops_per_rank=1.0e+12",
+        "deepspeed.communication_data_type=fp32",
+        "zero.offload=optimizer",
+    )
     assert config_from_dict(config.to_dict()) == config
     save_config(config, tmp_path / "config.yaml")
     assert load_config([tmp_path / "config.yaml"]) == config
@@ -640,10 +781,15 @@ def test_yaml_1_1_exponent_floats_are_numbers_in_float_fields_only():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_bucket_and_persistence_reach_deepspeed_only_where_they_apply(stage):
     default = build_deepspeed_config(_tiny(f"zero.stage={stage}"), 2)["zero_optimization"]
-    assert not {"reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-                "stage3_param_persistence_threshold"} & set(default)  # null: DeepSpeed's own defaults
-    zero = build_deepspeed_config(_tiny(f"zero.stage={stage}", "zero.bucket_elements=65536",
-                                        "zero.persistence_threshold=2560"), 2)["zero_optimization"]
+    assert not {
+        "reduce_bucket_size",
+        "allgather_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold",
+    } & set(default)  # null: DeepSpeed's own defaults
+    zero = build_deepspeed_config(
+        _tiny(f"zero.stage={stage}", "zero.bucket_elements=65536", "zero.persistence_threshold=2560"), 2
+    )["zero_optimization"]
     if stage == 0:
         assert set(zero) == {"stage"}
     else:
@@ -663,7 +809,7 @@ def test_readme_configs_section_lists_each_setting_once():
     import re
 
     readme = (CONFIG_DIR.parent / "README.md").read_text()
-    section = readme[readme.index("## Configs"):]
+    section = readme[readme.index("## Configs") :]
     section = section[: section.index("\n## ", 1)]
     listed = []
     for prefix, names in re.findall(r"`([a-z_]+)\.\{([a-z0-9_,]+)\}`", section):

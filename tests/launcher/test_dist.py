@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from jobs import REPO, launch_environment, removing_new_open_mpi_segments
+
 from launcher import dist
 from launcher.dist import discover_topology, slurm_master_port
 
@@ -42,20 +42,39 @@ def placement(environ):
 
 
 OPEN_MPI = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
-SLURM_STEP = {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "8",
-              "SLURM_LOCALID": "0", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "node[3-4]"}  # fmt: skip
+SLURM_STEP = {
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "0",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "node[3-4]",
+}
 
 
 # ------------------------------------------------------------------------------ order of precedence
 
 
 def test_launcher_environment_wins_over_mpi_and_slurm(no_mpi_rendezvous):
-    environ = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
-               **OPEN_MPI, **SLURM_STEP}  # fmt: skip
+    environ = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+        **OPEN_MPI,
+        **SLURM_STEP,
+    }
     topology = discover_topology(environ)
     assert (topology.rank, topology.world_size, topology.local_rank, topology.source) == (1, 2, 1, "launcher")
-    assert placement(environ) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
-                                  "MASTER_PORT": "29500"}  # fmt: skip
+    assert placement(environ) == {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     assert no_mpi_rendezvous == []
 
 
@@ -87,8 +106,13 @@ def test_open_mpi_variables_and_the_rendezvous_are_written_back(no_mpi_rendezvou
     environ = dict(OPEN_MPI)
     topology = discover_topology(environ)
     assert (topology.rank, topology.world_size, topology.local_rank, topology.source) == (3, 4, 1, "openmpi")
-    assert placement(environ) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "mpi-master",
-                                  "MASTER_PORT": "4242"}  # fmt: skip
+    assert placement(environ) == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "mpi-master",
+        "MASTER_PORT": "4242",
+    }
     assert no_mpi_rendezvous == [(3, 4)]
 
 
@@ -123,8 +147,9 @@ def test_an_mpi_library_that_sees_another_world_is_an_error():
     code = "from launcher.dist import discover_topology; discover_topology()"
     environment = launch_environment(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="2")
     with removing_new_open_mpi_segments():  # the singleton exits on the error without finalizing
-        completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment, capture_output=True,
-                                   text=True, timeout=60)  # fmt: skip
+        completed = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=environment, capture_output=True, text=True, timeout=60
+        )
     assert completed.returncode != 0
     assert "sees 1" in completed.stderr and "different MPI installations" in completed.stderr, completed.stderr[-2000:]
 
@@ -137,8 +162,13 @@ def test_slurm_inside_a_step_first_host_and_port_from_the_job_id(fake_scontrol):
     topology = discover_topology(environ)
     # SLURM_STEP_NUM_TASKS (this step) wins over SLURM_NTASKS (the allocation).
     assert (topology.rank, topology.world_size, topology.local_rank, topology.source) == (1, 2, 0, "slurm")
-    assert placement(environ) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "node3",
-                                  "MASTER_PORT": str(slurm_master_port(123456))}  # fmt: skip
+    assert placement(environ) == {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "node3",
+        "MASTER_PORT": str(slurm_master_port(123456)),
+    }
 
 
 def test_a_bare_allocation_shell_is_one_process():
@@ -179,10 +209,15 @@ def test_port_from_the_job_id_is_stable_in_range_and_differs_between_jobs():
 
 @pytest.mark.parametrize(
     "environ",
-    [{"RANK": "0", "WORLD_SIZE": "1"}, dict(OPEN_MPI), {"PMI_RANK": "0", "PMI_SIZE": "1"},
-     {**SLURM_STEP, "MASTER_ADDR": "h"}, {}],
+    [
+        {"RANK": "0", "WORLD_SIZE": "1"},
+        dict(OPEN_MPI),
+        {"PMI_RANK": "0", "PMI_SIZE": "1"},
+        {**SLURM_STEP, "MASTER_ADDR": "h"},
+        {},
+    ],
     ids=["launcher", "openmpi", "mpich", "slurm", "single"],
-)  # fmt: skip
+)
 def test_every_source_leaves_nothing_for_deepspeed_to_discover(environ):
     # deepspeed.init_distributed, with its default auto_mpi_discovery=True, runs its own mpi4py
     # discovery (OMPI_* only, fixed port 29500) when it starts a group with one of these missing.

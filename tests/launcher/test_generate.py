@@ -18,10 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # A tokenizer trained in well under a second: 300 SentencePiece pieces (the smallest the project
 # allows: 256 bytes + specials + a few) and 20 sentinels.
 TOKENIZER_CONFIG = TokenizerConfig(vocab_size=320, num_sentinels=20, sample_lines=1000, num_threads=1)
-TEXTS = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n",
-         "the quick brown fox jumps over the lazy dog\n"] * 20
-
-
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    x: int = 0\n",
+    "the quick brown fox jumps over the lazy dog\n",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,19 @@ def tokenizer_dir(tmp_path_factory):
 
 def _export(root, kind, tokenizer_dir, attention_type="favor"):
     # As a training run builds it: targets start from the tokenizer's bos.
-    config = preset("tiny", vocab_size=TOKENIZER_CONFIG.vocab_size, d_model=32, num_heads=4, dropout=0.0,
-                    attention_type=attention_type, decoder_start_id=SpecialTokens(TOKENIZER_CONFIG.vocab_size).bos_id)
+    config = preset(
+        "tiny",
+        vocab_size=TOKENIZER_CONFIG.vocab_size,
+        d_model=32,
+        num_heads=4,
+        dropout=0.0,
+        attention_type=attention_type,
+        decoder_start_id=SpecialTokens(TOKENIZER_CONFIG.vocab_size).bos_id,
+    )
     model = build_model(kind, config)
-    return performer.save_pretrained(model, root / f"{kind}-{attention_type}", model_kind=kind,
-                                     tokenizer_dir=tokenizer_dir)
+    return performer.save_pretrained(
+        model, root / f"{kind}-{attention_type}", model_kind=kind, tokenizer_dir=tokenizer_dir
+    )
 
 
 @pytest.mark.parametrize("kind, attention_type", [("seq2seq", "favor"), ("lm", "favor"), ("lm", "softmax")])
@@ -65,10 +74,29 @@ def test_generate_prints_the_models_text_and_exits_0(tmp_path, tokenizer_dir, ca
 
 def test_seq2seq_beams_and_seeded_sampling(tmp_path, tokenizer_dir, capsys):
     export = str(_export(tmp_path, "seq2seq", tokenizer_dir))
-    assert main(["generate", "--model", export, "--prompt", "x <extra_id_0> y", "--num-beams", "3",
-                 "--max-new-tokens", "6"]) == 0
-    sample = ["generate", "--model", export, "--prompt", "class", "--temperature", "1.5", "--top-k", "50",
-              "--top-p", "0.95", "--seed", "7", "--max-new-tokens", "12"]
+    assert (
+        main(
+            ["generate", "--model", export, "--prompt", "x <extra_id_0> y", "--num-beams", "3", "--max-new-tokens", "6"]
+        )
+        == 0
+    )
+    sample = [
+        "generate",
+        "--model",
+        export,
+        "--prompt",
+        "class",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "12",
+    ]
     assert main(sample) == 0
     capsys.readouterr()
     assert main(sample) == 0 and main(sample) == 0

@@ -8,7 +8,6 @@ import json
 import subprocess
 
 import pytest
-
 from jobs import BIN, REPO
 
 pytestmark = pytest.mark.slow
@@ -18,8 +17,11 @@ def test_make_pretrain_trains_exports_and_generates(tmp_path):
     run, data = tmp_path / "run", tmp_path / "data"
     completed = subprocess.run(
         ["make", "--no-print-directory", "pretrain", f"RUN={run}", f"DATA={data}"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-5000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -34,9 +36,13 @@ def test_make_pretrain_trains_exports_and_generates(tmp_path):
     # make echoes the recipe (prompt included), so the generation is checked on its own: the same
     # command again, its output printed by make, and an answer that starts with sentinel 0.
     prompt = "def read_config(path):\n    with open(<extra_id_0>) as handle:\n        return <extra_id_1>(handle)"
-    again = subprocess.run([str(BIN / "performer"), "generate", "--model", str(export),
-                            "--max-new-tokens", "32", "--prompt", prompt],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [str(BIN / "performer"), "generate", "--model", str(export), "--max-new-tokens", "32", "--prompt", prompt],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     answer = again.stdout.strip()
     assert answer.startswith("<extra_id_0>") and len(answer) > len("<extra_id_0>")

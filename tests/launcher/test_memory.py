@@ -55,7 +55,7 @@ def test_views_of_one_flat_buffer_count_once_and_wrapper_tensors_get_their_role(
     flat = torch.zeros(parameters, dtype=torch.bfloat16)
     offset = 0
     for parameter in module.parameters():  # the weights become views into the flat buffer
-        parameter.data = flat[offset: offset + parameter.numel()].view_as(parameter)
+        parameter.data = flat[offset : offset + parameter.numel()].view_as(parameter)
         offset += parameter.numel()
     inner = torch.optim.AdamW([torch.zeros(parameters // 2, requires_grad=True)])
     held = model_state_bytes(_Engine(module, _ZeroWrapper(module, flat, inner)))

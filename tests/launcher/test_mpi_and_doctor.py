@@ -7,10 +7,17 @@ import sys
 import time
 
 import pytest
-
 from jobs import (
-    BIN, MPIRUN_ENV, REPO, free_port, launch_environment, mpirun, removing_new_open_mpi_segments, run_pretrain,
+    BIN,
+    MPIRUN_ENV,
+    REPO,
+    free_port,
+    launch_environment,
+    mpirun,
+    removing_new_open_mpi_segments,
+    run_pretrain,
 )
+
 from launcher.commands.doctor import duplicate_local_ranks
 
 pytestmark = pytest.mark.slow
@@ -27,8 +34,9 @@ def venv_mpirun():
 
 def run(command, timeout=60, **extra_env):
     started = time.monotonic()
-    completed = subprocess.run(command, cwd=REPO, env=launch_environment(**extra_env), capture_output=True,
-                               text=True, timeout=timeout)  # fmt: skip
+    completed = subprocess.run(
+        command, cwd=REPO, env=launch_environment(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
     return completed, time.monotonic() - started
 
 
@@ -45,9 +53,12 @@ def assert_doctor_ok(completed, world_size: int, source: str) -> None:
     for rank, line in lines.items():
         assert f"rank {rank}/{world_size} local_rank {rank} source={source} " in line
         assert "backend=gloo" in line and "master=" in line and "devices=cpu" in line
-    assert re.search(rf"^doctor: all-reduce 4\.0 MiB x 5 on {world_size} rank\(s\) \(gloo\): median [\d.]+ ms .*"
-                     r"algbw [\d.]+ GB/s, busbw [\d.]+ GB/s; latency \(4 B x 20\): median \d+ us$",
-                     completed.stdout, re.M), completed.stdout  # fmt: skip
+    assert re.search(
+        rf"^doctor: all-reduce 4\.0 MiB x 5 on {world_size} rank\(s\) \(gloo\): median [\d.]+ ms .*"
+        r"algbw [\d.]+ GB/s, busbw [\d.]+ GB/s; latency \(4 B x 20\): median \d+ us$",
+        completed.stdout,
+        re.M,
+    ), completed.stdout
     assert f"doctor: OK, {world_size} rank(s) joined" in completed.stdout
 
 
@@ -81,8 +92,16 @@ def test_doctor_single_process():
 
 
 def test_doctor_under_the_deepspeed_launcher():
-    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launcher",
-               "doctor"]  # fmt: skip
+    command = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "launcher",
+        "doctor",
+    ]
     completed, _ = run(command, timeout=120)
     assert_doctor_ok(completed, 2, "launcher")
 
@@ -103,9 +122,14 @@ def test_a_missing_rank_fails_within_the_timeout_with_what_to_check(rank):
     # WORLD_SIZE=2 and one process: rank 0 waits for a peer, rank 1 for a master; neither comes.
     port = free_port()
     started = time.monotonic()
-    process = subprocess.Popen([*DOCTOR, "--timeout", "5"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=launch_environment(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                                                 MASTER_PORT=str(port)))  # fmt: skip
+    process = subprocess.Popen(
+        [*DOCTOR, "--timeout", "5"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=launch_environment(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+    )
     line = process.stdout.readline()  # printed before joining: the deadline is already running
     printed = time.monotonic()
     stdout, stderr = process.communicate(timeout=60)
@@ -114,8 +138,13 @@ def test_a_missing_rank_fails_within_the_timeout_with_what_to_check(rank):
     assert ended - printed < 5 + 1.5 and ended - started < 12  # the start-up (imports) comes on top
     assert line.startswith(f"doctor: rank {rank}/2 local_rank {rank} source=launcher")
     assert f"rank {rank}/2: FAILED joining the process group at 127.0.0.1:{port}" in stderr
-    for advice in ("WORLD_SIZE", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", "GLOO_SOCKET_IFNAME",
-                   "NCCL_SOCKET_IFNAME"):  # fmt: skip
+    for advice in (
+        "WORLD_SIZE",
+        "MASTER_ADDR=127.0.0.1",
+        f"MASTER_PORT={port}",
+        "GLOO_SOCKET_IFNAME",
+        "NCCL_SOCKET_IFNAME",
+    ):
         assert advice in stderr
 
 
@@ -124,9 +153,14 @@ def test_a_dead_peer_ends_the_other_rank_at_once():
     port = free_port()
     long_run = [*DOCTOR, "--timeout", "30", "--size-mb", "32", "--repeats", "1000"]
     processes = [
-        subprocess.Popen(long_run, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=launch_environment(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                                MASTER_PORT=str(port)))  # fmt: skip
+        subprocess.Popen(
+            long_run,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=launch_environment(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+        )
         for rank in (0, 1)
     ]
     try:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from jobs import run_pretrain
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +63,14 @@ def projections_by_id(state_dict: dict[str, torch.Tensor]) -> dict[int, str]:
 @pytest.fixture(scope="module", params=MODES)
 def redrawn_run(prepared_data, tmp_path_factory, request):
     base = tmp_path_factory.mktemp(f"redraws-{request.param}")
-    run = run_pretrain(prepared_data, base / "run", *SETTINGS, f"model.redraw_mode={request.param}",
-                       f"train.max_steps={STEPS}", **observed(base / "log"))  # fmt: skip
+    run = run_pretrain(
+        prepared_data,
+        base / "run",
+        *SETTINGS,
+        f"model.redraw_mode={request.param}",
+        f"train.max_steps={STEPS}",
+        **observed(base / "log"),
+    )
     assert run.returncode == 0, run.output[-4000:]
     return run, calls(base / "log"), request.param
 
@@ -122,7 +127,9 @@ def test_the_export_carries_the_projection_the_last_steps_trained_with(redrawn_r
     run, sequences, mode = redrawn_run
     out = export_checkpoint(run.directory, tmp_path / "export")
     exported = projections_by_id(load_file(str(out / "model.safetensors")))
-    rank0 = {layer: training_steps(seq)[-1] for (process, layer), seq in sequences.items() if process.startswith("rank0")}
+    rank0 = {
+        layer: training_steps(seq)[-1] for (process, layer), seq in sequences.items() if process.startswith("rank0")
+    }
     assert exported == rank0
     projections = json.loads((out / "config.json").read_text())["projections"]
     card = (out / "README.md").read_text()
@@ -162,7 +169,9 @@ def test_an_older_checkpoint_holding_an_untrained_draw_exports_the_trained_one(r
     (tag / "COMPLETE").write_text(json.dumps(marker))
 
     out = export_checkpoint(copy, tmp_path / "export", tag="step00000004")
-    rank0 = {layer: training_steps(seq)[3] for (process, layer), seq in sequences.items() if process.startswith("rank0")}
+    rank0 = {
+        layer: training_steps(seq)[3] for (process, layer), seq in sequences.items() if process.startswith("rank0")
+    }
     assert projections_by_id(load_file(str(out / "model.safetensors"))) == rank0
     assert json.loads((out / "config.json").read_text())["projections"]["trained_steps"] == [3, 4]
 
@@ -177,15 +186,23 @@ def test_resuming_at_a_redraw_step_trains_on_bitwise_with_the_next_draw(redrawn_
     metrics = copy / "metrics.jsonl"
     kept = [line for line in metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= 4]
     metrics.write_text("\n".join(kept) + "\n")
-    data = Path(json.loads((copy / "checkpoints" / "step00000004" / "COMPLETE").read_text())
-                ["run_config"]["data"]["manifest"]).parent  # fmt: skip
-    resumed = run_pretrain(data, copy, *SETTINGS, f"model.redraw_mode={mode}", f"train.max_steps={STEPS}", resume="auto",
-                           **observed(tmp_path / "log"))  # fmt: skip
+    data = Path(
+        json.loads((copy / "checkpoints" / "step00000004" / "COMPLETE").read_text())["run_config"]["data"]["manifest"]
+    ).parent
+    resumed = run_pretrain(
+        data,
+        copy,
+        *SETTINGS,
+        f"model.redraw_mode={mode}",
+        f"train.max_steps={STEPS}",
+        resume="auto",
+        **observed(tmp_path / "log"),
+    )
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "resumed from step00000004" in resumed.output
     assert resumed.losses() == reference.losses()
     assert sorted(r["step"] for r in resumed.records("train") if r["step"] > 4) == [5, 6]
     for (process, layer), sequence in calls(tmp_path / "log").items():
         rank = process.split("-")[0]
-        expected = next(seq for (p, l), seq in reference_calls.items() if p.startswith(rank + "-") and l == layer)
+        expected = next(seq for (p, lay), seq in reference_calls.items() if p.startswith(rank + "-") and lay == layer)
         assert training_steps(sequence) == training_steps(expected)[4:]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jobs import REPO, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -147,8 +146,9 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(runs, prepared_d
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_a_nonfinite_loss_is_skipped_on_every_rank_and_counted(prepared_data, tmp_path, stage):
-    run = run_pretrain(prepared_data, tmp_path / "run", f"zero.stage={stage}",
-                       extra_env={"PERFORMER_FAULTS": "nonfinite_loss@3"})  # fmt: skip
+    run = run_pretrain(
+        prepared_data, tmp_path / "run", f"zero.stage={stage}", extra_env={"PERFORMER_FAULTS": "nonfinite_loss@3"}
+    )
     assert run.returncode == 0, run.output[-4000:]
     skips = [r for r in run.records("event") if "nonfinite_loss" in r]
     assert [(r["step"], r["skipped_total"]) for r in skips] == [(2, 1)]
@@ -160,12 +160,19 @@ def test_a_nonfinite_loss_is_skipped_on_every_rank_and_counted(prepared_data, tm
 def test_consecutive_nonfinite_losses_stop_with_the_last_good_weights(prepared_data, tmp_path):
     """Three NaN losses in a row after step 2: exit 3, and the checkpoint it writes holds exactly
     the weights of step 2 (the skipped attempts changed nothing), compared bitwise with a clean run."""
-    faulty = run_pretrain(prepared_data, tmp_path / "faulty", "zero.stage=0", "train.max_consecutive_nonfinite=3",
-                          extra_env={"PERFORMER_FAULTS": "nonfinite_loss@3,4,5"})  # fmt: skip
+    faulty = run_pretrain(
+        prepared_data,
+        tmp_path / "faulty",
+        "zero.stage=0",
+        "train.max_consecutive_nonfinite=3",
+        extra_env={"PERFORMER_FAULTS": "nonfinite_loss@3,4,5"},
+    )
     assert faulty.returncode == 3, faulty.output[-4000:]
     assert "3 non-finite losses in a row at step 2" in faulty.output
     assert (faulty.directory / "checkpoints" / "latest").read_text().strip() == "step00000002"
-    clean = run_pretrain(prepared_data, tmp_path / "clean", "zero.stage=0", "train.max_steps=2", "checkpoint.interval=2")
+    clean = run_pretrain(
+        prepared_data, tmp_path / "clean", "zero.stage=0", "train.max_steps=2", "checkpoint.interval=2"
+    )
     assert clean.returncode == 0, clean.output[-4000:]
 
     def weights(run):
@@ -185,16 +192,30 @@ def test_time_budget_saves_exits_75_and_resumes(runs, prepared_data, tmp_path):
     resumed = run_pretrain(prepared_data, directory, "zero.stage=1", resume="auto")
     assert resumed.returncode == 0, resumed.output[-4000:]
     reference = runs("zero1").losses()
-    assert {s: l for s, l in resumed.losses().items() if s > 1} == {s: l for s, l in reference.items() if s > 1}
+    assert {s: loss for s, loss in resumed.losses().items() if s > 1} == {
+        s: loss for s, loss in reference.items() if s > 1
+    }
 
 
 def test_sigusr1_checkpoints_at_the_next_step_and_exits_75(prepared_data, tmp_path):
     directory = tmp_path / "run"
-    command = [sys.executable, "-m", "launcher.pretrain", "--config", str(REPO / "configs" / "tiny.yaml"), "--set",
-               *__import__("jobs").TEST_SETTINGS, f"data.manifest={prepared_data / 'train'}",
-               f"train.output_dir={directory}", "train.max_steps=100000", "eval.interval=0"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.pretrain",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--set",
+        *__import__("jobs").TEST_SETTINGS,
+        f"data.manifest={prepared_data / 'train'}",
+        f"train.output_dir={directory}",
+        "train.max_steps=100000",
+        "eval.interval=0",
+    ]
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = directory / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count('"train"') >= 2):
@@ -224,11 +245,20 @@ def test_export_reproduces_the_training_models_eval_loss(runs, tmp_path):
         config = json.loads((run.directory / "checkpoints" / "step00000008" / "COMPLETE").read_text())["run_config"]
         losses = []
         for rank in range(2):
-            stream = TokenStream(StreamConfig(manifest=config["data"]["eval_manifest"] or
-                                              str(Path(config["data"]["manifest"]).parent / "heldout"),
-                                              objective="span_corruption", input_length=64, batch_size=4,
-                                              seed=0, max_epochs=1, verify_sha256=False),
-                                 rank=rank, world_size=2)  # fmt: skip
+            stream = TokenStream(
+                StreamConfig(
+                    manifest=config["data"]["eval_manifest"]
+                    or str(Path(config["data"]["manifest"]).parent / "heldout"),
+                    objective="span_corruption",
+                    input_length=64,
+                    batch_size=4,
+                    seed=0,
+                    max_epochs=1,
+                    verify_sha256=False,
+                ),
+                rank=rank,
+                world_size=2,
+            )
             rank_losses = []
             with torch.no_grad():
                 for index, batch in enumerate(stream.iter_epoch()):
@@ -239,8 +269,10 @@ def test_export_reproduces_the_training_models_eval_loss(runs, tmp_path):
                     starts = set(batch["decoder_input_ids"][:, 0].tolist())
                     assert starts == {model.config.decoder_start_id} == {3}
                     source = batch["input_ids"][:1, :16]
-                    assert torch.equal(model.generate(source, max_new_tokens=3),
-                                       model.generate(source, max_new_tokens=3, decoder_start_id=3))
+                    assert torch.equal(
+                        model.generate(source, max_new_tokens=3),
+                        model.generate(source, max_new_tokens=3, decoder_start_id=3),
+                    )
             losses.append(sum(rank_losses) / len(rank_losses))
         logged = {r["step"]: r["loss"] for r in run.records("eval")}[8]
         assert sum(losses) / 2 == pytest.approx(logged, abs=1e-5)
@@ -282,11 +314,19 @@ def test_the_real_engine_decays_matrices_only_at_the_scheduled_rate(tmp_path):
     import re
 
     from jobs import BIN, free_port, launch_environment
+
     from launcher.schedule import learning_rate
 
     out = tmp_path / "probe.json"
-    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-               str(REPO / "tests" / "launcher" / "engine_probe.py"), str(out)]  # fmt: skip
+    command = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "launcher" / "engine_probe.py"),
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     decaying = re.compile(r"(q_proj|k_proj|v_proj|out_proj|w_in|w_out)\.weight$")

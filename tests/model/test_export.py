@@ -15,13 +15,13 @@ import torch
 
 import performer
 from performer.config import preset
+from performer.models import build_model
 from performer.pretrained import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ExportError,
     save_pretrained_from_state_dict,
 )
-from performer.models import build_model
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine two threads crawl.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,11 +31,16 @@ KINDS = ["seq2seq", "lm", "encoder"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-
-
 def _config(**overrides):
-    values = dict(vocab_size=VOCAB, d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-                  dropout=0.0, feature_redraw_interval=1)
+    values = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout=0.0,
+        feature_redraw_interval=1,
+    )
     values.update(overrides)
     return preset("tiny", **values)
 
@@ -148,8 +153,9 @@ def test_state_dict_export_needs_the_projections(tmp_path):
         save_pretrained_from_state_dict(params_only, model.config, "seq2seq", tmp_path / "export")
     assert not (tmp_path / "export").exists()
     # The fixed flags alone may be absent, and a wrapper's "module." prefix is removed.
-    state = {f"module.{name}": value for name, value in model.state_dict().items()
-             if not name.endswith("projection_fixed")}
+    state = {
+        f"module.{name}": value for name, value in model.state_dict().items() if not name.endswith("projection_fixed")
+    }
     out = save_pretrained_from_state_dict(state, model.config, "seq2seq", tmp_path / "export")
     model.eval()
     assert torch.equal(_logits(performer.from_pretrained(out), "seq2seq"), _logits(model, "seq2seq"))
@@ -199,11 +205,17 @@ def test_export_layout_has_no_pickle_and_no_leftovers(tmp_path):
     tokenizer.mkdir()
     (tokenizer / "tokenizer.model").write_bytes(b"sentencepiece bytes")
     (tokenizer / "tokenizer.json").write_text('{"special": {}}')
-    _, out = _export(tmp_path, tokenizer_dir=tokenizer,
-                     card={"data": Path("stdlib"), "steps": 300, "eval loss": torch.tensor(2.5)})
+    _, out = _export(
+        tmp_path, tokenizer_dir=tokenizer, card={"data": Path("stdlib"), "steps": 300, "eval loss": torch.tensor(2.5)}
+    )
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
-    assert files == ["README.md", "config.json", "model.safetensors", "tokenizer/tokenizer.json",
-                     "tokenizer/tokenizer.model"]
+    assert files == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer.model",
+    ]
     for path in out.rglob("*"):
         if path.is_file():
             head = path.read_bytes()[:4]
@@ -313,8 +325,24 @@ def _load_example(name: str):
 def test_finetune_example_trains_an_export_and_the_loss_falls(tmp_path, capsys):
     model, out = _export(tmp_path, "seq2seq")
     example = _load_example("finetune_seq2seq")
-    code = example.main(["--model", str(out), "--steps", "60", "--batch-size", "8", "--length", "6",
-                         "--num-symbols", "8", "--lr", "3e-3", "--log-every", "20"])
+    code = example.main(
+        [
+            "--model",
+            str(out),
+            "--steps",
+            "60",
+            "--batch-size",
+            "8",
+            "--length",
+            "6",
+            "--num-symbols",
+            "8",
+            "--lr",
+            "3e-3",
+            "--log-every",
+            "20",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", printed).groups())
@@ -329,7 +357,13 @@ def test_loading_an_export_imports_neither_deepspeed_nor_the_trainer(tmp_path):
         f"performer.from_pretrained({str(out)!r})\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'yaml', 'data', 'launcher'}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

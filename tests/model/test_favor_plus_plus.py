@@ -40,8 +40,7 @@ def _textbook(x, w, a):
 
 def _log_second_moment(a, head_dim, sum_sq):
     """log E[(f(w, q) f(w, k))^2] for |q + k|^2 = sum_sq, |q|^2 + |k|^2 left out (it does not depend on A)."""
-    return (head_dim * math.log(1 - 4 * a) - head_dim / 2 * math.log(1 - 8 * a)
-            + 2 * (1 - 4 * a) / (1 - 8 * a) * sum_sq)  # fmt: skip
+    return head_dim * math.log(1 - 4 * a) - head_dim / 2 * math.log(1 - 8 * a) + 2 * (1 - 4 * a) / (1 - 8 * a) * sum_sq
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])
@@ -89,8 +88,10 @@ def test_estimator_is_unbiased_and_beats_favor_plus_variance(query_scale, key_sc
         assert abs(mean - exact) < 4 * standard_error, (name, mean, exact, standard_error)
         variances[name] = samples.var().item()
     ratio = variances["favor++ optimal"] / variances["favor+"]
-    print(f"\n|q|={q.norm():.2f} |k|={k.norm():.2f} q.k={q @ k:.2f}: Var FAVOR++/FAVOR+ = {ratio:.3f} "
-          f"(default A: {variances['favor++ default'] / variances['favor+']:.3f})")  # fmt: skip
+    print(
+        f"\n|q|={q.norm():.2f} |k|={k.norm():.2f} q.k={q @ k:.2f}: Var FAVOR++/FAVOR+ = {ratio:.3f} "
+        f"(default A: {variances['favor++ default'] / variances['favor+']:.3f})"
+    )
     assert ratio < 0.9
     assert variances["favor++ optimal"] <= variances["favor++ default"] * 1.05
 
@@ -195,8 +196,17 @@ def test_calibration_sets_the_optimum_and_changes_only_later_forwards():
 
 
 def test_decoder_checkpoint_recompute_matches_plain_backward():
-    common = dict(d_model=32, num_layers=2, num_heads=2, dropout=0.0, use_cross_attention=False,
-                  nb_features=24, feature_map="favor++", projection_seed=3, auto_check_redraw=False)  # fmt: skip
+    common = dict(
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        dropout=0.0,
+        use_cross_attention=False,
+        nb_features=24,
+        feature_map="favor++",
+        projection_seed=3,
+        auto_check_redraw=False,
+    )
     x = torch.randn(2, 11, 32)
     grads = []
     for checkpointing in (False, True):

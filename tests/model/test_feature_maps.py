@@ -48,7 +48,9 @@ def test_features_equal_the_textbook_map_up_to_per_query_and_per_feature_constan
     projection = gaussian_orthogonal_projection(32, 8, seed=1)
     q, k = torch.randn(5, 8), torch.randn(6, 8)
     exact = _naive_features(q, projection) @ _naive_features(k, projection).T  # (5, 6) kernel
-    ours = favor_features(q, projection, is_query=True).double() @ favor_features(k, projection, is_query=False).double().T
+    ours = (
+        favor_features(q, projection, is_query=True).double() @ favor_features(k, projection, is_query=False).double().T
+    )
     # Each query row is scaled by one positive constant: row-normalised kernels agree.
     assert torch.allclose(ours / ours.sum(1, keepdim=True), exact / exact.sum(1, keepdim=True), rtol=1e-4)
 

@@ -6,8 +6,8 @@ import torch
 
 from performer.attention import fused
 from performer.attention.favor import mask_keys
-from performer.attention.naive import causal_linear_attention_quadratic, linear_attention_quadratic
 from performer.attention.fused import favor_attention
+from performer.attention.naive import causal_linear_attention_quadratic, linear_attention_quadratic
 from performer.feature_maps import favor_features, favorpp_default_a, gaussian_orthogonal_projection
 
 
@@ -133,4 +133,3 @@ def test_causal_needs_square_attention(a):
     q, k, v, projection = _inputs(length=5, key_length=7)
     with pytest.raises(ValueError, match="as many queries as keys"):
         favor_attention(q, k, v, projection, causal=True, feature_a=a)
-

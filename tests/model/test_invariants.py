@@ -10,9 +10,16 @@ D_MODEL = 32
 
 def _decoder(attention_type, **kwargs):
     return PerformerDecoder(
-        d_model=D_MODEL, num_layers=2, num_heads=4, dropout=0.0, attention_type=attention_type,
-        use_cross_attention=False, nb_features=32, chunk_size=4, **kwargs,
-    ).eval()  # fmt: skip
+        d_model=D_MODEL,
+        num_layers=2,
+        num_heads=4,
+        dropout=0.0,
+        attention_type=attention_type,
+        use_cross_attention=False,
+        nb_features=32,
+        chunk_size=4,
+        **kwargs,
+    ).eval()
 
 
 CAUSAL_SETUPS = [
@@ -59,7 +66,12 @@ def _padded(x, lengths, total, garbage_scale=50.0):
 @pytest.mark.parametrize(("attention_type", "feature_map"), ENCODER_SETUPS)
 def test_encoder_padding_invariance(attention_type, feature_map):
     encoder = PerformerEncoder(
-        d_model=D_MODEL, num_layers=2, num_heads=4, dropout=0.0, attention_type=attention_type, nb_features=32,
+        d_model=D_MODEL,
+        num_layers=2,
+        num_heads=4,
+        dropout=0.0,
+        attention_type=attention_type,
+        nb_features=32,
         feature_map=feature_map,
     ).eval()
     x = torch.randn(2, 10, D_MODEL)
@@ -88,13 +100,20 @@ def test_seq2seq_padding_invariance_through_cross_attention(encoder_type, featur
     assert torch.allclose(out[:, :5], model(src, tgt), atol=1e-5)
     # The guide's (B, Lt, Ls) cross mask means the same thing.
     cross = src_mask[:, None, :].expand(1, 9, 12)
-    assert torch.allclose(out, model(padded_src, padded_tgt, src_mask=src_mask, tgt_mask=tgt_mask, cross_attn_mask=cross))
+    assert torch.allclose(
+        out, model(padded_src, padded_tgt, src_mask=src_mask, tgt_mask=tgt_mask, cross_attn_mask=cross)
+    )
 
 
 @pytest.mark.parametrize("feature_map", FAVOR_FEATURE_MAPS)
 def test_bf16_training_at_16k_tokens_with_large_inputs_stays_finite(feature_map):
     decoder = PerformerDecoder(
-        d_model=64, num_layers=1, num_heads=1, dropout=0.0, use_cross_attention=False, nb_features=64,
+        d_model=64,
+        num_layers=1,
+        num_heads=1,
+        dropout=0.0,
+        use_cross_attention=False,
+        nb_features=64,
         feature_map=feature_map,
     ).to(torch.bfloat16)
     x = (torch.randn(1, 16384, 64) * 10).to(torch.bfloat16).requires_grad_()
@@ -111,9 +130,7 @@ def test_bf16_training_at_16k_tokens_with_large_inputs_stays_finite(feature_map)
 
 @pytest.mark.parametrize("feature_map", FAVOR_FEATURE_MAPS)
 def test_autocast_keeps_favor_sums_in_float32(feature_map):
-    encoder = PerformerEncoder(
-        d_model=D_MODEL, num_layers=1, num_heads=4, dropout=0.0, feature_map=feature_map
-    ).eval()
+    encoder = PerformerEncoder(d_model=D_MODEL, num_layers=1, num_heads=4, dropout=0.0, feature_map=feature_map).eval()
     x = torch.randn(2, 64, D_MODEL) * 10
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = encoder(x)
@@ -124,6 +141,7 @@ def test_autocast_keeps_favor_sums_in_float32(feature_map):
 @pytest.mark.parametrize("feature_map", FAVOR_FEATURE_MAPS)
 def test_bf16_causal_favor_attention_without_normalisation_stays_finite(feature_map):
     from performer.attention.module import Attention
+
     attention = Attention(64, 1, "favor", nb_features=128, feature_map=feature_map)
     attention.draw_projection_(base_seed=1, step=0)
     attention = attention.to(torch.bfloat16)

@@ -21,9 +21,21 @@ def _config(**overrides):
 
 
 def test_presets_follow_the_guide():
-    assert (PRESETS["small"]["d_model"], PRESETS["small"]["num_encoder_layers"], PRESETS["small"]["num_heads"]) == (256, 4, 4)
-    assert (PRESETS["medium"]["d_model"], PRESETS["medium"]["num_encoder_layers"], PRESETS["medium"]["num_heads"]) == (512, 6, 8)
-    assert (PRESETS["large"]["d_model"], PRESETS["large"]["num_encoder_layers"], PRESETS["large"]["num_heads"]) == (1024, 12, 16)
+    assert (PRESETS["small"]["d_model"], PRESETS["small"]["num_encoder_layers"], PRESETS["small"]["num_heads"]) == (
+        256,
+        4,
+        4,
+    )
+    assert (PRESETS["medium"]["d_model"], PRESETS["medium"]["num_encoder_layers"], PRESETS["medium"]["num_heads"]) == (
+        512,
+        6,
+        8,
+    )
+    assert (PRESETS["large"]["d_model"], PRESETS["large"]["num_encoder_layers"], PRESETS["large"]["num_heads"]) == (
+        1024,
+        12,
+        16,
+    )
 
 
 def test_unknown_and_invalid_config_keys_are_clear_errors():
@@ -119,11 +131,15 @@ def test_cached_seq2seq_decoding_equals_full_forward(setup):
     cache = model.decoder.new_cache()
     steps = [
         model.vocabulary_logits(
-            model.decoder(model.embedding(tgt[:, t : t + 1], offset=t), encoder_output=memory,
-                          cross_attn_mask=src_mask, cache=cache)
+            model.decoder(
+                model.embedding(tgt[:, t : t + 1], offset=t),
+                encoder_output=memory,
+                cross_attn_mask=src_mask,
+                cache=cache,
+            )
         )
         for t in range(9)
-    ]  # fmt: skip
+    ]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
 
 
@@ -176,10 +192,14 @@ def test_sampling_filters_and_seeded_draws():
     model = PerformerLM(_config()).eval()
     prompt = torch.randint(1, VOCAB, (2, 4))
     draws = [
-        model.generate(prompt, max_new_tokens=8, sampling=SamplingParams(temperature=1.5, top_k=20),
-                       generator=torch.Generator().manual_seed(5))
+        model.generate(
+            prompt,
+            max_new_tokens=8,
+            sampling=SamplingParams(temperature=1.5, top_k=20),
+            generator=torch.Generator().manual_seed(5),
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     assert torch.equal(draws[0], draws[1])
 
 

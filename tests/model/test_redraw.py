@@ -36,10 +36,12 @@ def test_same_seed_gives_bitwise_equal_projections_in_two_processes():
     digests = {
         subprocess.run(
             [sys.executable, "-c", f"import torch; torch.manual_seed({global_seed})\n" + _PROCESS_SCRIPT],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         for global_seed in (1, 2)
-    }  # fmt: skip
+    }
     assert len(digests) == 1
 
 
@@ -115,8 +117,9 @@ def test_checkpoint_recompute_gives_the_same_gradients_and_never_redraws():
     config = preset("tiny", vocab_size=64, d_model=32, dropout=0.1, feature_redraw_interval=1)
     torch.manual_seed(3)
     plain = PerformerSeq2Seq(config)
-    checkpointed = PerformerSeq2Seq(preset("tiny", vocab_size=64, d_model=32, dropout=0.1,
-                                           feature_redraw_interval=1, gradient_checkpointing=1))
+    checkpointed = PerformerSeq2Seq(
+        preset("tiny", vocab_size=64, d_model=32, dropout=0.1, feature_redraw_interval=1, gradient_checkpointing=1)
+    )
     checkpointed.load_state_dict(plain.state_dict())
     batch = dict(
         input_ids=torch.randint(1, 64, (2, 12)),
@@ -156,8 +159,17 @@ def test_smooth_schedule_moves_from_one_draw_to_the_next_one_step_at_a_time():
 
     smooth = RedrawSchedule(4, mode="smooth")
     blends = [smooth.blend_for_step(step) for step in range(1, 10)]
-    assert blends == [(0, 0, 0.0), (0, 4, 0.25), (0, 4, 0.5), (0, 4, 0.75), (4, 8, 0.0),
-                      (4, 8, 0.25), (4, 8, 0.5), (4, 8, 0.75), (8, 12, 0.0)]
+    assert blends == [
+        (0, 0, 0.0),
+        (0, 4, 0.25),
+        (0, 4, 0.5),
+        (0, 4, 0.75),
+        (4, 8, 0.0),
+        (4, 8, 0.25),
+        (4, 8, 0.5),
+        (4, 8, 0.75),
+        (8, 12, 0.0),
+    ]
     assert [s for s in range(0, 10) if smooth.changes_after(s)] == list(range(1, 10))
     assert [s for s in range(0, 10) if smooth.redraws_after(s)] == [4, 8]
     assert smooth.trained_steps(6) == (6, 6) and smooth.trained_steps(4) == (4, 4) and smooth.trained_steps(5) == (5, 5)

@@ -28,10 +28,26 @@ def sharded_data(prepared_data, tmp_path_factory) -> Path:
     shutil.copytree(prepared_data, out)
     shutil.rmtree(out / "train")
     command = [
-        str(BIN / "performer"), "data", "shards", "--tokenizer", str(out / "tokenizer"), "--out", str(out / "train"),
-        "--split", "train", "--source", "stdlib", "--max-documents", "80", "--heldout-fraction", "0.15",
-        "--max-samples-per-shard", "8", "--workers", "1",
-    ]  # fmt: skip
+        str(BIN / "performer"),
+        "data",
+        "shards",
+        "--tokenizer",
+        str(out / "tokenizer"),
+        "--out",
+        str(out / "train"),
+        "--split",
+        "train",
+        "--source",
+        "stdlib",
+        "--max-documents",
+        "80",
+        "--heldout-fraction",
+        "0.15",
+        "--max-samples-per-shard",
+        "8",
+        "--workers",
+        "1",
+    ]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
     return out
 
@@ -46,8 +62,9 @@ def data_copy(sharded_data, tmp_path) -> Path:
 def trained_run(prepared_data, tmp_path_factory) -> Path:
     """One process, 4 steps, checkpoints at steps 2 and 4 (ZeRO-0 fp32): a healthy run directory."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    run = run_pretrain(prepared_data, out, "train.max_steps=4", "checkpoint.interval=2", "eval.interval=0",
-                       "zero.stage=0", ranks=1)  # fmt: skip
+    run = run_pretrain(
+        prepared_data, out, "train.max_steps=4", "checkpoint.interval=2", "eval.interval=0", "zero.stage=0", ranks=1
+    )
     assert run.returncode == 0, run.output[-4000:]
     return out
 

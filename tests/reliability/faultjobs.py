@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from jobs import BIN, REPO, TEST_SETTINGS, Run, free_port, launch_environment, run_pretrain
 
 FAULT_LINE = re.compile(r"fault: (?P<what>.*) rank=(?P<rank>\d+) pid=(?P<pid>\d+) time=(?P<time>[0-9.]+)")
@@ -28,8 +27,16 @@ FAULT_LINE = re.compile(r"fault: (?P<what>.*) rank=(?P<rank>\d+) pid=(?P<pid>\d+
 class Job:
     """One trainer job, watched: output lines as they arrive, rank pids, exit time."""
 
-    def __init__(self, data: Path, output_dir: Path, *settings: str, ranks: int = 2, resume: str | None = None,
-                 faults: str | None = None, extra_args: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        data: Path,
+        output_dir: Path,
+        *settings: str,
+        ranks: int = 2,
+        resume: str | None = None,
+        faults: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
         arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
         if resume is not None:
@@ -38,14 +45,29 @@ class Job:
         if ranks == 1:
             command = [sys.executable, "-m", "launcher.pretrain", *arguments]
         else:
-            command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                       "--module", "launcher.pretrain", *arguments]  # fmt: skip
+            command = [
+                str(BIN / "deepspeed"),
+                "--num_gpus",
+                str(ranks),
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "launcher.pretrain",
+                *arguments,
+            ]
         environment = launch_environment(**({"PERFORMER_FAULTS": faults} if faults else {}))
         self.directory = output_dir
         self.lines: list[tuple[float, str]] = []
         self.ended_at: float | None = None
-        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -154,8 +154,15 @@ class Workspace:
         for source in self.shared.other_tokenizer.iterdir():
             shutil.copy(source, directory / source.name)
 
-    def pretrain(self, *settings: str, configs: tuple = (), data: Path | None = None, out: Path | None = None,
-                 resume: str | None = None, config: str = TINY) -> list[str]:  # fmt: skip
+    def pretrain(
+        self,
+        *settings: str,
+        configs: tuple = (),
+        data: Path | None = None,
+        out: Path | None = None,
+        resume: str | None = None,
+        config: str = TINY,
+    ) -> list[str]:
         data = data if data is not None else self.shared.data
         out = out if out is not None else self.root / "out"
         argv = ["pretrain", "--config", str(config)]
@@ -184,8 +191,12 @@ class Case:
         return f"{self.command}: {self.input} {self.damage}{via}"
 
 
-def damaged(path_of: Callable[[Workspace], Path], damage: Callable[[Path], None],
-            argv_of: Callable[[Workspace], list[str]], name_of: Callable[[Workspace], object] | None = None):  # fmt: skip
+def damaged(
+    path_of: Callable[[Workspace], Path],
+    damage: Callable[[Path], None],
+    argv_of: Callable[[Workspace], list[str]],
+    name_of: Callable[[Workspace], object] | None = None,
+):
     """A builder: damage `path_of(w)`, run `argv_of(w)`; the message must name `name_of(w)` (default: the path)."""
 
     def build(w: Workspace) -> tuple[list[str], str]:
@@ -208,8 +219,12 @@ def pretrain_config(content: str | bytes, name: str | None = None) -> Callable:
 
 def pretrain_data(target: str, damage: Callable[[Path], None], name: str | None = None) -> Callable:
     """pretrain on the private data copy with `target` (relative to it) damaged."""
-    return damaged(lambda w: w.data / target, damage, lambda w: w.pretrain(data=w.data),
-                   (lambda w: w.data / name) if name else None)  # fmt: skip
+    return damaged(
+        lambda w: w.data / target,
+        damage,
+        lambda w: w.pretrain(data=w.data),
+        (lambda w: w.data / name) if name else None,
+    )
 
 
 def pretrain_resume(damage: Callable[[Path], None] | None, target: str, resume: str, name: str, *settings) -> Callable:
@@ -246,11 +261,26 @@ def corpus(w: Workspace) -> Path:
     return w.file("corpus.txt", CORPUS)
 
 
-def prepare_argv(w: Workspace, *extra: str, source: str = "files", paths: str | None = None,
-                 out: Path | None = None) -> list[str]:  # fmt: skip
-    return ["data", "prepare", "--source", source, "--paths", paths or str(corpus(w)),
-            "--out", str(out or w.root / "prepared"), "--vocab-size", "400", "--num-sentinels", "20",
-            "--workers", "1", *extra]  # fmt: skip
+def prepare_argv(
+    w: Workspace, *extra: str, source: str = "files", paths: str | None = None, out: Path | None = None
+) -> list[str]:
+    return [
+        "data",
+        "prepare",
+        "--source",
+        source,
+        "--paths",
+        paths or str(corpus(w)),
+        "--out",
+        str(out or w.root / "prepared"),
+        "--vocab-size",
+        "400",
+        "--num-sentinels",
+        "20",
+        "--workers",
+        "1",
+        *extra,
+    ]
 
 
 def slurm_argv(w: Workspace, *extra: str, config: str = TINY, out: Path | None = None) -> list[str]:
@@ -262,19 +292,34 @@ TOKENIZER_MODEL = "tokenizer/tokenizer.model"
 
 CATALOGUE: list[Case] = [
     # ---- pretrain: config
-    Case("pretrain", "--config", "missing", lambda w: (w.pretrain(config=w.root / "nope.yaml"),
-                                                        str(w.root / "nope.yaml")), via="cli"),
+    Case(
+        "pretrain",
+        "--config",
+        "missing",
+        lambda w: (w.pretrain(config=w.root / "nope.yaml"), str(w.root / "nope.yaml")),
+        via="cli",
+    ),
     Case("pretrain", "--config", "a directory", lambda w: (w.pretrain(configs=(w.root,)), str(w.root))),
     Case("pretrain", "--config", "empty", pretrain_config("")),
     Case("pretrain", "--config", "garbage bytes", pretrain_config(GARBAGE)),
     Case("pretrain", "--config", "not a mapping", pretrain_config("- 1\n- 2\n")),
-    Case("pretrain", "--config", "wrong type at a key", pretrain_config("train:\n  grad_accum: two\n", "train.grad_accum")),
+    Case(
+        "pretrain",
+        "--config",
+        "wrong type at a key",
+        pretrain_config("train:\n  grad_accum: two\n", "train.grad_accum"),
+    ),
     Case("pretrain", "--config", "unknown key", pretrain_config("train:\n  max_stepz: 5\n", "train.max_stepz")),
     Case("pretrain", "--set", "without =", lambda w: (w.pretrain("train.max_steps"), "train.max_steps")),
     Case("pretrain", "--set", "value not YAML", lambda w: (w.pretrain("train.max_steps=[8"), "train.max_steps")),
     Case("pretrain", "--reshard", "without --resume", lambda w: (w.pretrain() + ["--reshard"], "--reshard")),
-    Case("pretrain", "PERFORMER_FAULTS", "garbage", lambda w: (w.pretrain(), "PERFORMER_FAULTS"),
-         env={"PERFORMER_FAULTS": "explode@soon"}),
+    Case(
+        "pretrain",
+        "PERFORMER_FAULTS",
+        "garbage",
+        lambda w: (w.pretrain(), "PERFORMER_FAULTS"),
+        env={"PERFORMER_FAULTS": "explode@soon"},
+    ),
     Case("pretrain", "train.output_dir", "a file", lambda w: (w.pretrain(out=w.file("out", "x")), str(w.root / "out"))),
     # ---- pretrain: data
     Case("pretrain", "data.manifest", "missing", pretrain_data("train", missing), via="module"),
@@ -284,161 +329,440 @@ CATALOGUE: list[Case] = [
     Case("pretrain", "data.manifest", "a JSON list", pretrain_data(MANIFEST, json_list)),
     Case("pretrain", "data.manifest", "fields missing", pretrain_data(MANIFEST, fields_missing)),
     Case("pretrain", "held-out manifest", "garbage bytes", pretrain_data("heldout/manifest.json", garbage)),
-    Case("pretrain", "data.eval_manifest", "missing",
-         lambda w: (w.pretrain(f"data.eval_manifest={w.root / 'nowhere'}"), str(w.root / "nowhere"))),
-    Case("pretrain", "shards", "every one truncated", pretrain_data("train", every_shard(truncated(1000))),
-         via="module"),
+    Case(
+        "pretrain",
+        "data.eval_manifest",
+        "missing",
+        lambda w: (w.pretrain(f"data.eval_manifest={w.root / 'nowhere'}"), str(w.root / "nowhere")),
+    ),
+    Case(
+        "pretrain", "shards", "every one truncated", pretrain_data("train", every_shard(truncated(1000))), via="module"
+    ),
     Case("pretrain", "tokenizer.model", "missing", pretrain_data(TOKENIZER_MODEL, missing, "tokenizer")),
     Case("pretrain", "tokenizer.model", "empty", pretrain_data(TOKENIZER_MODEL, empty, "tokenizer")),
-    Case("pretrain", "tokenizer.model", "truncated to 1000 bytes", pretrain_data(TOKENIZER_MODEL, truncated(1000),
-                                                                                 "tokenizer"), via="module"),
+    Case(
+        "pretrain",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        pretrain_data(TOKENIZER_MODEL, truncated(1000), "tokenizer"),
+        via="module",
+    ),
     Case("pretrain", "tokenizer.model", "garbage bytes", pretrain_data(TOKENIZER_MODEL, garbage, "tokenizer")),
-    Case("pretrain", "tokenizer.json", "garbage bytes", pretrain_data("tokenizer/tokenizer.json", garbage, "tokenizer")),
-    Case("pretrain", "tokenizer", "another tokenizer (fingerprint)",
-         damaged(lambda w: w.data / "tokenizer", lambda p: None, lambda w: w.pretrain(data=w.data),
-                 other_tokenizer_beside)),
+    Case(
+        "pretrain", "tokenizer.json", "garbage bytes", pretrain_data("tokenizer/tokenizer.json", garbage, "tokenizer")
+    ),
+    Case(
+        "pretrain",
+        "tokenizer",
+        "another tokenizer (fingerprint)",
+        damaged(
+            lambda w: w.data / "tokenizer", lambda p: None, lambda w: w.pretrain(data=w.data), other_tokenizer_beside
+        ),
+    ),
     # ---- pretrain on 2 ranks: every rank says the same line and exits 2, and so does the launcher
     Case("pretrain", "data.manifest", "missing", pretrain_data("train", missing), via="ranks"),
-    Case("pretrain", "tokenizer.model", "truncated to 1000 bytes", pretrain_data(TOKENIZER_MODEL, truncated(1000),
-                                                                                 "tokenizer"), via="ranks"),
+    Case(
+        "pretrain",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        pretrain_data(TOKENIZER_MODEL, truncated(1000), "tokenizer"),
+        via="ranks",
+    ),
     Case("pretrain", "data.manifest", "missing", pretrain_data("train", missing), via="deepspeed"),
-    Case("pretrain", "tokenizer.model", "truncated to 1000 bytes", pretrain_data(TOKENIZER_MODEL, truncated(1000),
-                                                                                 "tokenizer"), via="deepspeed"),
+    Case(
+        "pretrain",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        pretrain_data(TOKENIZER_MODEL, truncated(1000), "tokenizer"),
+        via="deepspeed",
+    ),
     # ---- pretrain: checkpoints (checked after the process group forms: verification is shared out)
-    Case("pretrain", "--resume TAG", "missing", pretrain_resume(None, "", "step00000042", "step00000042"),
-         via="module"),
-    Case("pretrain", "--resume TAG", "incomplete (no COMPLETE)",
-         pretrain_resume(missing, "checkpoints/step00000004/COMPLETE", "step00000004", "step00000004"), via="module"),
-    Case("pretrain", "COMPLETE marker", "garbage bytes",
-         pretrain_resume(garbage, "checkpoints/step00000004/COMPLETE", "step00000004", "step00000004/COMPLETE"),
-         via="module"),
-    Case("pretrain", "checkpoint", "a file truncated",
-         pretrain_resume(truncated(1000), "checkpoints/step00000004/mp_rank_00_model_states.pt", "step00000004",
-                         "mp_rank_00_model_states.pt"), via="module"),
-    Case("pretrain", "checkpoint", "another model's",
-         pretrain_resume(None, "", "auto", "step00000004", "model.d_model=32"), via="module"),
+    Case(
+        "pretrain", "--resume TAG", "missing", pretrain_resume(None, "", "step00000042", "step00000042"), via="module"
+    ),
+    Case(
+        "pretrain",
+        "--resume TAG",
+        "incomplete (no COMPLETE)",
+        pretrain_resume(missing, "checkpoints/step00000004/COMPLETE", "step00000004", "step00000004"),
+        via="module",
+    ),
+    Case(
+        "pretrain",
+        "COMPLETE marker",
+        "garbage bytes",
+        pretrain_resume(garbage, "checkpoints/step00000004/COMPLETE", "step00000004", "step00000004/COMPLETE"),
+        via="module",
+    ),
+    Case(
+        "pretrain",
+        "checkpoint",
+        "a file truncated",
+        pretrain_resume(
+            truncated(1000),
+            "checkpoints/step00000004/mp_rank_00_model_states.pt",
+            "step00000004",
+            "mp_rank_00_model_states.pt",
+        ),
+        via="module",
+    ),
+    Case(
+        "pretrain",
+        "checkpoint",
+        "another model's",
+        pretrain_resume(None, "", "auto", "step00000004", "model.d_model=32"),
+        via="module",
+    ),
     # ---- export
-    Case("export", "--checkpoint", "missing",
-         lambda w: (["export", "--checkpoint", str(w.root / "no-run"), "--out", str(w.root / "exported")],
-                    str(w.root / "no-run")), via="cli"),
+    Case(
+        "export",
+        "--checkpoint",
+        "missing",
+        lambda w: (
+            ["export", "--checkpoint", str(w.root / "no-run"), "--out", str(w.root / "exported")],
+            str(w.root / "no-run"),
+        ),
+        via="cli",
+    ),
     Case("export", "--tag", "missing", lambda w: (export_argv(w, "--tag", "step00000042"), "step00000042")),
-    Case("export", "COMPLETE marker", "garbage bytes",
-         damaged(lambda w: w.relocated_run / "checkpoints/step00000004/COMPLETE", garbage,
-                 lambda w: export_argv(w, "--tag", "step00000004"))),
-    Case("export", "checkpoint", "a file truncated",
-         damaged(lambda w: w.relocated_run / "checkpoints/step00000004/mp_rank_00_model_states.pt", truncated(1000),
-                 lambda w: export_argv(w, "--tag", "step00000004"))),
-    Case("export", "tokenizer.model", "truncated to 1000 bytes",
-         damaged(lambda w: w.run_data / TOKENIZER_MODEL, truncated(1000), export_argv,
-                 lambda w: w.data / "tokenizer")),
-    Case("export", "tokenizer", "another tokenizer (fingerprint)",
-         damaged(lambda w: w.run_data / "tokenizer", lambda p: None, export_argv,
-                 other_tokenizer_beside)),
-    Case("export", "--tokenizer", "missing",
-         lambda w: (export_argv(w, "--tokenizer", str(w.root / "no-tokenizer")), str(w.root / "no-tokenizer"))),
-    Case("export", "data.manifest", "missing",
-         damaged(lambda w: w.run_data / "train", missing, export_argv)),
-    Case("export", "--out", "a file", lambda w: (export_argv(w, out=w.file("exported", "x")), str(w.root / "exported"))),
+    Case(
+        "export",
+        "COMPLETE marker",
+        "garbage bytes",
+        damaged(
+            lambda w: w.relocated_run / "checkpoints/step00000004/COMPLETE",
+            garbage,
+            lambda w: export_argv(w, "--tag", "step00000004"),
+        ),
+    ),
+    Case(
+        "export",
+        "checkpoint",
+        "a file truncated",
+        damaged(
+            lambda w: w.relocated_run / "checkpoints/step00000004/mp_rank_00_model_states.pt",
+            truncated(1000),
+            lambda w: export_argv(w, "--tag", "step00000004"),
+        ),
+    ),
+    Case(
+        "export",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        damaged(lambda w: w.run_data / TOKENIZER_MODEL, truncated(1000), export_argv, lambda w: w.data / "tokenizer"),
+    ),
+    Case(
+        "export",
+        "tokenizer",
+        "another tokenizer (fingerprint)",
+        damaged(lambda w: w.run_data / "tokenizer", lambda p: None, export_argv, other_tokenizer_beside),
+    ),
+    Case(
+        "export",
+        "--tokenizer",
+        "missing",
+        lambda w: (export_argv(w, "--tokenizer", str(w.root / "no-tokenizer")), str(w.root / "no-tokenizer")),
+    ),
+    Case("export", "data.manifest", "missing", damaged(lambda w: w.run_data / "train", missing, export_argv)),
+    Case(
+        "export", "--out", "a file", lambda w: (export_argv(w, out=w.file("exported", "x")), str(w.root / "exported"))
+    ),
     # ---- generate
-    Case("generate", "--model", "missing",
-         lambda w: (["generate", "--model", str(w.root / "no-export"), "--prompt", "x"], str(w.root / "no-export")),
-         via="cli"),
+    Case(
+        "generate",
+        "--model",
+        "missing",
+        lambda w: (["generate", "--model", str(w.root / "no-export"), "--prompt", "x"], str(w.root / "no-export")),
+        via="cli",
+    ),
     Case("generate", "--model", "a training run", lambda w: (generate_argv(w, model=w.run), str(w.run))),
-    Case("generate", "config.json", "garbage bytes", damaged(lambda w: w.export / "config.json", garbage, generate_argv)),
-    Case("generate", "config.json", "a JSON list", damaged(lambda w: w.export / "config.json", json_list, generate_argv)),
-    Case("generate", "model.safetensors", "missing",
-         damaged(lambda w: w.export / "model.safetensors", missing, generate_argv, lambda w: "model.safetensors")),
-    Case("generate", "model.safetensors", "truncated",
-         damaged(lambda w: w.export / "model.safetensors", cut_in_half, generate_argv)),
-    Case("generate", "tokenizer.model", "truncated to 1000 bytes",
-         damaged(lambda w: w.export / TOKENIZER_MODEL, truncated(1000), generate_argv,
-                 lambda w: w.export / "tokenizer")),
-    Case("generate", "--max-new-tokens", "0", lambda w: (generate_argv(w, "--max-new-tokens", "0"), "--max-new-tokens")),
+    Case(
+        "generate", "config.json", "garbage bytes", damaged(lambda w: w.export / "config.json", garbage, generate_argv)
+    ),
+    Case(
+        "generate", "config.json", "a JSON list", damaged(lambda w: w.export / "config.json", json_list, generate_argv)
+    ),
+    Case(
+        "generate",
+        "model.safetensors",
+        "missing",
+        damaged(lambda w: w.export / "model.safetensors", missing, generate_argv, lambda w: "model.safetensors"),
+    ),
+    Case(
+        "generate",
+        "model.safetensors",
+        "truncated",
+        damaged(lambda w: w.export / "model.safetensors", cut_in_half, generate_argv),
+    ),
+    Case(
+        "generate",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        damaged(lambda w: w.export / TOKENIZER_MODEL, truncated(1000), generate_argv, lambda w: w.export / "tokenizer"),
+    ),
+    Case(
+        "generate", "--max-new-tokens", "0", lambda w: (generate_argv(w, "--max-new-tokens", "0"), "--max-new-tokens")
+    ),
     # ---- data prepare / tokenizer / shards
-    Case("data prepare", "--paths", "matching nothing",
-         lambda w: (prepare_argv(w, paths=str(w.root / "corpus" / "*.txt")), str(w.root / "corpus" / "*.txt")),
-         via="cli"),
-    Case("data prepare", "--paths", "a JSONL file of garbage",
-         lambda w: (prepare_argv(w, source="jsonl", paths=str(w.file("corpus.jsonl", GARBAGE))),
-                    str(w.root / "corpus.jsonl"))),
-    Case("data prepare", "--out", "a file", lambda w: (prepare_argv(w, out=w.file("prepared", "x")),
-                                                       str(w.root / "prepared"))),
+    Case(
+        "data prepare",
+        "--paths",
+        "matching nothing",
+        lambda w: (prepare_argv(w, paths=str(w.root / "corpus" / "*.txt")), str(w.root / "corpus" / "*.txt")),
+        via="cli",
+    ),
+    Case(
+        "data prepare",
+        "--paths",
+        "a JSONL file of garbage",
+        lambda w: (
+            prepare_argv(w, source="jsonl", paths=str(w.file("corpus.jsonl", GARBAGE))),
+            str(w.root / "corpus.jsonl"),
+        ),
+    ),
+    Case(
+        "data prepare",
+        "--out",
+        "a file",
+        lambda w: (prepare_argv(w, out=w.file("prepared", "x")), str(w.root / "prepared")),
+    ),
     Case("data prepare", "--vocab-size", "too small", lambda w: (prepare_argv(w, "--vocab-size", "100"), "vocab")),
-    Case("data prepare", "--heldout-fraction", "1.5",
-         lambda w: (prepare_argv(w, "--heldout-fraction", "1.5"), "heldout")),
+    Case(
+        "data prepare", "--heldout-fraction", "1.5", lambda w: (prepare_argv(w, "--heldout-fraction", "1.5"), "heldout")
+    ),
     Case("data prepare", "--heldout-fraction", "0", lambda w: (prepare_argv(w, "--heldout-fraction", "0"), "heldout")),
-    Case("data tokenizer", "--paths", "matching nothing",
-         lambda w: (["data", "tokenizer", "--source", "files", "--paths", str(w.root / "none" / "*.py"), "--out",
-                     str(w.root / "tok")], str(w.root / "none" / "*.py"))),
-    Case("data shards", "--tokenizer", "missing",
-         lambda w: (["data", "shards", "--tokenizer", str(w.root / "no-tokenizer"), "--source", "files", "--paths",
-                     str(corpus(w)), "--out", str(w.root / "shards")], str(w.root / "no-tokenizer"))),
-    Case("data shards", "tokenizer.model", "truncated to 1000 bytes",
-         damaged(lambda w: w.data / TOKENIZER_MODEL, truncated(1000),
-                 lambda w: ["data", "shards", "--tokenizer", str(w.data / "tokenizer"), "--source", "files",
-                            "--paths", str(corpus(w)), "--out", str(w.root / "shards")],
-                 lambda w: w.data / "tokenizer")),
+    Case(
+        "data tokenizer",
+        "--paths",
+        "matching nothing",
+        lambda w: (
+            [
+                "data",
+                "tokenizer",
+                "--source",
+                "files",
+                "--paths",
+                str(w.root / "none" / "*.py"),
+                "--out",
+                str(w.root / "tok"),
+            ],
+            str(w.root / "none" / "*.py"),
+        ),
+    ),
+    Case(
+        "data shards",
+        "--tokenizer",
+        "missing",
+        lambda w: (
+            [
+                "data",
+                "shards",
+                "--tokenizer",
+                str(w.root / "no-tokenizer"),
+                "--source",
+                "files",
+                "--paths",
+                str(corpus(w)),
+                "--out",
+                str(w.root / "shards"),
+            ],
+            str(w.root / "no-tokenizer"),
+        ),
+    ),
+    Case(
+        "data shards",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        damaged(
+            lambda w: w.data / TOKENIZER_MODEL,
+            truncated(1000),
+            lambda w: [
+                "data",
+                "shards",
+                "--tokenizer",
+                str(w.data / "tokenizer"),
+                "--source",
+                "files",
+                "--paths",
+                str(corpus(w)),
+                "--out",
+                str(w.root / "shards"),
+            ],
+            lambda w: w.data / "tokenizer",
+        ),
+    ),
     # ---- data verify / inspect / sample
-    Case("data verify", "manifest", "missing",
-         lambda w: (["data", "verify", str(w.root / "nowhere")], str(w.root / "nowhere")), via="cli"),
-    Case("data verify", "manifest", "empty", damaged(lambda w: w.data / MANIFEST, empty,
-                                                     lambda w: ["data", "verify", str(w.data / "train")])),
-    Case("data verify", "manifest", "garbage bytes", damaged(lambda w: w.data / MANIFEST, garbage,
-                                                             lambda w: ["data", "verify", str(w.data / "train")])),
-    Case("data verify", "manifest", "truncated JSON", damaged(lambda w: w.data / MANIFEST, cut_in_half,
-                                                              lambda w: ["data", "verify", str(w.data / MANIFEST)])),
-    Case("data verify", "manifest", "a JSON list", damaged(lambda w: w.data / MANIFEST, json_list,
-                                                           lambda w: ["data", "verify", str(w.data / "train")])),
-    Case("data verify", "manifest", "fields missing", damaged(lambda w: w.data / MANIFEST, fields_missing,
-                                                              lambda w: ["data", "verify", str(w.data / "train")])),
-    Case("data verify", "shard", "truncated (reported)",
-         damaged(lambda w: w.data / "train" / "train-000000.tar", truncated(1000),
-                 lambda w: ["data", "verify", str(w.data / "train")], lambda w: "train-000000.tar"), exit=1),
-    Case("data inspect", "manifest", "missing",
-         lambda w: (["data", "inspect", str(w.root / "nowhere")], str(w.root / "nowhere"))),
-    Case("data inspect", "manifest", "garbage bytes", damaged(lambda w: w.data / MANIFEST, garbage,
-                                                              lambda w: ["data", "inspect", str(w.data / "train")])),
-    Case("data inspect", "tokenizer.model", "truncated to 1000 bytes",
-         damaged(lambda w: w.data / TOKENIZER_MODEL, truncated(1000),
-                 lambda w: ["data", "inspect", str(w.data / "train")], lambda w: w.data / "tokenizer")),
-    Case("data inspect", "tokenizer", "another tokenizer (fingerprint)",
-         damaged(lambda w: w.data / "tokenizer", lambda p: None, lambda w: ["data", "inspect", str(w.data / "train")],
-                 other_tokenizer_beside)),
-    Case("data sample", "manifest", "garbage bytes", damaged(lambda w: w.data / MANIFEST, garbage,
-                                                             lambda w: ["data", "sample", str(w.data / "train")])),
-    Case("data sample", "tokenizer.model", "garbage bytes",
-         damaged(lambda w: w.data / TOKENIZER_MODEL, garbage, lambda w: ["data", "sample", str(w.data / "train")],
-                 lambda w: w.data / "tokenizer")),
+    Case(
+        "data verify",
+        "manifest",
+        "missing",
+        lambda w: (["data", "verify", str(w.root / "nowhere")], str(w.root / "nowhere")),
+        via="cli",
+    ),
+    Case(
+        "data verify",
+        "manifest",
+        "empty",
+        damaged(lambda w: w.data / MANIFEST, empty, lambda w: ["data", "verify", str(w.data / "train")]),
+    ),
+    Case(
+        "data verify",
+        "manifest",
+        "garbage bytes",
+        damaged(lambda w: w.data / MANIFEST, garbage, lambda w: ["data", "verify", str(w.data / "train")]),
+    ),
+    Case(
+        "data verify",
+        "manifest",
+        "truncated JSON",
+        damaged(lambda w: w.data / MANIFEST, cut_in_half, lambda w: ["data", "verify", str(w.data / MANIFEST)]),
+    ),
+    Case(
+        "data verify",
+        "manifest",
+        "a JSON list",
+        damaged(lambda w: w.data / MANIFEST, json_list, lambda w: ["data", "verify", str(w.data / "train")]),
+    ),
+    Case(
+        "data verify",
+        "manifest",
+        "fields missing",
+        damaged(lambda w: w.data / MANIFEST, fields_missing, lambda w: ["data", "verify", str(w.data / "train")]),
+    ),
+    Case(
+        "data verify",
+        "shard",
+        "truncated (reported)",
+        damaged(
+            lambda w: w.data / "train" / "train-000000.tar",
+            truncated(1000),
+            lambda w: ["data", "verify", str(w.data / "train")],
+            lambda w: "train-000000.tar",
+        ),
+        exit=1,
+    ),
+    Case(
+        "data inspect",
+        "manifest",
+        "missing",
+        lambda w: (["data", "inspect", str(w.root / "nowhere")], str(w.root / "nowhere")),
+    ),
+    Case(
+        "data inspect",
+        "manifest",
+        "garbage bytes",
+        damaged(lambda w: w.data / MANIFEST, garbage, lambda w: ["data", "inspect", str(w.data / "train")]),
+    ),
+    Case(
+        "data inspect",
+        "tokenizer.model",
+        "truncated to 1000 bytes",
+        damaged(
+            lambda w: w.data / TOKENIZER_MODEL,
+            truncated(1000),
+            lambda w: ["data", "inspect", str(w.data / "train")],
+            lambda w: w.data / "tokenizer",
+        ),
+    ),
+    Case(
+        "data inspect",
+        "tokenizer",
+        "another tokenizer (fingerprint)",
+        damaged(
+            lambda w: w.data / "tokenizer",
+            lambda p: None,
+            lambda w: ["data", "inspect", str(w.data / "train")],
+            other_tokenizer_beside,
+        ),
+    ),
+    Case(
+        "data sample",
+        "manifest",
+        "garbage bytes",
+        damaged(lambda w: w.data / MANIFEST, garbage, lambda w: ["data", "sample", str(w.data / "train")]),
+    ),
+    Case(
+        "data sample",
+        "tokenizer.model",
+        "garbage bytes",
+        damaged(
+            lambda w: w.data / TOKENIZER_MODEL,
+            garbage,
+            lambda w: ["data", "sample", str(w.data / "train")],
+            lambda w: w.data / "tokenizer",
+        ),
+    ),
     # ---- slurm
-    Case("slurm", "CONFIG", "missing", lambda w: (slurm_argv(w, config=str(w.root / "nope.yaml")),
-                                                  str(w.root / "nope.yaml")), via="cli"),
-    Case("slurm", "CONFIG", "garbage bytes", lambda w: (slurm_argv(w, config=str(w.file("job.yaml", GARBAGE))),
-                                                        str(w.root / "job.yaml"))),
+    Case(
+        "slurm",
+        "CONFIG",
+        "missing",
+        lambda w: (slurm_argv(w, config=str(w.root / "nope.yaml")), str(w.root / "nope.yaml")),
+        via="cli",
+    ),
+    Case(
+        "slurm",
+        "CONFIG",
+        "garbage bytes",
+        lambda w: (slurm_argv(w, config=str(w.file("job.yaml", GARBAGE))), str(w.root / "job.yaml")),
+    ),
     Case("slurm", "--set", "unknown key", lambda w: (slurm_argv(w, "--set", "train.max_stepz=3"), "train.max_stepz")),
     Case("slurm", "--nodes", "0", lambda w: (slurm_argv(w, "--nodes", "0"), "--nodes")),
     Case("slurm", "--time", "two words", lambda w: (slurm_argv(w, "--time", "1 day"), "--time")),
-    Case("slurm", "--tasks-per-node", "not the GPUs per node",
-         lambda w: (slurm_argv(w, "--gpus-per-node", "8", "--tasks-per-node", "4"), "--tasks-per-node")),
+    Case(
+        "slurm",
+        "--tasks-per-node",
+        "not the GPUs per node",
+        lambda w: (slurm_argv(w, "--gpus-per-node", "8", "--tasks-per-node", "4"), "--tasks-per-node"),
+    ),
     Case("slurm", "--out", "a directory", lambda w: (slurm_argv(w, out=w.root), str(w.root))),
     # ---- doctor (a failing doctor ends its process: always a subprocess)
     Case("doctor", "--timeout", "negative", lambda w: (["doctor", "--timeout", "-1"], "--timeout"), via="module"),
     Case("doctor", "--size-mb", "0", lambda w: (["doctor", "--size-mb", "0"], "--size-mb"), via="cli"),
     Case("doctor", "--repeats", "0", lambda w: (["doctor", "--repeats", "0"], "--repeats"), via="cli"),
     # ---- check: usage errors exit 2; damage in the run is its report (exit 1)
-    Case("check", "RUN_DIR", "missing", lambda w: (["check", str(w.root / "no-run")], str(w.root / "no-run")),
-         via="cli"),
+    Case(
+        "check", "RUN_DIR", "missing", lambda w: (["check", str(w.root / "no-run")], str(w.root / "no-run")), via="cli"
+    ),
     Case("check", "RUN_DIR", "a file", lambda w: (["check", str(w.file("run", "x"))], str(w.root / "run"))),
-    Case("check", "config.yaml", "garbage bytes (reported)",
-         damaged(lambda w: w.run / "config.yaml", garbage, lambda w: ["check", str(w.run)]), exit=1),
-    Case("check", "data.manifest", "a JSON list (reported)",
-         damaged(lambda w: w.run_data / MANIFEST, json_list,
-                 lambda w: ["check", str(w.relocated_run)], lambda w: w.data / "train"), exit=1),
-    Case("check", "tokenizer.model", "truncated to 1000 bytes (reported)",
-         damaged(lambda w: w.run_data / TOKENIZER_MODEL, truncated(1000),
-                 lambda w: ["check", str(w.relocated_run)], lambda w: w.data / "tokenizer"), exit=1),
-    Case("check", "COMPLETE marker", "garbage bytes (reported)",
-         damaged(lambda w: w.run / "checkpoints/step00000004/COMPLETE", garbage, lambda w: ["check", str(w.run)]),
-         exit=1),
+    Case(
+        "check",
+        "config.yaml",
+        "garbage bytes (reported)",
+        damaged(lambda w: w.run / "config.yaml", garbage, lambda w: ["check", str(w.run)]),
+        exit=1,
+    ),
+    Case(
+        "check",
+        "data.manifest",
+        "a JSON list (reported)",
+        damaged(
+            lambda w: w.run_data / MANIFEST,
+            json_list,
+            lambda w: ["check", str(w.relocated_run)],
+            lambda w: w.data / "train",
+        ),
+        exit=1,
+    ),
+    Case(
+        "check",
+        "tokenizer.model",
+        "truncated to 1000 bytes (reported)",
+        damaged(
+            lambda w: w.run_data / TOKENIZER_MODEL,
+            truncated(1000),
+            lambda w: ["check", str(w.relocated_run)],
+            lambda w: w.data / "tokenizer",
+        ),
+        exit=1,
+    ),
+    Case(
+        "check",
+        "COMPLETE marker",
+        "garbage bytes (reported)",
+        damaged(lambda w: w.run / "checkpoints/step00000004/COMPLETE", garbage, lambda w: ["check", str(w.run)]),
+        exit=1,
+    ),
 ]
 
 
@@ -488,27 +812,51 @@ def run_in_process(argv: list[str], capfd, monkeypatch) -> Outcome:
 def command_line(case: Case, argv: list[str]) -> list[str]:
     via = case.via if case.via != "inproc" else "cli"
     if via == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-                "launcher.pretrain", *argv[1:]]  # fmt: skip
+        return [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "launcher.pretrain",
+            *argv[1:],
+        ]
     if via == "module":
-        return [sys.executable, "-m", "launcher.pretrain", *argv[1:]] if argv[0] == "pretrain" else \
-            [sys.executable, "-m", "launcher", *argv]  # fmt: skip
+        return (
+            [sys.executable, "-m", "launcher.pretrain", *argv[1:]]
+            if argv[0] == "pretrain"
+            else [sys.executable, "-m", "launcher", *argv]
+        )
     return [str(BIN / "performer"), *argv]
 
 
 def run_subprocess(case: Case, argv: list[str], cwd: Path) -> Outcome:
-    completed = subprocess.run(command_line(case, argv), cwd=cwd, env=launch_environment(**case.env),
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        command_line(case, argv),
+        cwd=cwd,
+        env=launch_environment(**case.env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return Outcome(completed.returncode, completed.stdout + completed.stderr, completed.stderr)
 
 
 def run_ranks(case: Case, argv: list[str], cwd: Path, ranks: int = 2) -> Outcome:
     """`ranks` trainer processes placed as a launcher places them; each one's exit code is kept."""
     place = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    processes = [subprocess.Popen([sys.executable, "-m", "launcher.pretrain", *argv[1:]], cwd=cwd,
-                                  env=launch_environment(**case.env, **place, RANK=str(r), LOCAL_RANK=str(r)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for r in range(ranks)]  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launcher.pretrain", *argv[1:]],
+            cwd=cwd,
+            env=launch_environment(**case.env, **place, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(ranks)
+    ]
     outputs = [process.communicate(timeout=300) for process in processes]
     codes = [process.returncode for process in processes]
     stderr = "".join(err for _, err in outputs)
@@ -561,10 +909,24 @@ def record(case: Case, outcome: Outcome, wrote: list[str], name: str, root: Path
     print(f"CATALOGUE {case.id} | exit {outcome.code} | {message}")
     if path:
         with open(path, "a") as handle:
-            handle.write(json.dumps({"id": case.id, "command": case.command, "input": case.input,
-                                     "damage": case.damage, "via": case.via, "expected": case.exit,
-                                     "exit": outcome.code, "traceback": TRACEBACK in outcome.output,
-                                     "wrote": wrote, "named": name in outcome.output, "message": message}) + "\n")  # fmt: skip
+            handle.write(
+                json.dumps(
+                    {
+                        "id": case.id,
+                        "command": case.command,
+                        "input": case.input,
+                        "damage": case.damage,
+                        "via": case.via,
+                        "expected": case.exit,
+                        "exit": outcome.code,
+                        "traceback": TRACEBACK in outcome.output,
+                        "wrote": wrote,
+                        "named": name in outcome.output,
+                        "message": message,
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda case: case.id)
@@ -656,10 +1018,12 @@ def test_the_rank_prefix_comes_from_the_launchers_environment():
 
 def catalogue_table(lines: list[dict]) -> str:
     """The counts and the markdown table of docs/reliability.md from PERFORMER_CATALOGUE_RECORD lines."""
-    counts = (f"{len(lines)} (command, bad input) pairs: {sum(line['traceback'] for line in lines)} printed a "
-              f"traceback, {sum(line['exit'] != line['expected'] for line in lines)} exited with another code than "
-              f"expected, {sum(bool(line['wrote']) for line in lines)} wrote files, "
-              f"{sum(not line['named'] for line in lines)} did not name the input")  # fmt: skip
+    counts = (
+        f"{len(lines)} (command, bad input) pairs: {sum(line['traceback'] for line in lines)} printed a "
+        f"traceback, {sum(line['exit'] != line['expected'] for line in lines)} exited with another code than "
+        f"expected, {sum(bool(line['wrote']) for line in lines)} wrote files, "
+        f"{sum(not line['named'] for line in lines)} did not name the input"
+    )
     rows = ["| Command | Input | Damage | Exit | Message |", "|---|---|---|---:|---|"]
     for line in lines:
         via = f" ({line['via']})" if line["via"] != "inproc" else ""

@@ -9,13 +9,14 @@ from collections import namedtuple
 from jobs import BIN, REPO
 
 from data.shards import Manifest
-from launcher.commands import check
 from launcher.checkpoint import resolve_resume_tag
+from launcher.commands import check
 
 
 def performer_check(*arguments: str) -> tuple[int, str, str]:
-    completed = subprocess.run([str(BIN / "performer"), "check", *arguments], cwd=REPO, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        [str(BIN / "performer"), "check", *arguments], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     return completed.returncode, completed.stdout, completed.stderr
 
 
@@ -23,14 +24,24 @@ def test_healthy_run_directory(run_copy):
     code, out, err = performer_check(str(run_copy))
     assert code == 0, out + err
     assert out.strip().splitlines()[-1] == "healthy"
-    for expected in ("OK   config: ", "OK   data: train split", "OK   data: heldout split", "OK   tokenizer: ",
-                     "OK   checkpoint: step00000002: complete", "OK   checkpoint: step00000004: complete",
-                     "OK   resume: --resume auto takes step00000004", "OK   disk: "):  # fmt: skip
+    for expected in (
+        "OK   config: ",
+        "OK   data: train split",
+        "OK   data: heldout split",
+        "OK   tokenizer: ",
+        "OK   checkpoint: step00000002: complete",
+        "OK   checkpoint: step00000004: complete",
+        "OK   resume: --resume auto takes step00000004",
+        "OK   disk: ",
+    ):
         assert expected in out, out
     code, out, _ = performer_check(str(run_copy), "--json")
     report = json.loads(out)
     assert code == 0 and report["healthy"] and report["resume_auto"] == "step00000004"
-    assert [(c["tag"], c["status"]) for c in report["checkpoints"]] == [("step00000002", "complete"), ("step00000004", "complete")]
+    assert [(c["tag"], c["status"]) for c in report["checkpoints"]] == [
+        ("step00000002", "complete"),
+        ("step00000004", "complete"),
+    ]
 
 
 def test_damaged_run_directory_names_every_problem_and_its_fix(run_copy, data_copy):
@@ -61,14 +72,19 @@ def test_damaged_run_directory_names_every_problem_and_its_fix(run_copy, data_co
         "`performer pretrain` skips it (8 samples lost)",
         f"FAIL data: train shard {mismatched}: sha256 ",
         "stops before step 1 while data.verify_sha256 is true",
-        "FAIL data: train split", "7 of 9 shards match",
-        "FAIL tokenizer: ", "is not the one the shards of",
-        "FAIL checkpoint: step00000002 cannot continue this config: checkpoint step00000002 was trained with another model",
-        "FAIL checkpoint: step00000004: corrupted: ", "mp_rank_00_model_states.pt: sha256 differs",
+        "FAIL data: train split",
+        "7 of 9 shards match",
+        "FAIL tokenizer: ",
+        "is not the one the shards of",
+        "FAIL checkpoint: step00000002 cannot continue this config: "
+        "checkpoint step00000002 was trained with another model",
+        "FAIL checkpoint: step00000004: corrupted: ",
+        "mp_rank_00_model_states.pt: sha256 differs",
         "WARN checkpoint: step00000006: incomplete",
         "WARN resume: --resume auto takes step00000002 (skipping step00000004: failed verification)",
-        "fix: restore the shard from its source", "fix: restore the files from a backup",
-    ]  # fmt: skip
+        "fix: restore the shard from its source",
+        "fix: restore the files from a backup",
+    ]
     for line in expected:
         assert line in out, (line, out)
 
@@ -76,7 +92,10 @@ def test_damaged_run_directory_names_every_problem_and_its_fix(run_copy, data_co
     report = json.loads(out)
     assert code == 1 and not report["healthy"]
     assert {c["tag"]: c["status"] for c in report["checkpoints"]} == {
-        "step00000002": "complete", "step00000004": "corrupted", "step00000006": "incomplete"}
+        "step00000002": "complete",
+        "step00000004": "corrupted",
+        "step00000006": "incomplete",
+    }
     # The tag it names is the one the trainer's --resume auto takes.
     assert report["resume_auto"] == resolve_resume_tag(checkpoints, "auto") == "step00000002"
 

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from jobs import BIN, REPO, TEST_SETTINGS, launch_environment, run_pretrain
 
 
@@ -32,11 +31,21 @@ def assert_nothing_ran(output_dir: Path) -> None:
 CASES = {
     # name: (settings, overlay file text or None, what the message must say)
     "unknown top-level key": (["trian.max_steps=5"], None, "unknown config key 'trian'; did you mean 'train'"),
-    "unknown nested key": (["train.max_step=5"], None, "unknown config key 'train.max_step'; did you mean 'train.max_steps'"),
-    "unknown model override": (["model.d_modle=32"], None,
-                               "unknown config key 'model.d_modle'; did you mean 'model.d_model'"),
-    "unknown key in an overlay": ([], "optimizer:\n  lr: 1.0e-3\n  weight_decai: 0.1\n",
-                                  "unknown config key 'optimizer.weight_decai'; did you mean 'optimizer.weight_decay'"),
+    "unknown nested key": (
+        ["train.max_step=5"],
+        None,
+        "unknown config key 'train.max_step'; did you mean 'train.max_steps'",
+    ),
+    "unknown model override": (
+        ["model.d_modle=32"],
+        None,
+        "unknown config key 'model.d_modle'; did you mean 'model.d_model'",
+    ),
+    "unknown key in an overlay": (
+        [],
+        "optimizer:\n  lr: 1.0e-3\n  weight_decai: 0.1\n",
+        "unknown config key 'optimizer.weight_decai'; did you mean 'optimizer.weight_decay'",
+    ),
     "wrong type": (["train.max_steps=ten"], None, "train.max_steps must be of type int, got str: 'ten'"),
     "wrong type in an override": (["model.num_heads=[4]"], None, "model.num_heads must be of type int"),
     "wrong choice": (["zero.stage=4"], None, "zero.stage=4; choose one of 0, 1, 2, 3"),
@@ -63,21 +72,25 @@ def test_impossible_batch_triad_exits_2_on_every_rank(prepared_data, tmp_path):
     run = run_pretrain(prepared_data, tmp_path / "run", "train.global_batch_size=12")  # 4 x 1 x 2 = 8
     assert run.returncode == 2, run.output[-3000:]
     for rank in (0, 1):
-        assert (f"[rank {rank}] error: train.global_batch_size=12 but train.micro_batch_size (4) x "
-                "train.grad_accum (1) x ranks (2) = 8; change one of them") in run.output  # fmt: skip
+        assert (
+            f"[rank {rank}] error: train.global_batch_size=12 but train.micro_batch_size (4) x "
+            "train.grad_accum (1) x ranks (2) = 8; change one of them"
+        ) in run.output
     assert "Traceback" not in run.output
     assert_nothing_ran(tmp_path / "run")
 
 
-@pytest.mark.parametrize("settings, message", [
-    (["model.d_model=32"], "was trained with another model: model.d_model differs (saved 64, now 32)"),
-    (["zero.stage=1"], "was saved with zero.stage=0, now 1: resume with the same stage"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["model.d_model=32"], "was trained with another model: model.d_model differs (saved 64, now 32)"),
+        (["zero.stage=1"], "was saved with zero.stage=0, now 1: resume with the same stage"),
+    ],
+)
 def test_resume_with_another_model_exits_2_and_leaves_the_run_alone(prepared_data, run_copy, settings, message):
     checkpoints = run_copy / "checkpoints"
     before = {p.relative_to(run_copy): p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()}
-    completed = pretrain(prepared_data, run_copy, "train.max_steps=6", "eval.interval=0", *settings,
-                         resume="auto")  # fmt: skip
+    completed = pretrain(prepared_data, run_copy, "train.max_steps=6", "eval.interval=0", *settings, resume="auto")
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert message in completed.stderr and "Traceback" not in completed.stderr
     assert "use the saved model settings" in completed.stderr or "same stage" in completed.stderr

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from jobs import REPO, TEST_SETTINGS, run_pretrain
 
 from data.shards import Manifest, sha256_file, verify_shard
@@ -83,8 +82,15 @@ REASONS = {
 
 def causal_stream(root: Path, rank: int, **overrides) -> TokenStream:
     """Rank `rank` of 2; causal LM rows of 513 tokens so that a whole epoch is ~70 batches."""
-    values = dict(manifest=str(root / "train"), objective="causal_lm", input_length=512, batch_size=8,
-                  shuffle_buffer=16, seed=3, verify_sha256=False)  # fmt: skip
+    values = dict(
+        manifest=str(root / "train"),
+        objective="causal_lm",
+        input_length=512,
+        batch_size=8,
+        shuffle_buffer=16,
+        seed=3,
+        verify_sha256=False,
+    )
     return TokenStream(StreamConfig(**{**values, **overrides}), rank=rank, world_size=2)
 
 
@@ -131,7 +137,11 @@ def test_shards_going_bad_mid_epoch_cost_only_their_documents(data_copy, workers
     (root / truncated.path).write_bytes((root / truncated.path).read_bytes()[:cut])
     (root / deleted.path).unlink()
     out_of_vocabulary(manifest, 4, 2)
-    expected = {(truncated.path, m) for m in (5, 6, 7)} | {(deleted.path, m) for m in range(8)} | {(manifest.shards[4].path, 2)}
+    expected = (
+        {(truncated.path, m) for m in (5, 6, 7)}
+        | {(deleted.path, m) for m in range(8)}
+        | {(manifest.shards[4].path, 2)}
+    )
 
     counts = []
     for stream in streams:

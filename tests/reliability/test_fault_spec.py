@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from jobs import run_pretrain
 
 from launcher.faults import Faults, FaultSpecError, SaveFault, StepFault
-from jobs import run_pretrain
 
 
 def test_unset_or_empty_means_no_faults():
@@ -14,8 +14,10 @@ def test_unset_or_empty_means_no_faults():
 
 
 def test_every_fault_parses():
-    faults = Faults.parse("nonfinite_loss@3,4; inf_loss@7; kill@step=6,rank=1; hang@step=3,rank=0,seconds=2.5;"
-                          " slow_save@save=2,rank=1; enospc@save=1")  # fmt: skip
+    faults = Faults.parse(
+        "nonfinite_loss@3,4; inf_loss@7; kill@step=6,rank=1; hang@step=3,rank=0,seconds=2.5;"
+        " slow_save@save=2,rank=1; enospc@save=1"
+    )
     assert faults.nonfinite_loss_attempts == {3, 4} and faults.inf_loss_attempts == {7}
     assert faults.step_faults == (StepFault("kill", 6, 1), StepFault("hang", 3, 0, 2.5))
     assert faults.save_faults == (SaveFault("slow_save", 2, 1), SaveFault("enospc", 1, None))

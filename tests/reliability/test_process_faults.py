@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from faultjobs import Job, checkpoint_tensors, reference_run, wait_until_gone
 from jobs import run_pretrain
+
 from launcher.checkpoint import COMPLETE_MARKER, resolve_resume_tag, verification_problems
 from launcher.dist import Topology
 
@@ -135,8 +135,10 @@ def test_sigterm_saves_at_the_next_step_boundary_exits_75_and_loses_nothing(prep
     saved = _latest(directory)
     step = int(saved.removeprefix("step"))
     lost = max(_logged_steps(directory)) - step
-    print(f"FIGURE sigterm: stopped at step {step}, steps lost {lost}, exit {returncode} {seconds:.1f} s after "
-          "SIGTERM (up to 1 s of it the injected delay)")  # fmt: skip
+    print(
+        f"FIGURE sigterm: stopped at step {step}, steps lost {lost}, exit {returncode} {seconds:.1f} s after "
+        "SIGTERM (up to 1 s of it the injected delay)"
+    )
     assert f"stopping at step {step} (SIGTERM)" in job.output
     assert 3 <= step < 8 and _logged_steps(directory) == list(range(1, step + 1))  # zero steps lost
     assert seconds < 30
@@ -153,8 +155,13 @@ def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(prepared_data
     of the hang; the messages name the hang and the knob. Rank 0 hung is the case where the store's
     host is the hung process; rank 1 hung, the one where the store goes away with rank 0."""
     timeout_s = 15
-    job = Job(prepared_data, tmp_path / "run", "zero.stage=1", f"dist.timeout_s={timeout_s}",
-              faults=f"hang@step=3,rank={hung}")  # fmt: skip
+    job = Job(
+        prepared_data,
+        tmp_path / "run",
+        "zero.stage=1",
+        f"dist.timeout_s={timeout_s}",
+        faults=f"hang@step=3,rank={hung}",
+    )
     try:
         hung_at = float(job.wait_for_fault("hang at step 3")["time"])
         pids = job.rank_pids()
@@ -164,8 +171,10 @@ def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(prepared_data
     finally:
         job.close()
     after = {rank: round(at - hung_at, 1) for rank, at in sorted(gone.items())}
-    print(f"FIGURE hang of rank {hung}: ranks gone after {after} s (dist.timeout_s={timeout_s}); launcher exit "
-          f"{returncode} after {job.ended_at - hung_at:.1f} s")  # fmt: skip
+    print(
+        f"FIGURE hang of rank {hung}: ranks gone after {after} s (dist.timeout_s={timeout_s}); launcher exit "
+        f"{returncode} after {job.ended_at - hung_at:.1f} s"
+    )
     assert returncode != 0, job.output[-4000:]
     assert sorted(gone) == [0, 1] and max(after.values()) <= 1.1 * timeout_s, (after, job.output[-4000:])
     waiter = next(line for line in job.output.splitlines() if line.startswith(f"[rank {1 - hung}] error"))
@@ -181,22 +190,31 @@ def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(prepared_data
     "stage,precision,fault",
     [(0, "bf16", "nonfinite_loss"), (1, "bf16", "inf_loss"), (1, "fp32", "inf_loss"), (2, "bf16", "nonfinite_loss")],
 )
-def test_nonfinite_losses_leave_weights_and_optimizer_state_bitwise_untouched(prepared_data, tmp_path, stage,
-                                                                              precision, fault):  # fmt: skip
+def test_nonfinite_losses_leave_weights_and_optimizer_state_bitwise_untouched(
+    prepared_data, tmp_path, stage, precision, fault
+):
     """Losses of forward attempts 3-5 (the first three tries at step 3) are made non-finite:
     each is skipped on both ranks and counted, the third in a row stops the run with exit 3 and a
     checkpoint, and that checkpoint's every tensor (weights, fp32 master copies, Adam moments)
     equals a clean 2-step run's bit for bit: the skipped attempts changed nothing."""
     common = [f"zero.stage={stage}", f"precision={precision}"]
-    faulty = run_pretrain(prepared_data, tmp_path / "faulty", *common, "train.max_consecutive_nonfinite=3",
-                          extra_env={"PERFORMER_FAULTS": f"{fault}@3,4,5"})  # fmt: skip
+    faulty = run_pretrain(
+        prepared_data,
+        tmp_path / "faulty",
+        *common,
+        "train.max_consecutive_nonfinite=3",
+        extra_env={"PERFORMER_FAULTS": f"{fault}@3,4,5"},
+    )
     assert faulty.returncode == 3, faulty.output[-4000:]
     assert "3 non-finite losses in a row at step 2; the last good weights are checkpointed" in faulty.output
     skips = [(r["step"], r["skipped_total"]) for r in faulty.records("event") if "nonfinite_loss" in r]
     assert skips == [(2, 1), (2, 2), (2, 3)]
     assert _latest(faulty.directory) == "step00000002"
-    saved = torch.load(faulty.directory / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=False)  # our own test file
+    saved = torch.load(
+        faulty.directory / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )  # our own test file
     assert saved["skipped_nonfinite"] == 3  # the count survives a resume
     clean = run_pretrain(prepared_data, tmp_path / "clean", *common, "train.max_steps=2", "checkpoint.interval=2")
     assert clean.returncode == 0, clean.output[-4000:]
@@ -212,14 +230,16 @@ def test_nonfinite_losses_leave_weights_and_optimizer_state_bitwise_untouched(pr
 # ------------------------------------------------------------------------------ 11. disk full
 
 
-def test_enospc_during_a_save_is_a_clear_error_and_the_previous_checkpoint_is_resumed(prepared_data, tmp_path,
-                                                                                      reference):  # fmt: skip
+def test_enospc_during_a_save_is_a_clear_error_and_the_previous_checkpoint_is_resumed(
+    prepared_data, tmp_path, reference
+):
     """Rank 1's first write of the step-8 checkpoint fails with ENOSPC after half its bytes:
     every rank stops with exit 1 and the same message, the torn step-8 files are removed, step 4
     stays `latest`, verifies, and is what --resume auto continues from, exactly."""
     directory = tmp_path / "run"
-    failed = run_pretrain(prepared_data, directory, "zero.stage=1",
-                          extra_env={"PERFORMER_FAULTS": "enospc@save=2,rank=1"})  # fmt: skip
+    failed = run_pretrain(
+        prepared_data, directory, "zero.stage=1", extra_env={"PERFORMER_FAULTS": "enospc@save=2,rank=1"}
+    )
     assert failed.returncode == 1, failed.output[-4000:]
     message = "checkpoint step00000008 could not be written"
     assert failed.output.count(message) == 2, failed.output[-4000:]  # both ranks say it

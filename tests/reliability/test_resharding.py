@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from faultjobs import reference_run, run_job
 from jobs import run_pretrain
 
@@ -43,8 +42,16 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_with_reshard(prepared_data, t
     equal the reference's."""
     reference = reference_run(prepared_data, tmp_path_factory, stage)
     directory = _saved_on_two_ranks(reference, tmp_path / "run")
-    resumed = run_job(prepared_data, directory, f"zero.stage={stage}", "train.grad_accum=2", "checkpoint.interval=2",
-                      ranks=1, resume="auto", extra_args=["--reshard"])  # fmt: skip
+    resumed = run_job(
+        prepared_data,
+        directory,
+        f"zero.stage={stage}",
+        "train.grad_accum=2",
+        "checkpoint.interval=2",
+        ranks=1,
+        resume="auto",
+        extra_args=["--reshard"],
+    )
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "resumed from step00000004 at step 4, resharded from 2 to 1 rank(s)" in resumed.output
     assert not (directory / "checkpoints" / "universal").exists()  # the converted copy is removed
@@ -70,14 +77,16 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_with_reshard(prepared_data, t
 
 
 def test_a_world_size_change_without_reshard_is_refused_with_the_fix(prepared_data, saved_on_two_ranks):
-    refused = run_pretrain(prepared_data, saved_on_two_ranks, "zero.stage=1", "train.grad_accum=2", ranks=1,
-                           resume="auto")  # fmt: skip
+    refused = run_pretrain(
+        prepared_data, saved_on_two_ranks, "zero.stage=1", "train.grad_accum=2", ranks=1, resume="auto"
+    )
     assert refused.returncode == 2, refused.output[-4000:]
     assert "holds ZeRO-1 shards of 2 rank(s), this job has 1" in refused.output and "--reshard" in refused.output
 
 
 def test_reshard_keeps_the_global_batch(prepared_data, saved_on_two_ranks):
-    refused = run_job(prepared_data, saved_on_two_ranks, "zero.stage=1", ranks=1, resume="auto",
-                      extra_args=["--reshard"])  # fmt: skip
+    refused = run_job(
+        prepared_data, saved_on_two_ranks, "zero.stage=1", ranks=1, resume="auto", extra_args=["--reshard"]
+    )
     assert refused.returncode == 2, refused.output[-4000:]
     assert "--reshard keeps the global batch" in refused.output and "set train.grad_accum=2" in refused.output

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jobs import BIN, REPO, TEST_SETTINGS, launch_environment
 
 from launcher.config import ConfigError, load_config
@@ -61,8 +60,14 @@ def plant(path: Path, proof: Path, size: int | None = None) -> None:
 
 
 def pretrain(data: Path, output_dir: Path, *settings: str, resume: str | None = None):
-    overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}",
-                 "zero.stage=0", "eval.interval=0", *settings]  # fmt: skip
+    overrides = [
+        *TEST_SETTINGS,
+        f"data.manifest={data / 'train'}",
+        f"train.output_dir={output_dir}",
+        "zero.stage=0",
+        "eval.interval=0",
+        *settings,
+    ]
     command = [str(BIN / "performer"), "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
     command += ["--resume", resume] if resume else []
     return subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=300)
@@ -93,8 +98,21 @@ def test_planted_pickle_in_a_checkpoint_never_runs(prepared_data, run_copy, tmp_
     assert "fails verification" in explicit.stderr
     assert ("not written by this checkpoint" if how == "extra file" else "sha256 differs") in explicit.stderr
 
-    export = subprocess.run([str(BIN / "performer"), "export", "--checkpoint", str(run_copy), "--tag", "step00000004",
-                             "--out", str(tmp_path / "export")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    export = subprocess.run(
+        [
+            str(BIN / "performer"),
+            "export",
+            "--checkpoint",
+            str(run_copy),
+            "--tag",
+            "step00000004",
+            "--out",
+            str(tmp_path / "export"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert export.returncode == 2 and "fails verification" in export.stderr, export.stderr
 
     # auto skips the tampered tag for the one before it, says so, and trains on from there.
@@ -124,8 +142,17 @@ def test_no_shell_anywhere_in_the_project():
 
 
 def test_yaml_is_only_read_with_safe_load(tmp_path):
-    unsafe = {"yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load",
-              "yaml.full_load_all", "yaml.Loader", "yaml.UnsafeLoader", "yaml.FullLoader"}  # fmt: skip
+    unsafe = {
+        "yaml.load",
+        "yaml.load_all",
+        "yaml.unsafe_load",
+        "yaml.unsafe_load_all",
+        "yaml.full_load",
+        "yaml.full_load_all",
+        "yaml.Loader",
+        "yaml.UnsafeLoader",
+        "yaml.FullLoader",
+    }
     offenders, safe = [], 0
     for path in project_python_files():
         tree = ast.parse(path.read_text(), str(path))
@@ -160,7 +187,11 @@ def test_every_torch_load_is_weights_only_or_behind_verification():
                 if name != "torch.load":
                     continue
                 weights_only = [k for k in call.keywords if k.arg == "weights_only"]
-                if weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True:
+                if (
+                    weights_only
+                    and isinstance(weights_only[0].value, ast.Constant)
+                    and weights_only[0].value.value is True
+                ):
                     continue
                 found.add((relative, getattr(function, "name", "<module>")))
     assert found <= behind_verification | {(r, "<module>") for r, _ in behind_verification}, found
@@ -193,24 +224,34 @@ def test_checking_a_manifest_never_runs_its_pipe_shards(prepared_data, trained_r
     shard = tmp_path / "data" / "train" / raw["shards"][0]["path"]
     raw["shards"][0]["path"] = f"pipe:touch {proof}; cat {shard}"
     (tmp_path / "data" / "train" / "manifest.json").write_text(json.dumps(raw))
-    for command in (["data", "verify", str(tmp_path / "data" / "train")],
-                    ["data", "inspect", str(tmp_path / "data" / "train")],
-                    ["check", str(trained_run), "--set", f"data.manifest={tmp_path / 'data' / 'train'}"]):  # fmt: skip
+    for command in (
+        ["data", "verify", str(tmp_path / "data" / "train")],
+        ["data", "inspect", str(tmp_path / "data" / "train")],
+        ["check", str(trained_run), "--set", f"data.manifest={tmp_path / 'data' / 'train'}"],
+    ):
         completed = subprocess.run([str(BIN / "performer"), *command], capture_output=True, text=True, timeout=300)
         output = completed.stdout + completed.stderr  # the error line (data verify/inspect) or the report (check)
         assert completed.returncode in (1, 2) and "is a pipe: command" in output, output
         assert not proof.exists(), command
     # Explicitly allowed, the same manifest verifies (and the command does run: it is a pipe).
-    allowed = subprocess.run([str(BIN / "performer"), "data", "verify", "--allow-pipe",
-                              str(tmp_path / "data" / "train")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    allowed = subprocess.run(
+        [str(BIN / "performer"), "data", "verify", "--allow-pipe", str(tmp_path / "data" / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert proof.exists()
 
 
 def test_a_real_export_holds_no_pickle(trained_run, tmp_path):
     out = tmp_path / "export"
-    completed = subprocess.run([str(BIN / "performer"), "export", "--checkpoint", str(trained_run), "--out", str(out)],
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        [str(BIN / "performer"), "export", "--checkpoint", str(trained_run), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert {p.name for p in files} >= {"model.safetensors", "config.json"}

@@ -81,11 +81,21 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"Slurm tests skipped: {reason}")
 
     root = tmp_path_factory.mktemp("slurm")
-    environment = {**os.environ, "LOCAL_SLURM_ROOT": str(root), "LOCAL_SLURM_NODES": "2",
-                   "LOCAL_SLURM_PORT": str(_free_port_block(3)), "LOCAL_SLURM_LINK": "0"}  # fmt: skip
+    environment = {
+        **os.environ,
+        "LOCAL_SLURM_ROOT": str(root),
+        "LOCAL_SLURM_NODES": "2",
+        "LOCAL_SLURM_PORT": str(_free_port_block(3)),
+        "LOCAL_SLURM_LINK": "0",
+    }
     started = time.monotonic()
-    start = subprocess.run([str(REPO / "slurm" / "local-cluster" / "start.sh")], env=environment,
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    start = subprocess.run(
+        [str(REPO / "slurm" / "local-cluster" / "start.sh")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     start_s = time.monotonic() - started
     stop = [str(REPO / "slurm" / "local-cluster" / "stop.sh")]
     if start.returncode != 0:

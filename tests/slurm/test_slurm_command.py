@@ -25,20 +25,53 @@ def body(script: str) -> list[str]:
     return [line for line in lines[last + 1 :] if not line.startswith(("set -- ", "# The run:")) and line]
 
 
-@pytest.mark.parametrize("launcher, template", [("srun", "pretrain.sbatch"), ("deepspeed", "pretrain-deepspeed.sbatch")])
+@pytest.mark.parametrize(
+    "launcher, template", [("srun", "pretrain.sbatch"), ("deepspeed", "pretrain-deepspeed.sbatch")]
+)
 def test_renders_the_requested_header_over_the_shipped_body(tmp_path, monkeypatch, launcher, template):
     monkeypatch.chdir(REPO)
     out = tmp_path / "job.sbatch"
-    code = main(["slurm", "configs/small.yaml", "--config", "configs/zero2.yaml", "--nodes", "4",
-                 "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj-1", "--time", "1-00:00:00",
-                 "--job-name", "small-z2", "--launcher", launcher, "--out", str(out),
-                 "--set", "train.max_steps=100", "train.output_dir=runs/small z2"])  # fmt: skip
+    code = main(
+        [
+            "slurm",
+            "configs/small.yaml",
+            "--config",
+            "configs/zero2.yaml",
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj-1",
+            "--time",
+            "1-00:00:00",
+            "--job-name",
+            "small-z2",
+            "--launcher",
+            launcher,
+            "--out",
+            str(out),
+            "--set",
+            "train.max_steps=100",
+            "train.output_dir=runs/small z2",
+        ]
+    )
     assert code == 0
     script = out.read_text()
     subprocess.run(["bash", "-n", str(out)], check=True)
     lines = sbatch_lines(script)
-    for expected in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj-1",
-                     "--time=1-00:00:00", "--job-name=small-z2", f"--chdir={REPO}"):  # fmt: skip
+    for expected in (
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--account=proj-1",
+        "--time=1-00:00:00",
+        "--job-name=small-z2",
+        f"--chdir={REPO}",
+    ):
         assert f"#SBATCH {expected}" in lines, lines
     # the template's own options are kept, each option once
     for kept in ("--signal=B:USR1@120", "--requeue", "--open-mode=append", "--output=%x-%j.out"):
@@ -46,8 +79,10 @@ def test_renders_the_requested_header_over_the_shipped_body(tmp_path, monkeypatc
     names = [line.split("=")[0] for line in lines]
     assert len(names) == len(set(names)), lines
     # config and overrides become the script's first arguments (quoted), before any given to sbatch
-    assert ("set -- configs/small.yaml --config configs/zero2.yaml --set train.max_steps=100 "
-            "'train.output_dir=runs/small z2' \"$@\"") in script  # fmt: skip
+    assert (
+        "set -- configs/small.yaml --config configs/zero2.yaml --set train.max_steps=100 "
+        "'train.output_dir=runs/small z2' \"$@\""
+    ) in script
     template_text = (REPO / "slurm" / template).read_text()
     assert body(script) == body(template_text)
 

@@ -72,18 +72,36 @@ class Job:
             raise AssertionError(f"job {self.name} still running after {timeout} s:\n{self.log()}") from None
 
 
-def submit(script: str | Path, name: str, tmp_path: Path, data: Path, *settings: str, nodes: int = 2,
-           tasks_per_node: int = 1, arguments: list[str] | None = None) -> Job:  # fmt: skip
+def submit(
+    script: str | Path,
+    name: str,
+    tmp_path: Path,
+    data: Path,
+    *settings: str,
+    nodes: int = 2,
+    tasks_per_node: int = 1,
+    arguments: list[str] | None = None,
+) -> Job:
     """`sbatch --wait` in the background; the job's own log and output directory are under tmp_path."""
     output_dir = tmp_path / name
     if arguments is None:
         overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
         arguments = ["configs/tiny.yaml", "--set", *overrides]
-    command = ["sbatch", "--wait", f"--chdir={REPO}", f"--job-name={name}", f"--nodes={nodes}",
-               f"--ntasks-per-node={tasks_per_node}", "--time=5", f"--output={tmp_path / name}-%j.out",
-               str(REPO / script), *arguments]  # fmt: skip
-    process = subprocess.Popen(command, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)  # fmt: skip
+    command = [
+        "sbatch",
+        "--wait",
+        f"--chdir={REPO}",
+        f"--job-name={name}",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks_per_node}",
+        "--time=5",
+        f"--output={tmp_path / name}-%j.out",
+        str(REPO / script),
+        *arguments,
+    ]
+    process = subprocess.Popen(
+        command, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     return Job(name, output_dir, process, time.monotonic())
 
 
@@ -159,8 +177,15 @@ def test_deepspeed_script_trains_on_two_nodes(slurm_cluster, slurm_data, tmp_pat
 @pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
 def test_usr1_saves_requeues_and_resumes(slurm_cluster, slurm_data, tmp_path, launcher):
     max_steps = 150
-    job = submit(SCRIPTS[launcher], f"preempt-{launcher}", tmp_path, slurm_data, f"train.max_steps={max_steps}",
-                 "checkpoint.interval=1000", "eval.interval=0")  # fmt: skip
+    job = submit(
+        SCRIPTS[launcher],
+        f"preempt-{launcher}",
+        tmp_path,
+        slurm_data,
+        f"train.max_steps={max_steps}",
+        "checkpoint.interval=1000",
+        "eval.interval=0",
+    )
     job.wait_for_step(5)
     signalled = time.monotonic()
     # what Slurm does 120 s before the time limit (--signal=B:USR1@120): USR1 to the batch shell only
@@ -187,8 +212,16 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, slurm_data, tmp_path, la
 
 @pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
 def test_a_dead_rank_ends_the_job_within_a_minute(slurm_cluster, slurm_data, tmp_path, launcher):
-    job = submit(SCRIPTS[launcher], f"dead-{launcher}", tmp_path, slurm_data, "train.max_steps=5000",
-                 "checkpoint.interval=5000", "eval.interval=0", "dist.timeout_s=20")  # fmt: skip
+    job = submit(
+        SCRIPTS[launcher],
+        f"dead-{launcher}",
+        tmp_path,
+        slurm_data,
+        "train.max_steps=5000",
+        "checkpoint.interval=5000",
+        "eval.interval=0",
+        "dist.timeout_s=20",
+    )
     job.wait_for_step(3)
     victim = trainer_pid(job.output_dir, rank=1)
     killed = time.monotonic()
@@ -205,8 +238,19 @@ def test_a_dead_rank_ends_the_job_within_a_minute(slurm_cluster, slurm_data, tmp
 
 def test_doctor_under_srun_sees_both_nodes(slurm_cluster):
     """The README's pre-flight check: `srun python -m launcher doctor` inside an allocation."""
-    command = ["srun", "--nodes=2", "--ntasks-per-node=1", "--time=2", f"--chdir={REPO}",
-               sys.executable, "-m", "launcher", "doctor", "--timeout", "30"]  # fmt: skip
+    command = [
+        "srun",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--time=2",
+        f"--chdir={REPO}",
+        sys.executable,
+        "-m",
+        "launcher",
+        "doctor",
+        "--timeout",
+        "30",
+    ]
     completed = subprocess.run(command, env=job_environment(), capture_output=True, text=True, timeout=120)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
@@ -221,8 +265,30 @@ def test_a_rendered_script_runs(slurm_cluster, slurm_data, tmp_path):
     output_dir = tmp_path / "rendered"
     script = tmp_path / "rendered.sbatch"
     overrides = [*TEST_SETTINGS, f"data.manifest={slurm_data / 'train'}", f"train.output_dir={output_dir}"]
-    subprocess.run([sys.executable, "-m", "launcher", "slurm", "configs/tiny.yaml", "--nodes", "2",
-                    "--tasks-per-node", "1", "--time", "00:05:00", "--chdir", str(REPO), "--out", str(script),
-                    "--set", *overrides], cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "slurm",
+            "configs/tiny.yaml",
+            "--nodes",
+            "2",
+            "--tasks-per-node",
+            "1",
+            "--time",
+            "00:05:00",
+            "--chdir",
+            str(REPO),
+            "--out",
+            str(script),
+            "--set",
+            *overrides,
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     job = submit(script, "rendered", tmp_path, slurm_data, arguments=[])
     assert_trained(job, job.wait())
