@@ -27,34 +27,60 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _git(*arguments: str) -> str:
+    done = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def commit() -> str:
     """The commit the numbers come from, with "+dirty" when the working tree had changes."""
-    def git(*arguments: str) -> str:
-        done = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+    head, dirty = _git("rev-parse", "--short=12", "HEAD") or "unknown", tree_dirty()
+    return head + ("+dirty" if dirty else "")
 
-    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    # Results files are what the benchmarks write: they do not make the code dirty.
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
-    return head + ("+dirty" if changed else "")
+
+def tree_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None when git cannot tell).
+
+    Results files are what the benchmarks write: they do not make the code dirty.
+    """
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 9654 ..."), or the architecture where the OS does not say."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
-    """Where the numbers come from: the commit (+dirty), the command and the machine."""
+    """Where the numbers come from: the commit, whether the tree was dirty, the command and the machine.
+
+    benchmarks/readme_tables.py reads "commit", "dirty", "command", "cpu_model", "cpu_count", "gpu"
+    and "torch" for the line under each README table.
+    """
     script = Path(sys.argv[0]).resolve()
     info = {
-        "commit": commit(),
+        "commit": _git("rev-parse", "--short=12", "HEAD") or None,
+        "dirty": tree_dirty(),
         "command": " ".join(["python", str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
                              *sys.argv[1:]]),  # fmt: skip
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_count"] = torch.cuda.device_count()
     return info
 
 
@@ -158,9 +184,12 @@ def publish(name: str, results: dict, markdown: str, plot: Callable[[dict, Path]
     return markdown_path
 
 
-def table(header: list[str], rows: list[list[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table(header: list[str], rows: list[list[object]], align: str | None = None) -> str:
+    """A markdown table; ``align`` gives each column's alignment, "l" or "r" ("lrr": numbers right)."""
+    rules = ["---:" if side == "r" else "---" for side in align] if align else ["---"] * len(header)
+    if len(rules) != len(header):
+        raise ValueError(f"align {align!r} does not have one letter per column of {header}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join(rule + "|" for rule in rules)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

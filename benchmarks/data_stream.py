@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,11 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from data.shards import Manifest  # noqa: E402
 from data.stream import StreamConfig, TokenStream  # noqa: E402
 from launcher.__main__ import main as performer  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def prepare(out: Path) -> dict:
@@ -100,12 +97,13 @@ def measure_tiny_model(data: Path, steps: int = 3) -> dict:
 
 
 def markdown(results: dict) -> str:
-    s = results["shards"]
+    s, machine = results["shards"], results["machine"]
     lines = [
         "# Data stream benchmark",
         "",
-        f"Machine: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
-        f"torch {results['machine']['torch']}. Stdlib corpus, unigram vocab 8000.",
+        # "cpus": the name results files written before common.machine() was used here give the count.
+        f"Machine: {machine.get('cpu_count', machine.get('cpus'))} CPUs, Python {machine['python']}, "
+        f"torch {machine['torch']}. Stdlib corpus, unigram vocab 8000.",
         "",
     ]
     if "prepare" in results:
@@ -119,12 +117,13 @@ def markdown(results: dict) -> str:
         "",
         "Stream: span corruption 512 inputs / 114 targets, batch 32, one rank.",
         "",
-        "| workers | raw tokens/s | input tokens/s | batches/s | startup (s) |",
-        "|---:|---:|---:|---:|---:|",
+        common.table(
+            ["workers", "raw tokens/s", "input tokens/s", "batches/s", "startup (s)"],
+            [[r["workers"], f"{r['raw_tokens_per_s'] / 1e6:.2f} M", f"{r['input_tokens_per_s'] / 1e6:.2f} M",
+              r["batches_per_s"], r["startup_seconds"]] for r in results["stream"]],
+            align="rrrrr",
+        ).rstrip("\n"),
     ]
-    for r in results["stream"]:
-        lines.append(f"| {r['workers']} | {r['raw_tokens_per_s'] / 1e6:.2f} M | {r['input_tokens_per_s'] / 1e6:.2f} M "
-                     f"| {r['batches_per_s']} | {r['startup_seconds']} |")
     model = results["tiny_model"]
     if model.get("available"):
         best = max(r["raw_tokens_per_s"] for r in results["stream"][:1])
@@ -139,8 +138,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="output of `performer data prepare` (built if absent)")
     parser.add_argument("--batches", type=int, default=300, help="timed batches per worker setting")
     args = parser.parse_args()
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "torch": torch.__version__}}
+    results: dict = {"machine": common.machine()}
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
@@ -149,10 +147,7 @@ def main() -> int:
         results["shards"] = shard_stats(data)
         results["stream"] = [measure_stream(data, workers, args.batches) for workers in (0, 1, 2)]
         results["tiny_model"] = measure_tiny_model(data)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_stream.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "data_stream.md").write_text(markdown(results))
-    print(markdown(results))
+    common.publish("data_stream", results, markdown(results))
     return 0
 
 

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             by_draw[draw] = heldout_loss(model, manifest, length, rows, args.batches)
     machine = common.machine()
     results = {
-        "machine": machine, "trained_at_commit": args.run_commit or machine["commit"], "run": portable(run_config),
+        "machine": machine, "trained_at_commit": args.run_commit or common.commit(), "run": portable(run_config),
         "metrics": metrics,
         "export": {"draw": projections.get("redraw_step"), "trained_steps": projections.get("trained_steps"),
                    "heldout_loss": own, "heldout_loss_by_draw": by_draw, "heldout_batches": args.batches,

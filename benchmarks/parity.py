@@ -24,7 +24,8 @@ are cut from random windows of the corpus with our objectives (data.objectives),
 this measures the model, not the pipeline. At 4096 tokens span corruption uses a mean noise span
 of 8 (with the T5 default of 3 a 4096-token row needs more spans than the 100 sentinels).
 
-Writes benchmarks/results/parity.json, parity.md and parity.png.
+Writes benchmarks/results/<name>.json, .md and .png: parity by default, parity-m<M> with
+--nb-features M (so the M=256 run does not overwrite the default run), or --name.
 """
 
 from __future__ import annotations
@@ -251,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nb-features", type=int, help="FAVOR+ features per head (default round(D ln D) = 111)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--name", default="parity")
+    parser.add_argument("--name", help="results file stem (default: parity, or parity-m<M> with --nb-features M)")
     args = parser.parse_args(argv)
+    args.name = args.name or ("parity" + (f"-m{args.nb_features}" if args.nb_features else ""))
 
     packed = dict(np.load(args.packed)) if args.packed else pack(args.data)
     if args.pack_only:

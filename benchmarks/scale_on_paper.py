@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+from performer.config import PRESETS  # noqa: E402
 
 GIB = 2**30
 STAGES = ("zero0", "zero1", "zero2", "zero3", "zero3-sized", "zero3-offload")
@@ -38,10 +39,13 @@ ON_HOST = {"zero3-offload": ("optimizer", "parameters")}
 # and release it after, so the after-backward figure misses it: counted here at 4 bytes (an fp32
 # accumulator, the larger of its two dtypes).
 TRANSIENT_BUCKET_BYTES = {"zero1": 5e8 * 4, "zero2": 5e8 * 4}
-PRESETS = {  # performer/config.py PRESETS, repeated so this script needs no model code
-    "medium": dict(d_model=512, heads=8, encoder_layers=6, decoder_layers=6),
-    "large": dict(d_model=1024, heads=16, encoder_layers=12, decoder_layers=12),
-}
+
+
+def preset_shape(name: str) -> dict:
+    """performer.config's preset ``name`` in this script's terms: d_model, heads, encoder/decoder layers."""
+    shape = PRESETS[name]
+    return dict(d_model=shape["d_model"], heads=shape["num_heads"], encoder_layers=shape["num_encoder_layers"],
+                decoder_layers=shape["num_decoder_layers"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the model
@@ -117,7 +121,7 @@ def activation_bytes_per_token_layer_width(model_step: dict) -> dict:
     the model (fp32 weights) exists: what the step adds is the fp32 gradients and AdamW's two fp32
     moments (12 bytes per parameter) plus the activations.
     """
-    shape = PRESETS[model_step["settings"]["preset"]]
+    shape = preset_shape(model_step["settings"]["preset"])
     layers = shape["encoder_layers"] + shape["decoder_layers"]
     figures = {}
     for record in model_step["records"]:
@@ -254,7 +258,7 @@ def compute(args) -> dict:
                                     at_family_limit=model is candidates[-1])
                 fits.append(dict(stage=stage, checkpointing=checkpointing, gpus=gpus, largest=best))
 
-    large = PRESETS["large"]
+    large = preset_shape("large")
     large_parameters = parameter_count(large["d_model"], large["encoder_layers"], large["decoder_layers"], args.vocab)
     large_non_embedding = large_parameters - args.vocab * large["d_model"]
     mfu, mfu_points = measured_mfu(model_step, tokens_per_micro)
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collectives-zero3", type=int, default=216)
     parser.add_argument("--name", default="scale_on_paper")
     args = parser.parse_args(argv)
-    results = compute(args)
+    results = {**compute(args), "machine": common.machine()}  # the machine for the commit and command
     common.publish(args.name, results, markdown(results))
     return 0
 
