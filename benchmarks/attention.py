@@ -69,8 +69,8 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 
 def build(implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str):
     """The callable attention (q, k, v) -> out for one implementation, and its chunk length if any."""
-    from performer.attention.naive import causal_linear_attention
     from performer.attention.fused import default_chunk_size, favor_attention
+    from performer.attention.naive import causal_linear_attention
     from performer.feature_maps import favor_features, gaussian_orthogonal_projection
 
     projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=0).to(device)
@@ -81,9 +81,11 @@ def build(implementation: str, length: int, heads: int, head_dim: int, nb_featur
         causal = implementation == "ours-causal"
         return (lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk
     if implementation == "ours-unfused-causal":
+
         def unfused(q, k, v):
             phi_q, phi_k = favor_features(q, projection, True), favor_features(k, projection, False)
             return causal_linear_attention(phi_q, phi_k, v, chunk)
+
         return unfused, chunk
     if implementation.startswith("performer-pytorch"):
         from performer_pytorch import FastAttention
@@ -144,15 +146,31 @@ def predicted_seconds(previous: dict | None, implementation: str, length: int) -
 def sweep(args) -> dict:
     script = Path(__file__).resolve()
     shared = [
-        "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats),
-        "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--nb-features", str(args.nb_features),
-    ]  # fmt: skip
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--heads",
+        str(args.heads),
+        "--head-dim",
+        str(args.head_dim),
+        "--nb-features",
+        str(args.nb_features),
+    ]
     records = []
     for implementation in args.impls.split(","):
         previous = None
         for length in (int(n) for n in args.lengths.split(",")):
             if implementation.startswith("performer-pytorch") and length > args.max_baseline_length:
-                record = {"impl": implementation, "length": length, "skipped": f"above --max-baseline-length {args.max_baseline_length}"}
+                record = {
+                    "impl": implementation,
+                    "length": length,
+                    "skipped": f"above --max-baseline-length {args.max_baseline_length}",
+                }
                 if previous:  # what it would need: an estimate, not a measurement, and recorded as one
                     record["estimated_memory_bytes"] = previous["memory_bytes"] * length // previous["length"]
                     record["estimated_from"] = f"memory_bytes at n={previous['length']}, taken as linear in length"
@@ -162,7 +180,9 @@ def sweep(args) -> dict:
             # The worker gives slow calls a third of the repeats (see measure).
             calls = 1 + (args.repeats if (predicted or 0) < args.slow_call_s else max(1, args.repeats // 3))
             if predicted is not None and predicted * calls > args.budget_s:
-                records.append({"impl": implementation, "length": length, "skipped": f"predicted {predicted:.0f} s per call"})
+                records.append(
+                    {"impl": implementation, "length": length, "skipped": f"predicted {predicted:.0f} s per call"}
+                )
                 continue
             record = common.run_isolated(
                 script, [*shared, "--impl", implementation, "--length", str(length)], timeout_s=args.budget_s * 3
@@ -174,7 +194,9 @@ def sweep(args) -> dict:
             if "error" in record:
                 break  # out of memory or time at this length: longer ones will fail too
     dtype = DTYPES[args.dtype]
-    settings = {key: getattr(args, key) for key in ("device", "dtype", "threads", "repeats", "heads", "head_dim", "nb_features")}
+    settings = {
+        key: getattr(args, key) for key in ("device", "dtype", "threads", "repeats", "heads", "head_dim", "nb_features")
+    }
     return {
         "settings": settings,
         "machine": common.machine(),
@@ -243,7 +265,9 @@ def markdown(results: dict) -> str:
             if record is None:
                 cells.append("")
             elif "estimated_memory_bytes" in record:
-                cells.append(f"skipped ({record['skipped']}; estimated {common.mebibytes(record['estimated_memory_bytes'])})")
+                cells.append(
+                    f"skipped ({record['skipped']}; estimated {common.mebibytes(record['estimated_memory_bytes'])})"
+                )
             elif "skipped" in record:
                 cells.append(f"skipped ({record['skipped']})")
             elif "error" in record:
@@ -260,7 +284,10 @@ def markdown(results: dict) -> str:
         shown = "none" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
         lines.append(f"- {key}: {shown}")
     machine = results["machine"]
-    lines.append(f"\nMachine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, load average {machine['load_average_1m']}.\n")
+    lines.append(
+        f"\nMachine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, "
+        f"load average {machine['load_average_1m']}.\n"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +304,9 @@ def plot(results: dict, path: Path) -> None:
             continue
         lengths = [r["length"] for r in measured]
         time_axis.plot(lengths, [r["median_s"] for r in measured], marker="o", label=implementation)
-        memory_axis.plot(lengths, [max(r["memory_bytes"], 1) / 2**20 for r in measured], marker="o", label=implementation)
+        memory_axis.plot(
+            lengths, [max(r["memory_bytes"], 1) / 2**20 for r in measured], marker="o", label=implementation
+        )
     settings = results["settings"]
     for axis, label in ((time_axis, "forward + backward (s)"), (memory_axis, "memory added by the op (MiB)")):
         axis.set_xscale("log", base=2)
@@ -286,7 +315,10 @@ def plot(results: dict, path: Path) -> None:
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
     time_axis.legend(fontsize=8)
-    figure.suptitle(f"Attention, {settings['dtype']} on {settings['device']}, H={settings['heads']} D={settings['head_dim']} M={settings['nb_features']}")
+    figure.suptitle(
+        f"Attention, {settings['dtype']} on {settings['device']}, "
+        f"H={settings['heads']} D={settings['head_dim']} M={settings['nb_features']}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -297,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--impls", default=",".join(IMPLEMENTATIONS),
+        "--impls",
+        default=",".join(IMPLEMENTATIONS),
         help="comma-separated: " + ", ".join(IMPLEMENTATIONS) + "; ours-causal@C forces chunk length C",
-    )  # fmt: skip
+    )
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,65536")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -308,9 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
-    parser.add_argument("--slow-call-s", type=float, default=10.0, help="calls slower than this get a third of the repeats")
+    parser.add_argument(
+        "--slow-call-s", type=float, default=10.0, help="calls slower than this get a third of the repeats"
+    )
     parser.add_argument("--budget-s", type=float, default=240.0, help="skip a configuration predicted to take longer")
-    parser.add_argument("--max-baseline-length", type=int, default=16384, help="performer-pytorch is not run above this length (its memory there is recorded as an estimate)")
+    parser.add_argument(
+        "--max-baseline-length",
+        type=int,
+        default=16384,
+        help="performer-pytorch is not run above this length (its memory there is recorded as an estimate)",
+    )
     parser.add_argument("--name", default="attention", help="results file stem under benchmarks/results/")
     args = parser.parse_args(argv)
     if args.worker:

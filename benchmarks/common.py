@@ -43,8 +43,12 @@ def tree_dirty() -> bool | None:
 
     Results files are what the benchmarks write: they do not make the code dirty.
     """
-    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
@@ -68,8 +72,9 @@ def machine() -> dict:
     info = {
         "commit": _git("rev-parse", "--short=12", "HEAD") or None,
         "dirty": tree_dirty(),
-        "command": " ".join(["python", str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
-                             *sys.argv[1:]]),  # fmt: skip
+        "command": " ".join(
+            ["python", str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name, *sys.argv[1:]]
+        ),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
@@ -103,7 +108,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu", 
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def gemm_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 5) -> float:
+def gemm_rate(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 5
+) -> float:
     """The machine's dense matmul rate in FLOP/s for ``dtype`` (square ``size`` x ``size`` products)."""
     size = size or (2048 if device == "cpu" else 8192)
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -133,13 +140,20 @@ def run_isolated(script: Path, arguments: list[str], timeout_s: float) -> dict:
 # Trainer settings every benchmark run of the trainer shares: no checkpoints, evaluation,
 # TensorBoard or progress bar in the timed steps, a metrics record every step.
 QUIET_TRAINER_SETTINGS = [
-    "data.verify_sha256=false", "schedule.warmup_steps=1", "log.interval=1", "log.progress=false",
-    "log.tensorboard=false", "log.peak_flops_per_rank=1.0e10", "checkpoint.interval=1000000", "eval.interval=0",
-]  # fmt: skip
+    "data.verify_sha256=false",
+    "schedule.warmup_steps=1",
+    "log.interval=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.peak_flops_per_rank=1.0e10",
+    "checkpoint.interval=1000000",
+    "eval.interval=0",
+]
 
 
-def run_trainer(configs: list[str], settings: list[str], run_dir: Path, ranks: int, threads_per_rank: int,
-                timeout_s: float) -> dict:  # fmt: skip
+def run_trainer(
+    configs: list[str], settings: list[str], run_dir: Path, ranks: int, threads_per_rank: int, timeout_s: float
+) -> dict:
     """The real trainer under the deepspeed launcher on ``ranks`` CPU ranks, writing into ``run_dir``.
 
     Returns {"returncode", "wall_s", "metrics" (the run's metrics.jsonl records), "output_tail"},
@@ -147,10 +161,19 @@ def run_trainer(configs: list[str], settings: list[str], run_dir: Path, ranks: i
     """
     port = free_port()
     command = [
-        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-        "--module", "launcher.pretrain", *(part for config in configs for part in ("--config", config)),
-        "--set", f"train.output_dir={run_dir}", *QUIET_TRAINER_SETTINGS, *settings,
-    ]  # fmt: skip
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        "--module",
+        "launcher.pretrain",
+        *(part for config in configs for part in ("--config", config)),
+        "--set",
+        f"train.output_dir={run_dir}",
+        *QUIET_TRAINER_SETTINGS,
+        *settings,
+    ]
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environment.update(OMP_NUM_THREADS=str(threads_per_rank), PYTHONUNBUFFERED="1")
     started = time.perf_counter()
@@ -161,9 +184,11 @@ def run_trainer(configs: list[str], settings: list[str], run_dir: Path, ranks: i
     metrics_file = run_dir / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
     return {
-        "returncode": done.returncode, "wall_s": time.perf_counter() - started, "metrics": metrics,
+        "returncode": done.returncode,
+        "wall_s": time.perf_counter() - started,
+        "metrics": metrics,
         "output_tail": (done.stdout + done.stderr)[-1500:],
-    }  # fmt: skip
+    }
 
 
 def write_results(name: str, results: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:

@@ -38,16 +38,24 @@ def prepare(out: Path) -> dict:
     assert performer(["data", "prepare", "--source", "stdlib", "--out", str(out)]) == 0
     total = time.perf_counter() - started
     info = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
-    return {"prepare_seconds": round(total, 1), "tokenizer_seconds": info["seconds"]["total"],
-            "tokenizer_training_lines": info["trained_on"]["lines"]}
+    return {
+        "prepare_seconds": round(total, 1),
+        "tokenizer_seconds": info["seconds"]["total"],
+        "tokenizer_training_lines": info["trained_on"]["lines"],
+    }
 
 
 def shard_stats(data: Path) -> dict:
     manifest = Manifest.load(data / "train")
     size = sum(s.bytes for s in manifest.shards)
-    return {"documents": manifest.samples, "tokens": manifest.tokens, "shards": len(manifest.shards),
-            "bytes": size, "bytes_per_token": round(size / manifest.tokens, 3),
-            "payload_bytes_per_token": 2 if manifest.dtype == "uint16" else 4}
+    return {
+        "documents": manifest.samples,
+        "tokens": manifest.tokens,
+        "shards": len(manifest.shards),
+        "bytes": size,
+        "bytes_per_token": round(size / manifest.tokens, 3),
+        "payload_bytes_per_token": 2 if manifest.dtype == "uint16" else 4,
+    }
 
 
 def measure_stream(data: Path, workers: int, batches: int) -> dict:
@@ -62,11 +70,16 @@ def measure_stream(data: Path, workers: int, batches: int) -> dict:
         next(iterator)
     seconds = time.perf_counter() - started
     rows = batches * config.batch_size
-    return {"workers": workers, "batches": batches, "seconds": round(seconds, 3),
-            "startup_seconds": round(startup, 3),
-            "raw_tokens_per_s": round(rows * config.raw_length / seconds),
-            "input_tokens_per_s": round(rows * config.input_length / seconds),
-            "batches_per_s": round(batches / seconds, 1), "steps_per_epoch": stream.steps_per_epoch}
+    return {
+        "workers": workers,
+        "batches": batches,
+        "seconds": round(seconds, 3),
+        "startup_seconds": round(startup, 3),
+        "raw_tokens_per_s": round(rows * config.raw_length / seconds),
+        "input_tokens_per_s": round(rows * config.input_length / seconds),
+        "batches_per_s": round(batches / seconds, 1),
+        "steps_per_epoch": stream.steps_per_epoch,
+    }
 
 
 def measure_tiny_model(data: Path, steps: int = 3) -> dict:
@@ -91,9 +104,12 @@ def measure_tiny_model(data: Path, steps: int = 3) -> dict:
         if step:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - started)
     seconds = sum(times) / len(times)
-    return {"available": True, "seconds_per_step": round(seconds, 3),
-            "raw_tokens_per_s": round(32 * stream.config.raw_length / seconds),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "available": True,
+        "seconds_per_step": round(seconds, 3),
+        "raw_tokens_per_s": round(32 * stream.config.raw_length / seconds),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def markdown(results: dict) -> str:
@@ -108,8 +124,11 @@ def markdown(results: dict) -> str:
     ]
     if "prepare" in results:
         p = results["prepare"]
-        lines += [f"- tokenizer training: {p['tokenizer_seconds']} s on {p['tokenizer_training_lines']:,} "
-                  f"sampled lines; whole `prepare`: {p['prepare_seconds']} s", ""]
+        lines += [
+            f"- tokenizer training: {p['tokenizer_seconds']} s on {p['tokenizer_training_lines']:,} "
+            f"sampled lines; whole `prepare`: {p['prepare_seconds']} s",
+            "",
+        ]
     lines += [
         f"- train shards: {s['documents']} documents, {s['tokens']:,} tokens, {s['shards']} shard(s), "
         f"{s['bytes']:,} bytes = **{s['bytes_per_token']} bytes/token** "
@@ -119,17 +138,28 @@ def markdown(results: dict) -> str:
         "",
         common.table(
             ["workers", "raw tokens/s", "input tokens/s", "batches/s", "startup (s)"],
-            [[r["workers"], f"{r['raw_tokens_per_s'] / 1e6:.2f} M", f"{r['input_tokens_per_s'] / 1e6:.2f} M",
-              r["batches_per_s"], r["startup_seconds"]] for r in results["stream"]],
+            [
+                [
+                    r["workers"],
+                    f"{r['raw_tokens_per_s'] / 1e6:.2f} M",
+                    f"{r['input_tokens_per_s'] / 1e6:.2f} M",
+                    r["batches_per_s"],
+                    r["startup_seconds"],
+                ]
+                for r in results["stream"]
+            ],
             align="rrrrr",
         ).rstrip("\n"),
     ]
     model = results["tiny_model"]
     if model.get("available"):
         best = max(r["raw_tokens_per_s"] for r in results["stream"][:1])
-        lines += ["", f"Tiny model training step on the same batches: {model['seconds_per_step']} s "
-                  f"({model['raw_tokens_per_s'] / 1e3:.1f} k raw tokens/s); the stream without workers "
-                  f"is **{best / model['raw_tokens_per_s']:.0f}x** faster."]
+        lines += [
+            "",
+            f"Tiny model training step on the same batches: {model['seconds_per_step']} s "
+            f"({model['raw_tokens_per_s'] / 1e3:.1f} k raw tokens/s); the stream without workers "
+            f"is **{best / model['raw_tokens_per_s']:.0f}x** faster.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -59,10 +59,16 @@ def performer_pytorch(position: int, tokens: int, repeats: int) -> dict:
     from performer_pytorch.autoregressive_wrapper import AutoregressiveWrapper
 
     model = PerformerLM(
-        num_tokens=VOCAB, max_seq_len=position + tokens * (repeats + 1), dim=SHAPE["d_model"],
-        depth=SHAPE["num_decoder_layers"], heads=SHAPE["num_heads"], dim_head=64, causal=True,
-        nb_features=NB_FEATURES, ff_mult=SHAPE["d_ff"],
-    ).eval()  # fmt: skip
+        num_tokens=VOCAB,
+        max_seq_len=position + tokens * (repeats + 1),
+        dim=SHAPE["d_model"],
+        depth=SHAPE["num_decoder_layers"],
+        heads=SHAPE["num_heads"],
+        dim_head=64,
+        causal=True,
+        nb_features=NB_FEATURES,
+        ff_mult=SHAPE["d_ff"],
+    ).eval()
     wrapper = AutoregressiveWrapper(model)
     prompt = torch.randint(5, VOCAB, (1, position))
     # Its generate recomputes the whole sequence per token, so one timed token per repeat suffices.
@@ -86,10 +92,14 @@ def summarise(records: list[dict]) -> dict:
     if ("ours", positions[0]) in by:
         for position in positions[1:]:
             if ("ours", position) in by:
-                summary[f"ours_latency_ratio@{position}/{positions[0]}"] = by["ours", position] / by["ours", positions[0]]
+                summary[f"ours_latency_ratio@{position}/{positions[0]}"] = (
+                    by["ours", position] / by["ours", positions[0]]
+                )
     for position in positions:
         if ("ours", position) in by and ("performer-pytorch", position) in by:
-            summary[f"speedup_vs_performer-pytorch@{position}"] = by["performer-pytorch", position] / by["ours", position]
+            summary[f"speedup_vs_performer-pytorch@{position}"] = (
+                by["performer-pytorch", position] / by["ours", position]
+            )
     return summary
 
 
@@ -144,8 +154,18 @@ def main(argv: list[str] | None = None) -> int:
                 if predicted > args.budget_s:
                     records.append({"model": model, "position": position, "skipped": f"predicted {predicted:.0f} s"})
                     continue
-            arguments = ["--model", model, "--position", str(position), "--tokens", str(args.tokens),
-                         "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+            arguments = [
+                "--model",
+                model,
+                "--position",
+                str(position),
+                "--tokens",
+                str(args.tokens),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
             record = common.run_isolated(script, arguments, timeout_s=args.budget_s * 3)
             record.update(model=model, position=position)
             print(json.dumps(record), flush=True)

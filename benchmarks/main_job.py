@@ -31,8 +31,18 @@ TABLE_STEPS = (10, 200, 400, 600)
 def heldout_loss(model, manifest: Path, input_length: int, batch_size: int, batches: int) -> float:
     from data.stream import StreamConfig, TokenStream
 
-    stream = TokenStream(StreamConfig(manifest=str(manifest), objective="span_corruption", input_length=input_length,
-                                      batch_size=batch_size, seed=0, max_epochs=1), rank=0, world_size=1)  # fmt: skip
+    stream = TokenStream(
+        StreamConfig(
+            manifest=str(manifest),
+            objective="span_corruption",
+            input_length=input_length,
+            batch_size=batch_size,
+            seed=0,
+            max_epochs=1,
+        ),
+        rank=0,
+        world_size=1,
+    )
     losses = []
     with torch.no_grad():
         for index, batch in enumerate(stream.iter_epoch()):
@@ -44,12 +54,19 @@ def heldout_loss(model, manifest: Path, input_length: int, batch_size: int, batc
 
 def portable(run_config: dict) -> dict:
     """The run config with its paths relative to the repository (where they lie inside it)."""
+
     def relative(value):
         path = Path(value) if isinstance(value, str) else None
-        return str(path.relative_to(ROOT)) if path is not None and path.is_absolute() and path.is_relative_to(ROOT) else value
+        return (
+            str(path.relative_to(ROOT))
+            if path is not None and path.is_absolute() and path.is_relative_to(ROOT)
+            else value
+        )
 
-    return {section: ({key: relative(value) for key, value in values.items()} if isinstance(values, dict) else values)
-            for section, values in run_config.items()}  # fmt: skip
+    return {
+        section: ({key: relative(value) for key, value in values.items()} if isinstance(values, dict) else values)
+        for section, values in run_config.items()
+    }
 
 
 def summarise_metrics(run: Path) -> dict:
@@ -70,9 +87,9 @@ def summarise_metrics(run: Path) -> dict:
         "parameter_groups": next((r["parameter_groups"] for r in events if "parameter_groups" in r), None),
         # The paired jump is in benchmarks/redraw.py; here the raw one, 10 steps after vs before.
         "train_loss_around_redraws": {
-            str(step): [train[s]["loss"] for s in (step, step + 10) if s in train] for step in
-            [r["redraw"] for r in events if "redraw" in r]
-        },  # fmt: skip
+            str(step): [train[s]["loss"] for s in (step, step + 10) if s in train]
+            for step in [r["redraw"] for r in events if "redraw" in r]
+        },
     }
 
 
@@ -82,16 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data")
     parser.add_argument("--batches", type=int, default=12, help="held-out batches of 8 rows")
     parser.add_argument("--name", default="main_job")
-    parser.add_argument("--run-commit", default=None,
-                        help="the commit whose code trained the run (default: this one, as after `make pretrain`)")
+    parser.add_argument(
+        "--run-commit",
+        default=None,
+        help="the commit whose code trained the run (default: this one, as after `make pretrain`)",
+    )
     args = parser.parse_args(argv)
 
     from performer import from_pretrained
 
     export = args.run / "export"
     config = json.loads((export / "config.json").read_text())
-    run_config = json.loads((args.run / "checkpoints" / (args.run / "checkpoints" / "latest").read_text().strip()
-                             / "COMPLETE").read_text())["run_config"]  # fmt: skip
+    run_config = json.loads(
+        (args.run / "checkpoints" / (args.run / "checkpoints" / "latest").read_text().strip() / "COMPLETE").read_text()
+    )["run_config"]
     model = from_pretrained(export)
     length, rows = run_config["data"]["input_length"], run_config["train"]["micro_batch_size"]
     manifest = args.data / "heldout"
@@ -106,34 +127,54 @@ def main(argv: list[str] | None = None) -> int:
             by_draw[draw] = heldout_loss(model, manifest, length, rows, args.batches)
     machine = common.machine()
     results = {
-        "machine": machine, "trained_at_commit": args.run_commit or common.commit(), "run": portable(run_config),
+        "machine": machine,
+        "trained_at_commit": args.run_commit or common.commit(),
+        "run": portable(run_config),
         "metrics": metrics,
-        "export": {"draw": projections.get("redraw_step"), "trained_steps": projections.get("trained_steps"),
-                   "heldout_loss": own, "heldout_loss_by_draw": by_draw, "heldout_batches": args.batches,
-                   "rows_per_batch": rows},
-    }  # fmt: skip
+        "export": {
+            "draw": projections.get("redraw_step"),
+            "trained_steps": projections.get("trained_steps"),
+            "heldout_loss": own,
+            "heldout_loss_by_draw": by_draw,
+            "heldout_batches": args.batches,
+            "rows_per_batch": rows,
+        },
+    }
     common.publish(args.name, results, markdown(results))
     return 0
 
 
 def markdown(results: dict) -> str:
     metrics, export = results["metrics"], results["export"]
-    rows = [[step, f"{metrics['train_loss'][step]:.2f}",
-             f"{metrics['eval_loss'][step]:.2f}" if step in metrics["eval_loss"] else ""]
-            for step in metrics["train_loss"]]  # fmt: skip
-    text = f"Trained at commit {results['trained_at_commit']}.\n\n" + common.table(["step", "train loss", "eval loss"], rows)
-    text += (f"\n\n{metrics['tokens']:,} tokens, {metrics['tokens_per_s_median'] / 1000:.1f}k tokens/s (median over log "
-             f"intervals), data wait {metrics['data_wait_fraction_median']:.1%}, "
-             f"{metrics['training_seconds']:.0f} s of training (first to last logged step).\n")  # fmt: skip
+    rows = [
+        [
+            step,
+            f"{metrics['train_loss'][step]:.2f}",
+            f"{metrics['eval_loss'][step]:.2f}" if step in metrics["eval_loss"] else "",
+        ]
+        for step in metrics["train_loss"]
+    ]
+    text = f"Trained at commit {results['trained_at_commit']}.\n\n" + common.table(
+        ["step", "train loss", "eval loss"], rows
+    )
+    text += (
+        f"\n\n{metrics['tokens']:,} tokens, {metrics['tokens_per_s_median'] / 1000:.1f}k tokens/s (median over log "
+        f"intervals), data wait {metrics['data_wait_fraction_median']:.1%}, "
+        f"{metrics['training_seconds']:.0f} s of training (first to last logged step).\n"
+    )
     if export["heldout_loss_by_draw"]:
         draws = common.table(
             ["projection", "held-out loss"],
-            [[f"draw {draw}" + (" (the export's)" if draw == export["draw"] else ""), f"{loss:.3f}"]
-             for draw, loss in export["heldout_loss_by_draw"].items()],
-        )  # fmt: skip
-        text += (f"\nThe export on {export['heldout_batches']} held-out batches of {export['rows_per_batch']} rows: "
-                 f"{export['heldout_loss']:.3f} with its own projection (draw {export['draw']}, trained in steps "
-                 f"{export['trained_steps']}); with each projection the run drew:\n\n{draws}\n")  # fmt: skip
+            [
+                [f"draw {draw}" + (" (the export's)" if draw == export["draw"] else ""), f"{loss:.3f}"]
+                for draw, loss in export["heldout_loss_by_draw"].items()
+            ],
+        )
+        text += (
+            f"\nThe export on {export['heldout_batches']} held-out batches of {export['rows_per_batch']} rows: "
+            f"{export['heldout_loss']:.3f} with its own projection (draw {export['draw']}, trained in steps "
+            f"{export['trained_steps']}); with each projection the run drew:\n\n{draws}\n"
+        )
     return text
 
 

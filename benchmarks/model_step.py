@@ -43,9 +43,14 @@ def _ours(preset: str, attention: str, device: str):
     from performer.models import PerformerSeq2Seq
 
     config = model_preset(
-        preset, vocab_size=VOCAB, nb_features=NB_FEATURES, attention_type=attention, projection_seed=0,
-        feature_redraw_interval=None, max_positions=1 << 17,
-    )  # fmt: skip
+        preset,
+        vocab_size=VOCAB,
+        nb_features=NB_FEATURES,
+        attention_type=attention,
+        projection_seed=0,
+        feature_redraw_interval=None,
+        max_positions=1 << 17,
+    )
     model = PerformerSeq2Seq(config).to(device)
 
     def loss(inputs, targets):
@@ -63,11 +68,19 @@ def _performer_pytorch(preset: str, length: int, decoder_length: int, device: st
 
     shape = PRESETS[preset]
     model = PerformerEncDec(
-        dim=shape["d_model"], enc_num_tokens=VOCAB, enc_depth=shape["num_encoder_layers"], enc_heads=shape["num_heads"],
-        enc_max_seq_len=length, dec_num_tokens=VOCAB, dec_depth=shape["num_decoder_layers"],
-        dec_heads=shape["num_heads"], dec_max_seq_len=decoder_length + 1, nb_features=NB_FEATURES,
-        ff_mult=shape["d_ff"], tie_token_embeds=False,
-    ).to(device)  # fmt: skip
+        dim=shape["d_model"],
+        enc_num_tokens=VOCAB,
+        enc_depth=shape["num_encoder_layers"],
+        enc_heads=shape["num_heads"],
+        enc_max_seq_len=length,
+        dec_num_tokens=VOCAB,
+        dec_depth=shape["num_decoder_layers"],
+        dec_heads=shape["num_heads"],
+        dec_max_seq_len=decoder_length + 1,
+        nb_features=NB_FEATURES,
+        ff_mult=shape["d_ff"],
+        tie_token_embeds=False,
+    ).to(device)
 
     def loss(inputs, targets):
         # Its wrapper shifts the targets itself: the decoder sees targets[:-1] and predicts targets[1:].
@@ -108,9 +121,14 @@ def measure(args) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     record = {
-        "model": args.model, "length": args.length, **timing, "tokens_per_s": tokens / timing["median_s"],
-        "parameters": parameters, "non_embedding_parameters": parameters - embeddings, "memory_bytes": peak - before,
-    }  # fmt: skip
+        "model": args.model,
+        "length": args.length,
+        **timing,
+        "tokens_per_s": tokens / timing["median_s"],
+        "parameters": parameters,
+        "non_embedding_parameters": parameters - embeddings,
+        "memory_bytes": peak - before,
+    }
     record["model_flops_per_step"] = 6 * record["non_embedding_parameters"] * tokens
     return record
 
@@ -147,15 +165,18 @@ def markdown(results: dict) -> str:
         rows.append([model, f"{parameters / 1e6:.1f}M" if parameters else "-", *cells])
     lines = [
         f"Training step (forward, backward, AdamW), `{settings['preset']}` shape, M={NB_FEATURES}, batch 1, encoder "
-        f"L / decoder {settings['decoder_fraction']:g} L tokens, {settings['dtype']} on {settings['device']} ({settings['threads']} threads), median of "
+        f"L / decoder {settings['decoder_fraction']:g} L tokens, {settings['dtype']} on {settings['device']} "
+        f"({settings['threads']} threads), median of "
         f"{settings['repeats']}:\n",
         common.table(["model", "parameters", *(f"L={n}" for n in lengths)], rows),
         "",
     ]
     lines += [f"- {key}: {value:.3g}" for key, value in results["summary"].items()]
     if gemm:
-        lines.append(f"- MFU: 6 x non-embedding parameters x tokens per step (attention flops not counted) over "
-                     f"the measured dense {settings['dtype']} matmul rate, {gemm / 1e12:,.1f} TFLOP/s")
+        lines.append(
+            f"- MFU: 6 x non-embedding parameters x tokens per step (attention flops not counted) over "
+            f"the measured dense {settings['dtype']} matmul rate, {gemm / 1e12:,.1f} TFLOP/s"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -180,9 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     script = Path(__file__).resolve()
     shared = [
-        "--preset", args.preset, "--decoder-fraction", str(args.decoder_fraction), "--device", args.device,
-        "--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats),
-    ]  # fmt: skip
+        "--preset",
+        args.preset,
+        "--decoder-fraction",
+        str(args.decoder_fraction),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+    ]
     records = []
     for model in args.models.split(","):
         for length in (int(n) for n in args.lengths.split(",")):
@@ -190,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             record.update(model=model, length=length)
             print(json.dumps(record), flush=True)
             records.append(record)
-    settings = {key: getattr(args, key) for key in ("preset", "device", "dtype", "threads", "repeats", "decoder_fraction")}
+    settings = {
+        key: getattr(args, key) for key in ("preset", "device", "dtype", "threads", "repeats", "decoder_fraction")
+    }
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
     if args.device != "cpu":
         results["gemm_flop_rate"] = common.gemm_rate(args.device, DTYPES[args.dtype])

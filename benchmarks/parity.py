@@ -106,10 +106,14 @@ def make_batches(tokens: np.ndarray, kind: str, length: int, rows: int, count: i
             targets[row, : min(len(target), target_length)] = target[:target_length]
         decoder_inputs = np.where(targets == IGNORE, special.pad_id, targets)
         decoder_inputs = np.concatenate([np.full((rows, 1), special.bos_id), decoder_inputs[:, :-1]], axis=1)
-        batches.append({
-            "input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(inputs != special.pad_id),
-            "decoder_input_ids": torch.from_numpy(decoder_inputs), "labels": torch.from_numpy(targets),
-        })  # fmt: skip
+        batches.append(
+            {
+                "input_ids": torch.from_numpy(inputs),
+                "attention_mask": torch.from_numpy(inputs != special.pad_id),
+                "decoder_input_ids": torch.from_numpy(decoder_inputs),
+                "labels": torch.from_numpy(targets),
+            }
+        )
     return batches
 
 
@@ -121,10 +125,17 @@ def build(kind: str, variant: str, vocab_size: int, seed: int, nb_features: int 
     from performer.models import PerformerLM, PerformerSeq2Seq
 
     config = preset(
-        "tiny", vocab_size=vocab_size, dropout=0.0, attention_type="softmax" if variant == "softmax" else "favor",
-        projection_seed=seed, feature_redraw_interval=None, auto_check_redraw=False, max_positions=8192,
-        nb_features=nb_features, feature_map="favor++" if variant.startswith("favor++") else "favor+",
-    )  # fmt: skip
+        "tiny",
+        vocab_size=vocab_size,
+        dropout=0.0,
+        attention_type="softmax" if variant == "softmax" else "favor",
+        projection_seed=seed,
+        feature_redraw_interval=None,
+        auto_check_redraw=False,
+        max_positions=8192,
+        nb_features=nb_features,
+        feature_map="favor++" if variant.startswith("favor++") else "favor+",
+    )
     torch.manual_seed(seed)  # the same initial weights for every variant (names do not depend on the kernel)
     return (PerformerSeq2Seq if kind == "seq2seq" else PerformerLM)(config)
 
@@ -137,7 +148,7 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
     model = build(kind, variant, vocab_size, args.seed, args.nb_features).to(device)
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
     autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    mode = {"-redraw": "swap", "-smooth": "smooth"}.get(variant[variant.rfind("-"):]) if "-" in variant else None
+    mode = {"-redraw": "swap", "-smooth": "smooth"}.get(variant[variant.rfind("-") :]) if "-" in variant else None
     redraws = RedrawSchedule(args.redraw_interval, mode) if mode else None
 
     def to_device(batch):
@@ -167,9 +178,13 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
             curve.append({"step": step, "heldout_loss": held_out_loss()})
     final = curve[-1]["heldout_loss"]
     return {
-        "kind": kind, "variant": variant, "final_heldout_loss": final, "curve": curve,
-        "train_loss_last_50": float(np.mean(train_losses[-50:])), "seconds": time.perf_counter() - started,
-    }  # fmt: skip
+        "kind": kind,
+        "variant": variant,
+        "final_heldout_loss": final,
+        "curve": curve,
+        "train_loss_last_50": float(np.mean(train_losses[-50:])),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # ----------------------------------------------------------------------------- reports
@@ -181,7 +196,11 @@ def summarise(records: list[dict]) -> dict:
         if record["variant"] == "softmax":
             continue
         softmax = next(
-            (r for r in records if r["variant"] == "softmax" and r["kind"] == record["kind"] and r["length"] == record["length"]),
+            (
+                r
+                for r in records
+                if r["variant"] == "softmax" and r["kind"] == record["kind"] and r["length"] == record["length"]
+            ),
             None,
         )
         if softmax:
@@ -196,11 +215,17 @@ def markdown(results: dict) -> str:
     for record in results["records"]:
         key = f"{record['kind']}@{record['length']} {record['variant']} vs softmax"
         gap = results["summary"].get(key)
-        rows.append([
-            record["kind"], record["length"], record["variant"], f"{record['final_heldout_loss']:.3f}",
-            f"{math.exp(record['final_heldout_loss']):.1f}", "-" if gap is None else f"{gap:+.1%}",
-            f"{record['train_loss_last_50']:.3f}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                record["kind"],
+                record["length"],
+                record["variant"],
+                f"{record['final_heldout_loss']:.3f}",
+                f"{math.exp(record['final_heldout_loss']):.1f}",
+                "-" if gap is None else f"{gap:+.1%}",
+                f"{record['train_loss_last_50']:.3f}",
+            ]
+        )
     return (
         f"`tiny` models (d_model 128, 4 heads, 2 + 2 layers; the LM 2 layers), {settings['steps_at_1024']} steps of "
         f"{settings['tokens_per_step']:,} tokens at length 1024 (the same tokens per step at 4096), M = "
@@ -208,7 +233,9 @@ def markdown(results: dict) -> str:
         f"{settings['lr']}, redraw every {settings['redraw_interval']} steps, {settings['device']}"
         f"{' (bf16 autocast)' if settings['device'] == 'cuda' else ' (fp32)'}; held-out loss on "
         f"{settings['heldout_batches']} fixed batches of the held-out split:\n\n"
-        + common.table(["model", "length", "attention", "held-out loss", "perplexity", "vs softmax", "train loss (last 50)"], rows)
+        + common.table(
+            ["model", "length", "attention", "held-out loss", "perplexity", "vs softmax", "train loss (last 50)"], rows
+        )
     )
 
 
@@ -242,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lengths", default="1024,4096")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps at length 1024 (fewer at 4096, same tokens)")
+    parser.add_argument(
+        "--steps", type=int, default=600, help="optimizer steps at length 1024 (fewer at 4096, same tokens)"
+    )
     parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=30)
@@ -259,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     packed = dict(np.load(args.packed)) if args.packed else pack(args.data)
     if args.pack_only:
         np.savez_compressed(args.pack_only, **packed)
-        print(f"packed {len(packed['train']):,} train and {len(packed['heldout']):,} held-out tokens into {args.pack_only}")
+        print(
+            f"packed {len(packed['train']):,} train and {len(packed['heldout']):,} held-out tokens "
+            f"into {args.pack_only}"
+        )
         return 0
     special = special_tokens(packed)
     records = []
@@ -268,17 +300,24 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps * 1024 // length if length > 1024 else args.steps
         for kind in args.kinds.split(","):
             batches = make_batches(packed["train"], kind, length, rows, steps, special, seed=args.seed)
-            heldout = make_batches(packed["heldout"], kind, length, rows, args.heldout_batches, special, seed=args.seed + 1)
+            heldout = make_batches(
+                packed["heldout"], kind, length, rows, args.heldout_batches, special, seed=args.seed + 1
+            )
             for variant in args.variants.split(","):
                 record = train(kind, variant, batches, heldout, args, special.vocab_size, args.device)
                 record.update(length=length, steps=steps, rows=rows)
                 print(json.dumps({k: v for k, v in record.items() if k != "curve"}), flush=True)
                 records.append(record)
     settings = {
-        "device": args.device, "steps_at_1024": args.steps, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
-        "redraw_interval": args.redraw_interval, "heldout_batches": args.heldout_batches, "seed": args.seed,
+        "device": args.device,
+        "steps_at_1024": args.steps,
+        "tokens_per_step": args.tokens_per_step,
+        "lr": args.lr,
+        "redraw_interval": args.redraw_interval,
+        "heldout_batches": args.heldout_batches,
+        "seed": args.seed,
         "nb_features": args.nb_features or "round(D ln D) = 111",
-    }  # fmt: skip
+    }
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
     common.publish(args.name, results, markdown(results), plot)
     return 0

@@ -149,8 +149,10 @@ def provenance(name: str, results: dict) -> str:
         commit = f"commit not recorded (results committed in {machine['committed_in']})"
     edited = machine.get("edited_by_hand")
     if edited:
-        commit += (f", edited by hand in {edited['commit']} ({edited['summary']}; "
-                   f"{'figures edited' if edited['figures_edited'] else 'no figure edited'})")  # fmt: skip
+        commit += (
+            f", edited by hand in {edited['commit']} ({edited['summary']}; "
+            f"{'figures edited' if edited['figures_edited'] else 'no figure edited'})"
+        )
     text = f"`benchmarks/results/{name}.json`, {commit}, {where(machine)}: `{machine['command']}`"
     if machine.get("command_recorded") is False:
         text += " (command not recorded: read off the file's settings)"
@@ -168,8 +170,10 @@ def source_line(results: Results, names: tuple[str, ...]) -> str:
 
 def main_job_table(r: Results) -> str:
     metrics = r["main_job"]["metrics"]
-    rows = [[step, f"{loss:.2f}", f"{metrics['eval_loss'][step]:.2f}" if step in metrics["eval_loss"] else ""]
-            for step, loss in metrics["train_loss"].items()]  # fmt: skip
+    rows = [
+        [step, f"{loss:.2f}", f"{metrics['eval_loss'][step]:.2f}" if step in metrics["eval_loss"] else ""]
+        for step, loss in metrics["train_loss"].items()
+    ]
     return common.table(["step", "train loss", "eval loss"], rows, align="rrr")
 
 
@@ -182,8 +186,11 @@ def _baseline_estimate(results: dict, record: dict) -> tuple[float, int]:
     attention.py applies now (the last measured length's memory, linear in length)."""
     if "estimated_memory_bytes" in record:
         return record["estimated_memory_bytes"], int(re.search(r"n=(\d+)", record["estimated_from"]).group(1))
-    measured = [x for x in results["records"] if x["impl"] == record["impl"] and "memory_bytes" in x
-                and x["length"] < record["length"]]  # fmt: skip
+    measured = [
+        x
+        for x in results["records"]
+        if x["impl"] == record["impl"] and "memory_bytes" in x and x["length"] < record["length"]
+    ]
     last = max(measured, key=lambda x: x["length"])
     return last["memory_bytes"] * record["length"] / last["length"], last["length"]
 
@@ -205,11 +212,19 @@ def _attention_cell(results: dict, implementation: str, length: int, with_memory
 def attention_table(r: Results) -> str:
     results = r["attention"]
     lengths = sorted({x["length"] for x in results["records"]})
-    columns = [("ours-causal", True), ("ours-bidirectional", True), ("performer-pytorch-causal", True),
-               ("sdpa-causal", True), ("sdpa", False)]  # fmt: skip
+    columns = [
+        ("ours-causal", True),
+        ("ours-bidirectional", True),
+        ("performer-pytorch-causal", True),
+        ("sdpa-causal", True),
+        ("sdpa", False),
+    ]
     rows = [[n, *(_attention_cell(results, impl, n, with_memory) for impl, with_memory in columns)] for n in lengths]
-    text = common.table(["n", "ours causal", "ours bidirectional", "performer-pytorch causal", "SDPA causal", "SDPA"],
-                        rows, align="rrrrrr")  # fmt: skip
+    text = common.table(
+        ["n", "ours causal", "ours bidirectional", "performer-pytorch causal", "SDPA causal", "SDPA"],
+        rows,
+        align="rrrrrr",
+    )
     notes = []
     for record in results["records"]:
         if record["impl"] == "performer-pytorch-causal" and "skipped" in record:
@@ -221,7 +236,7 @@ def attention_table(r: Results) -> str:
                 f"({record['skipped']}); ~{memory(estimate)} is its {memory(measured['memory_bytes'])} at {base} "
                 f"scaled linearly in length (from {base // 2} to {base} its memory grew "
                 f"{measured['memory_bytes'] / half['memory_bytes']:.1f}x)."
-            )  # fmt: skip
+            )
     return text + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -229,14 +244,25 @@ def decode_table(r: Results) -> str:
     records = r["decode"]["records"]
     positions = sorted({x["position"] for x in records})
     labels = {"ours": "ours", "performer-pytorch": "performer-pytorch 1.1"}
-    rows = [[label, *(duration(next(x["per_token_s"] for x in records if (x["model"], x["position"]) == (model, p)))
-                      for p in positions)] for model, label in labels.items()]  # fmt: skip
+    rows = [
+        [
+            label,
+            *(
+                duration(next(x["per_token_s"] for x in records if (x["model"], x["position"]) == (model, p)))
+                for p in positions
+            ),
+        ]
+        for model, label in labels.items()
+    ]
     return common.table(["per token", *(f"position {p}" for p in positions)], rows, align="l" + "r" * len(positions))
 
 
 MODEL_STEP_FILES = ("model_step", "model_step-full-decoder")
-MODEL_STEP_LABELS = {"ours": "ours (FAVOR+)", "ours-softmax": "the same model, softmax (SDPA)",
-                     "performer-pytorch": "performer-pytorch `PerformerEncDec`"}  # fmt: skip
+MODEL_STEP_LABELS = {
+    "ours": "ours (FAVOR+)",
+    "ours-softmax": "the same model, softmax (SDPA)",
+    "performer-pytorch": "performer-pytorch `PerformerEncDec`",
+}
 
 
 def model_step_table(r: Results) -> str:
@@ -253,10 +279,13 @@ def model_step_table(r: Results) -> str:
             record = next(x for x in r[name]["records"] if x["model"] == model and x["length"] == length)
             cells.append(thousands(record["tokens_per_s"]))
             parameters.add((record["parameters"], record["non_embedding_parameters"]))
-        (total, non_embedding), = parameters
+        ((total, non_embedding),) = parameters
         rows.append([label, *cells, f"{total / 1e6:.1f}M ({non_embedding / 1e6:.1f}M)"])
-    return common.table(["tokens/s", *(header for _, _, header in columns), "parameters (without embeddings)"], rows,
-                        align="l" + "r" * (len(columns) + 1))  # fmt: skip
+    return common.table(
+        ["tokens/s", *(header for _, _, header in columns), "parameters (without embeddings)"],
+        rows,
+        align="l" + "r" * (len(columns) + 1),
+    )
 
 
 def attention_gpu_table(r: Results) -> str:
@@ -279,14 +308,22 @@ def model_step_gpu_table(r: Results) -> str:
             cells.append(f"{thousands(record['tokens_per_s'])} ({percent(_mfu(r, model, n), 1)})")
         rows.append([label, *cells])
     fraction = results["settings"]["decoder_fraction"]
-    header = [f"`{results['settings']['preset']}` step: tokens/s (MFU)",
-              *(f"enc {n} + dec {int(n * fraction)}" for n in lengths)]  # fmt: skip
+    header = [
+        f"`{results['settings']['preset']}` step: tokens/s (MFU)",
+        *(f"enc {n} + dec {int(n * fraction)}" for n in lengths),
+    ]
     return common.table(header, rows, align="l" + "r" * len(lengths))
 
 
 def _parity_loss(results: dict, kind: str, length: int, variant: str) -> float | None:
-    return next((x["final_heldout_loss"] for x in results["records"]
-                 if (x["kind"], x["length"], x["variant"]) == (kind, length, variant)), None)  # fmt: skip
+    return next(
+        (
+            x["final_heldout_loss"]
+            for x in results["records"]
+            if (x["kind"], x["length"], x["variant"]) == (kind, length, variant)
+        ),
+        None,
+    )
 
 
 def _parity_cell(results: dict, kind: str, length: int, variant: str) -> str:
@@ -307,12 +344,24 @@ def parity_table(r: Results) -> str:
     for length in sorted({x["length"] for x in default["records"]}):
         for kind, label in kinds.items():
             softmax = _parity_loss(default, kind, length, "softmax")
-            rows.append([label, length, f"{softmax:.3f}", _parity_cell(default, kind, length, "favor"),
-                         _parity_cell(default, kind, length, "favor-redraw"),
-                         _parity_cell(more, kind, length, "favor")])  # fmt: skip
-    header = ["model", "length", "softmax", f"FAVOR+ (M={_features(default['settings'])})",
-              f"redrawn every {default['settings']['redraw_interval']}",
-              f"FAVOR+ M={_features(more['settings'])}"]  # fmt: skip
+            rows.append(
+                [
+                    label,
+                    length,
+                    f"{softmax:.3f}",
+                    _parity_cell(default, kind, length, "favor"),
+                    _parity_cell(default, kind, length, "favor-redraw"),
+                    _parity_cell(more, kind, length, "favor"),
+                ]
+            )
+    header = [
+        "model",
+        "length",
+        "softmax",
+        f"FAVOR+ (M={_features(default['settings'])})",
+        f"redrawn every {default['settings']['redraw_interval']}",
+        f"FAVOR+ M={_features(more['settings'])}",
+    ]
     return common.table(header, rows, align="lrrrrr")
 
 
@@ -344,36 +393,69 @@ def redraw_table(r: Results) -> str:
         held = " / ".join(joiner.join(f"{x['heldout_loss']:.3f}" for x in setting) for setting in draws)
         gaps = [statistics.mean(x["vs_softmax"] for x in setting) for setting in draws]
         versus = "" if label == "softmax" else " / ".join(signed_percent(gap) for gap in gaps)
-        jumps = [spread(sorted((jump(x["max_paired_jump"]) for x in s), key=float), " to ")
-                 for s in draws if s[0]["max_paired_jump"] is not None]  # fmt: skip
-        recoveries = [spread([f"{v:.0f}" for v in sorted(x["median_recovery_steps"] for x in s)])
-                      for s in draws if s[0]["median_recovery_steps"] is not None]  # fmt: skip
+        jumps = [
+            spread(sorted((jump(x["max_paired_jump"]) for x in s), key=float), " to ")
+            for s in draws
+            if s[0]["max_paired_jump"] is not None
+        ]
+        recoveries = [
+            spread([f"{v:.0f}" for v in sorted(x["median_recovery_steps"] for x in s)])
+            for s in draws
+            if s[0]["median_recovery_steps"] is not None
+        ]
         cells = [held, versus, _one_or_each(jumps), _one_or_each(recoveries)]
         if label.startswith("**"):
             cells = [f"**{cell}**" if cell else "" for cell in cells]
         rows.append([label, *cells])
-    header = ["variant", f"held-out ({max(len(s) for _, ss in REDRAW_ROWS for s in ss)} draws)",
-              "vs softmax (mean of draws)", "jump per redraw (max)", "recovery (steps, median)"]  # fmt: skip
+    header = [
+        "variant",
+        f"held-out ({max(len(s) for _, ss in REDRAW_ROWS for s in ss)} draws)",
+        "vs softmax (mean of draws)",
+        "jump per redraw (max)",
+        "recovery (steps, median)",
+    ]
     return common.table(header, rows, align="lrrrr")
 
 
-THROUGHPUT_ROWS = {("single", "favor"): "one process, FAVOR+", ("single", "softmax"): "one process, softmax",
-                   ("deepspeed", "favor"): "2 DeepSpeed ranks (ZeRO-1), FAVOR+",
-                   ("deepspeed", "softmax"): "2 DeepSpeed ranks (ZeRO-1), softmax"}  # fmt: skip
+THROUGHPUT_ROWS = {
+    ("single", "favor"): "one process, FAVOR+",
+    ("single", "softmax"): "one process, softmax",
+    ("deepspeed", "favor"): "2 DeepSpeed ranks (ZeRO-1), FAVOR+",
+    ("deepspeed", "softmax"): "2 DeepSpeed ranks (ZeRO-1), softmax",
+}
 
 
 def throughput_table(r: Results) -> str:
     records = r["throughput"]["records"]
     lengths = sorted({x["length"] for x in records})
-    rows = [[label, *(thousands(next(x["tokens_per_s"] for x in records
-                                     if (x["mode"], x["attention"], x["length"]) == (mode, attention, n)))
-                      for n in lengths)] for (mode, attention), label in THROUGHPUT_ROWS.items()]  # fmt: skip
+    rows = [
+        [
+            label,
+            *(
+                thousands(
+                    next(
+                        x["tokens_per_s"]
+                        for x in records
+                        if (x["mode"], x["attention"], x["length"]) == (mode, attention, n)
+                    )
+                )
+                for n in lengths
+            ),
+        ]
+        for (mode, attention), label in THROUGHPUT_ROWS.items()
+    ]
     header = ["training tokens/s", *(f"L={n}" if i == 0 else str(n) for i, n in enumerate(lengths))]
     return common.table(header, rows, align="l" + "r" * len(lengths))
 
 
-ZERO_LABELS = {"zero0": "0", "zero1": "1", "zero2": "2", "zero3": "3", "zero3-offload": "3 + CPU offload",
-               "zero3-sized": "3, buckets sized to the model"}  # fmt: skip
+ZERO_LABELS = {
+    "zero0": "0",
+    "zero1": "1",
+    "zero2": "2",
+    "zero3": "3",
+    "zero3-offload": "3 + CPU offload",
+    "zero3-sized": "3, buckets sized to the model",
+}
 
 
 def zero_memory_table(r: Results) -> str:
@@ -386,19 +468,40 @@ def zero_memory_table(r: Results) -> str:
         held = worst["total"] - worst["buffers"]
         estimate = common.mebibytes(results["estimates"][stage]) + (" (GPU side)" if "offload" in stage else "")
         versus = f"{results['summary'][f'ratio_vs_zero0@{stage}']:.3f}"
-        rows.append([
-            ZERO_LABELS[stage], estimate, common.mebibytes(held), f"{held / parameters:.2f}",
-            f"**{versus}**" if stage == "zero3" else versus, common.mebibytes(worst["buffers"]),
-            common.mebibytes(max(rank["peak_rss_bytes"] for rank in record["per_rank"])),
-        ])  # fmt: skip
-    header = ["ZeRO", "DeepSpeed's estimate / rank", "held / rank", "bytes / parameter", "vs ZeRO-0", "staging buffers",
-              "peak RSS / rank"]  # fmt: skip
+        rows.append(
+            [
+                ZERO_LABELS[stage],
+                estimate,
+                common.mebibytes(held),
+                f"{held / parameters:.2f}",
+                f"**{versus}**" if stage == "zero3" else versus,
+                common.mebibytes(worst["buffers"]),
+                common.mebibytes(max(rank["peak_rss_bytes"] for rank in record["per_rank"])),
+            ]
+        )
+    header = [
+        "ZeRO",
+        "DeepSpeed's estimate / rank",
+        "held / rank",
+        "bytes / parameter",
+        "vs ZeRO-0",
+        "staging buffers",
+        "peak RSS / rank",
+    ]
     return common.table(header, rows, align="lrrrrrr")
 
 
 def data_stream_table(r: Results) -> str:
-    rows = [[x["workers"], f"{x['raw_tokens_per_s'] / 1e6:.2f} M", f"{x['input_tokens_per_s'] / 1e6:.2f} M",
-             x["batches_per_s"], x["startup_seconds"]] for x in r["data_stream"]["stream"]]  # fmt: skip
+    rows = [
+        [
+            x["workers"],
+            f"{x['raw_tokens_per_s'] / 1e6:.2f} M",
+            f"{x['input_tokens_per_s'] / 1e6:.2f} M",
+            x["batches_per_s"],
+            x["startup_seconds"],
+        ]
+        for x in r["data_stream"]["stream"]
+    ]
     return common.table(["workers", "raw tokens/s", "input tokens/s", "batches/s", "startup (s)"], rows, align="rrrrr")
 
 
@@ -462,8 +565,13 @@ def _main_job_parameters(r: Results) -> int:
 def _main_job(r: Results) -> tuple[str, ...]:
     run, metrics = r["main_job"]["run"], r["main_job"]["metrics"]
     rows = run["train"]["micro_batch_size"] * run["train"]["grad_accum"] * 2  # the README's 2 ranks
-    return (str(run["zero"]["stage"]), str(run["train"]["max_steps"]), str(rows), f"{metrics['tokens'] / 1e6:.1f}M",
-            f"{metrics['training_seconds']:.0f}")  # fmt: skip
+    return (
+        str(run["zero"]["stage"]),
+        str(run["train"]["max_steps"]),
+        str(rows),
+        f"{metrics['tokens'] / 1e6:.1f}M",
+        f"{metrics['training_seconds']:.0f}",
+    )
 
 
 def _attention_gemm_share(r: Results) -> str:
@@ -479,8 +587,12 @@ def _attention_growth(r: Results) -> tuple[str, str]:
 
 def _chunk_ratios(r: Results) -> tuple[str, str]:
     """Time at chunk 32 and 128 over time at the default 64, every length."""
-    others = [x for x in r["attention"]["records"] if x["impl"] in ("ours-causal@32", "ours-causal@128") and "median_s" in x]
-    ratios = [x["median_s"] / _record(r, "attention", impl="ours-causal", length=x["length"])["median_s"] for x in others]
+    others = [
+        x for x in r["attention"]["records"] if x["impl"] in ("ours-causal@32", "ours-causal@128") and "median_s" in x
+    ]
+    ratios = [
+        x["median_s"] / _record(r, "attention", impl="ours-causal", length=x["length"])["median_s"] for x in others
+    ]
     return f"{min(ratios):.2f}", f"{max(ratios):.2f}"
 
 
@@ -500,8 +612,13 @@ def _parity_tokens(r: Results) -> tuple[str, ...]:
     settings = r["parity"]["settings"]
     tokens = settings["steps_at_1024"] * settings["tokens_per_step"]
     passes = tokens / r["data_stream"]["shards"]["tokens"]  # the stdlib corpus's train tokens
-    return (str(settings["steps_at_1024"]), kilo(settings["tokens_per_step"], 0), f"{tokens / 1e6:.1f}M",
-            f"{passes:.1f}", str(_record(r, "parity", length=4096)["steps"]))  # fmt: skip
+    return (
+        str(settings["steps_at_1024"]),
+        kilo(settings["tokens_per_step"], 0),
+        f"{tokens / 1e6:.1f}M",
+        f"{passes:.1f}",
+        str(_record(r, "parity", length=4096)["steps"]),
+    )
 
 
 def _parity_gap(r: Results, kind: str, variant: str = "favor", length: int = 1024, name: str = "parity") -> float:
@@ -547,8 +664,11 @@ MODES = ("single", "deepspeed")
 def _throughput_ratios(r: Results) -> tuple[str, ...]:
     summary = r["throughput"]["summary"]
     at_1024 = statistics.mean(summary[m]["ratios"]["1024"] for m in MODES)
-    return (str(summary["single"]["favor_ahead_from"]), f"{at_1024:.1f}",
-            *_both(lambda m: summary[m]["ratios"]["8192"], MODES, 1))  # fmt: skip
+    return (
+        str(summary["single"]["favor_ahead_from"]),
+        f"{at_1024:.1f}",
+        *_both(lambda m: summary[m]["ratios"]["8192"], MODES, 1),
+    )
 
 
 def _zero3_buffers(r: Results) -> tuple[int, int]:
@@ -558,17 +678,26 @@ def _zero3_buffers(r: Results) -> tuple[int, int]:
 
 
 def _scale_fit(r: Results, stage: str, checkpointing: bool, gpus: int) -> str:
-    fit = next(x for x in r["scale_on_paper"]["fits"]
-               if (x["stage"], x["checkpointing"], x["gpus"]) == (stage, checkpointing, gpus))  # fmt: skip
+    fit = next(
+        x
+        for x in r["scale_on_paper"]["fits"]
+        if (x["stage"], x["checkpointing"], x["gpus"]) == (stage, checkpointing, gpus)
+    )
     return three_figures(fit["largest"]["parameters"] / 1e9) + "B"
 
 
 def _scale_fits(r: Results) -> tuple[str, ...]:
     settings = r["scale_on_paper"]["settings"]
-    return (str(settings["micro_batch"]), str(settings["input_length"] + settings["target_length"]),
-            _scale_fit(r, "zero0", False, 64), _scale_fit(r, "zero0", True, 64),
-            _scale_fit(r, "zero1", False, 512), _scale_fit(r, "zero1", True, 512),
-            _scale_fit(r, "zero3", False, 64), _scale_fit(r, "zero3", True, 64))  # fmt: skip
+    return (
+        str(settings["micro_batch"]),
+        str(settings["input_length"] + settings["target_length"]),
+        _scale_fit(r, "zero0", False, 64),
+        _scale_fit(r, "zero0", True, 64),
+        _scale_fit(r, "zero1", False, 512),
+        _scale_fit(r, "zero1", True, 512),
+        _scale_fit(r, "zero3", False, 64),
+        _scale_fit(r, "zero3", True, 64),
+    )
 
 
 def _scale_steps(r: Results) -> tuple[str, ...]:
@@ -577,9 +706,15 @@ def _scale_steps(r: Results) -> tuple[str, ...]:
     projections = [x for x in results["projections"] if x["stage"] in ("zero0", "zero1", "zero2", "zero3")]
     assumed = [x["step_s_assumed"] * 1e3 for x in projections]
     measured = [x["step_s_measured"] for x in projections]
-    return (f"{min(assumed):.0f}", f"{max(assumed):.0f}", f"{results['settings']['assumed_mfu'] * 100:.0f}",
-            f"{results['large']['favor_seconds_per_step'] * 1e3:.0f}", f"{min(measured):.2f}", f"{max(measured):.2f}",
-            f"{results['inputs']['mfu_used'] * 100:.1f}")  # fmt: skip
+    return (
+        f"{min(assumed):.0f}",
+        f"{max(assumed):.0f}",
+        f"{results['settings']['assumed_mfu'] * 100:.0f}",
+        f"{results['large']['favor_seconds_per_step'] * 1e3:.0f}",
+        f"{min(measured):.2f}",
+        f"{max(measured):.2f}",
+        f"{results['inputs']['mfu_used'] * 100:.1f}",
+    )
 
 
 def _data_stream(r: Results) -> tuple[str, str, str]:
@@ -595,130 +730,256 @@ FIGURES: list[Figure] = [
     Figure("trained at commit {})", lambda r: r["main_job"]["trained_at_commit"]),
     Figure("Throughput: {} tokens/s over both ranks", lambda r: kilo(r["main_job"]["metrics"]["tokens_per_s_median"])),
     Figure("data wait {} of step time", lambda r: percent(r["main_job"]["metrics"]["data_wait_fraction_median"], 1)),
-    Figure("held-out loss of {} on {} held-out batches of {} rows", lambda r: (
-        f"{r['main_job']['export']['heldout_loss']:.3f}", str(r["main_job"]["export"]["heldout_batches"]),
-        str(r["main_job"]["export"]["rows_per_batch"]))),
+    Figure(
+        "held-out loss of {} on {} held-out batches of {} rows",
+        lambda r: (
+            f"{r['main_job']['export']['heldout_loss']:.3f}",
+            str(r["main_job"]["export"]["heldout_batches"]),
+            str(r["main_job"]["export"]["rows_per_batch"]),
+        ),
+    ),
     Figure("(commit {}, same seed and data", lambda r: r["main_job-before"]["trained_at_commit"]),
-    Figure("(eval losses {} / {} / {} at steps 200 / 400 / 600;",
-           lambda r: tuple(f"{r['main_job-before']['metrics']['eval_loss'][s]:.2f}" for s in ("200", "400", "600"))),
-    Figure("the export {} held-out, against {} with the draw its last 200 steps trained with", lambda r: (
-        f"{r['main_job-before']['export']['heldout_loss']:.3f}",
-        f"{r['main_job-before']['export']['heldout_loss_by_draw']['400']:.3f}")),
-    Figure("train loss {} at step 10, now {})", lambda r: tuple(
-        f"{r[name]['metrics']['train_loss']['10']:.2f}" for name in ("main_job-before", "main_job"))),
-    Figure("exports its trained draw, {}, the best of the three it drew; fixed FAVOR++ features give {}.",
-           lambda r: tuple(f"{r[name]['export']['heldout_loss']:.3f}" for name in ("main_job-swap200", "main_job"))),
+    Figure(
+        "(eval losses {} / {} / {} at steps 200 / 400 / 600;",
+        lambda r: tuple(f"{r['main_job-before']['metrics']['eval_loss'][s]:.2f}" for s in ("200", "400", "600")),
+    ),
+    Figure(
+        "the export {} held-out, against {} with the draw its last 200 steps trained with",
+        lambda r: (
+            f"{r['main_job-before']['export']['heldout_loss']:.3f}",
+            f"{r['main_job-before']['export']['heldout_loss_by_draw']['400']:.3f}",
+        ),
+    ),
+    Figure(
+        "train loss {} at step 10, now {})",
+        lambda r: tuple(f"{r[name]['metrics']['train_loss']['10']:.2f}" for name in ("main_job-before", "main_job")),
+    ),
+    Figure(
+        "exports its trained draw, {}, the best of the three it drew; fixed FAVOR++ features give {}.",
+        lambda r: tuple(f"{r[name]['export']['heldout_loss']:.3f}" for name in ("main_job-swap200", "main_job")),
+    ),
     # Attention kernels
-    Figure("(fp32, {} threads, B=1, H={}, D={}, M={}, forward + backward, median of {};", lambda r: tuple(
-        str(r["attention"]["settings"][k]) for k in ("threads", "heads", "head_dim", "nb_features", "repeats"))),
-    Figure("the machine's GEMM rate in the same run: {} GFLOP/s)",
-           lambda r: f"{r['attention']['gemm_flop_rate'] / 1e9:.0f}"),
-    Figure("causal FAVOR+ at 16384 is **{}x** faster than performer-pytorch (target 40x) in **{}** of its memory",
-           lambda r: (f"{_summary(r, 'attention', 'speedup_vs_performer-pytorch-causal@16384'):.0f}",
-                      percent(_summary(r, "attention", "memory_ratio_vs_performer-pytorch-causal@16384")))),
-    Figure("**{}x** faster than SDPA causal (target 5x), at **{}** of the GEMM rate", lambda r: (
-        f"{_summary(r, 'attention', 'speedup_vs_sdpa-causal@16384'):.1f}", _attention_gemm_share(r))),
-    Figure("it beats SDPA causal **from {} on** ({}x; {}x at 1024), and {}x at 65536", lambda r: (
-        str(_summary(r, "attention", "causal_crossover_vs_sdpa")),
-        ratio(_summary(r, "attention", "speedup_vs_sdpa-causal@2048")),
-        ratio(_summary(r, "attention", "speedup_vs_sdpa-causal@1024")),
-        f"{_summary(r, 'attention', 'speedup_vs_sdpa-causal@65536'):.0f}")),
-    Figure("its memory grows {}x from 8192 to 16384",
-           lambda r: ratio(_summary(r, "attention", "memory_growth_ours-causal@8192->16384"))),
+    Figure(
+        "(fp32, {} threads, B=1, H={}, D={}, M={}, forward + backward, median of {};",
+        lambda r: tuple(
+            str(r["attention"]["settings"][k]) for k in ("threads", "heads", "head_dim", "nb_features", "repeats")
+        ),
+    ),
+    Figure(
+        "the machine's GEMM rate in the same run: {} GFLOP/s)",
+        lambda r: f"{r['attention']['gemm_flop_rate'] / 1e9:.0f}",
+    ),
+    Figure(
+        "causal FAVOR+ at 16384 is **{}x** faster than performer-pytorch (target 40x) in **{}** of its memory",
+        lambda r: (
+            f"{_summary(r, 'attention', 'speedup_vs_performer-pytorch-causal@16384'):.0f}",
+            percent(_summary(r, "attention", "memory_ratio_vs_performer-pytorch-causal@16384")),
+        ),
+    ),
+    Figure(
+        "**{}x** faster than SDPA causal (target 5x), at **{}** of the GEMM rate",
+        lambda r: (f"{_summary(r, 'attention', 'speedup_vs_sdpa-causal@16384'):.1f}", _attention_gemm_share(r)),
+    ),
+    Figure(
+        "it beats SDPA causal **from {} on** ({}x; {}x at 1024), and {}x at 65536",
+        lambda r: (
+            str(_summary(r, "attention", "causal_crossover_vs_sdpa")),
+            ratio(_summary(r, "attention", "speedup_vs_sdpa-causal@2048")),
+            ratio(_summary(r, "attention", "speedup_vs_sdpa-causal@1024")),
+            f"{_summary(r, 'attention', 'speedup_vs_sdpa-causal@65536'):.0f}",
+        ),
+    ),
+    Figure(
+        "its memory grows {}x from 8192 to 16384",
+        lambda r: ratio(_summary(r, "attention", "memory_growth_ours-causal@8192->16384")),
+    ),
     Figure("and {}-{}x per doubling elsewhere", _attention_growth),
-    Figure("The fused op is {}x faster than the same algorithm through autograd (`ours-unfused-causal`) in {} of the "
-           "memory", lambda r: (f"{_summary(r, 'attention', 'speedup_vs_ours-unfused-causal@16384'):.1f}",
-                                percent(_summary(r, "attention", "memory_ratio_vs_ours-unfused-causal@16384")))),
+    Figure(
+        "The fused op is {}x faster than the same algorithm through autograd (`ours-unfused-causal`) in {} of the "
+        "memory",
+        lambda r: (
+            f"{_summary(r, 'attention', 'speedup_vs_ours-unfused-causal@16384'):.1f}",
+            percent(_summary(r, "attention", "memory_ratio_vs_ours-unfused-causal@16384")),
+        ),
+    ),
     Figure("32 and 128 took {}-{}x its time", _chunk_ratios),
     # Decoding and training steps
-    Figure("Latency at 16384 over latency at 256: **{}**",
-           lambda r: ratio(_summary(r, "decode", "ours_latency_ratio@16384/256"))),
-    Figure("at position 4096 ours is **{}x** faster per token",
-           lambda r: three_figures(_summary(r, "decode", "speedup_vs_performer-pytorch@4096"))),
-    Figure("FAVOR+ gives **{}x** the softmax model's tokens/s (target 2x) but only **{}x** performer-pytorch's",
-           lambda r: tuple(ratio(_summary(r, "model_step", f"tokens_per_s_ratio_vs_{model}@4096"))
-                           for model in ("ours-softmax", "performer-pytorch"))),
-    Figure("3x; {}x with the decoder as long as the encoder",
-           lambda r: ratio(_summary(r, "model_step-full-decoder", "tokens_per_s_ratio_vs_performer-pytorch@2048"))),
-    Figure("~1.1 s of our {} s step, while performer-pytorch's whole step takes {} s", lambda r: tuple(
-        ratio(_record(r, "model_step", model=m, length=4096)["median_s"]) for m in ("ours", "performer-pytorch"))),
-    Figure("performer-pytorch's model is larger, {} parameters against our {},", lambda r: tuple(
-        f"{_record(r, 'model_step', model=m, length=4096)['parameters'] / 1e6:.1f}M"
-        for m in ("performer-pytorch", "ours"))),
-    Figure("attention-only comparison ({}x at 16k)",
-           lambda r: f"{_summary(r, 'attention', 'speedup_vs_performer-pytorch-causal@16384'):.0f}"),
+    Figure(
+        "Latency at 16384 over latency at 256: **{}**",
+        lambda r: ratio(_summary(r, "decode", "ours_latency_ratio@16384/256")),
+    ),
+    Figure(
+        "at position 4096 ours is **{}x** faster per token",
+        lambda r: three_figures(_summary(r, "decode", "speedup_vs_performer-pytorch@4096")),
+    ),
+    Figure(
+        "FAVOR+ gives **{}x** the softmax model's tokens/s (target 2x) but only **{}x** performer-pytorch's",
+        lambda r: tuple(
+            ratio(_summary(r, "model_step", f"tokens_per_s_ratio_vs_{model}@4096"))
+            for model in ("ours-softmax", "performer-pytorch")
+        ),
+    ),
+    Figure(
+        "3x; {}x with the decoder as long as the encoder",
+        lambda r: ratio(_summary(r, "model_step-full-decoder", "tokens_per_s_ratio_vs_performer-pytorch@2048")),
+    ),
+    Figure(
+        "~1.1 s of our {} s step, while performer-pytorch's whole step takes {} s",
+        lambda r: tuple(
+            ratio(_record(r, "model_step", model=m, length=4096)["median_s"]) for m in ("ours", "performer-pytorch")
+        ),
+    ),
+    Figure(
+        "performer-pytorch's model is larger, {} parameters against our {},",
+        lambda r: tuple(
+            f"{_record(r, 'model_step', model=m, length=4096)['parameters'] / 1e6:.1f}M"
+            for m in ("performer-pytorch", "ours")
+        ),
+    ),
+    Figure(
+        "attention-only comparison ({}x at 16k)",
+        lambda r: f"{_summary(r, 'attention', 'speedup_vs_performer-pytorch-causal@16384'):.0f}",
+    ),
     # On one GPU
     Figure("NVIDIA H200 (torch {};", lambda r: r["attention-gpu"]["machine"]["torch"].split("+")[0].rsplit(".", 1)[0]),
-    Figure("On the GPU our op only overtakes flash attention at 64k tokens ({}x causal, {}x bidirectional)", lambda r: (
-        f"{_gpu(r, 'sdpa-causal', 65536)['median_s'] / _gpu(r, 'ours-causal', 65536)['median_s']:.1f}",
-        f"{_gpu(r, 'sdpa', 65536)['median_s'] / _gpu(r, 'ours-bidirectional', 65536)['median_s']:.1f}")),
-    Figure("the time is flat at {}-{} ms from 1k to 4k tokens",
-           lambda r: _both(lambda n: _gpu(r, "ours-causal", n)["median_s"] * 1e3, (1024, 4096), 0)),
-    Figure("{} GFLOP in {} ms is {} TFLOP/s", lambda r: (
-        f"{_gpu(r, 'ours-causal', 65536)['flops'] / 1e9:.0f}", f"{_gpu(r, 'ours-causal', 65536)['median_s'] * 1e3:.0f}",
-        f"{_gpu(r, 'ours-causal', 65536)['flop_rate'] / 1e12:.1f}")),
-    Figure("and 1% of its bf16 tensor-core rate ({} TFLOP/s measured in the same run)",
-           lambda r: f"{r['attention-gpu']['gemm_flop_rate'] / 1e12:.0f}"),
-    Figure("Its memory is {}x SDPA's ({} GiB at 64k:", lambda r: (
-        f"{_summary(r, 'attention-gpu', 'memory_ratio_vs_sdpa-causal@65536'):.0f}",
-        f"{_gpu(r, 'ours-causal', 65536)['memory_bytes'] / 2**30:.1f}")),
-    Figure("tokens) reaches {} tokens/s at L=4096 and {} at L=16384 with FAVOR+, {}x and {}x the softmax model's "
-           "({}, {}):", _gpu_step),
-    Figure("MFU {}-{}% against {}-{}%.", lambda r: tuple(
-        f"{_mfu(r, model, n) * 100:.0f}" for model in ("ours", "ours-softmax") for n in (4096, 16384))),
+    Figure(
+        "On the GPU our op only overtakes flash attention at 64k tokens ({}x causal, {}x bidirectional)",
+        lambda r: (
+            f"{_gpu(r, 'sdpa-causal', 65536)['median_s'] / _gpu(r, 'ours-causal', 65536)['median_s']:.1f}",
+            f"{_gpu(r, 'sdpa', 65536)['median_s'] / _gpu(r, 'ours-bidirectional', 65536)['median_s']:.1f}",
+        ),
+    ),
+    Figure(
+        "the time is flat at {}-{} ms from 1k to 4k tokens",
+        lambda r: _both(lambda n: _gpu(r, "ours-causal", n)["median_s"] * 1e3, (1024, 4096), 0),
+    ),
+    Figure(
+        "{} GFLOP in {} ms is {} TFLOP/s",
+        lambda r: (
+            f"{_gpu(r, 'ours-causal', 65536)['flops'] / 1e9:.0f}",
+            f"{_gpu(r, 'ours-causal', 65536)['median_s'] * 1e3:.0f}",
+            f"{_gpu(r, 'ours-causal', 65536)['flop_rate'] / 1e12:.1f}",
+        ),
+    ),
+    Figure(
+        "and 1% of its bf16 tensor-core rate ({} TFLOP/s measured in the same run)",
+        lambda r: f"{r['attention-gpu']['gemm_flop_rate'] / 1e12:.0f}",
+    ),
+    Figure(
+        "Its memory is {}x SDPA's ({} GiB at 64k:",
+        lambda r: (
+            f"{_summary(r, 'attention-gpu', 'memory_ratio_vs_sdpa-causal@65536'):.0f}",
+            f"{_gpu(r, 'ours-causal', 65536)['memory_bytes'] / 2**30:.1f}",
+        ),
+    ),
+    Figure(
+        "tokens) reaches {} tokens/s at L=4096 and {} at L=16384 with FAVOR+, {}x and {}x the softmax model's "
+        "({}, {}):",
+        _gpu_step,
+    ),
+    Figure(
+        "MFU {}-{}% against {}-{}%.",
+        lambda r: tuple(f"{_mfu(r, model, n) * 100:.0f}" for model in ("ours", "ours-softmax") for n in (4096, 16384)),
+    ),
     # Learning parity
-    Figure("{} steps of {} tokens at length 1024 ({} tokens, ~{} passes over the stdlib corpus), {} steps of the same "
-           "tokens", _parity_tokens),
+    Figure(
+        "{} steps of {} tokens at length 1024 ({} tokens, ~{} passes over the stdlib corpus), {} steps of the same "
+        "tokens",
+        _parity_tokens,
+    ),
     Figure("Held-out loss on {} fixed held-out batches:", lambda r: str(r["parity"]["settings"]["heldout_batches"])),
-    Figure("FAVOR+ ends {} (seq2seq) and {} (LM) above softmax at 1024 tokens",
-           lambda r: tuple(percent(_parity_gap(r, kind), 1) for kind in ("seq2seq", "lm"))),
-    Figure("(M=256: {} and {},",
-           lambda r: tuple(signed_percent(_parity_gap(r, kind, name="parity-m256")) for kind in ("seq2seq", "lm"))),
-    Figure("Redrawing costs {}-{} points at this training length", lambda r: _both(
-        lambda kind: 100 * (_parity_gap(r, kind, "favor-redraw") - _parity_gap(r, kind)), ("seq2seq", "lm"), 1)),
-    Figure("the gap is {} (seq2seq) and {} (LM).",
-           lambda r: tuple(percent(_parity_gap(r, kind, length=4096), 1) for kind in ("seq2seq", "lm"))),
+    Figure(
+        "FAVOR+ ends {} (seq2seq) and {} (LM) above softmax at 1024 tokens",
+        lambda r: tuple(percent(_parity_gap(r, kind), 1) for kind in ("seq2seq", "lm")),
+    ),
+    Figure(
+        "(M=256: {} and {},",
+        lambda r: tuple(signed_percent(_parity_gap(r, kind, name="parity-m256")) for kind in ("seq2seq", "lm")),
+    ),
+    Figure(
+        "Redrawing costs {}-{} points at this training length",
+        lambda r: _both(
+            lambda kind: 100 * (_parity_gap(r, kind, "favor-redraw") - _parity_gap(r, kind)), ("seq2seq", "lm"), 1
+        ),
+    ),
+    Figure(
+        "the gap is {} (seq2seq) and {} (LM).",
+        lambda r: tuple(percent(_parity_gap(r, kind, length=4096), 1) for kind in ("seq2seq", "lm")),
+    ),
     # Redraws
-    Figure("`python benchmarks/redraw.py --data runs/data` (CPU, 2 cores, ~{} min)",  # the variants' training alone
-           lambda r: f"{math.ceil(sum(x['seconds'] for x in r['redraw']['summary']) / 300) * 5}"),
-    Figure("(a fixed-feature model evaluated with a new draw loses {}-{} nats)",
-           lambda r: _both(lambda x: x["heldout_new_draw"] - x["heldout_loss"], _draws(r, "fixed"), 1)),
+    Figure(
+        "`python benchmarks/redraw.py --data runs/data` (CPU, 2 cores, ~{} min)",  # the variants' training alone
+        lambda r: f"{math.ceil(sum(x['seconds'] for x in r['redraw']['summary']) / 300) * 5}",
+    ),
+    Figure(
+        "(a fixed-feature model evaluated with a new draw loses {}-{} nats)",
+        lambda r: _both(lambda x: x["heldout_new_draw"] - x["heldout_loss"], _draws(r, "fixed"), 1),
+    ),
     Figure("Swapping every 200 steps costs +{}-{} nats and {} steps each time", _swap_200),
     Figure("still costs +{} per block", lambda r: f"{_redraw(r, 'rolling:200')['max_paired_jump']:.1f}"),
     Figure("but pay in the end (+{} held-out at every step)", lambda r: f"{_redraw(r, 'swap:1')['vs_fixed']:.2f}"),
-    Figure("gives a jump of {} at most", lambda r: jump(max(
-        x["max_paired_jump"] for x in r["redraw"]["summary"] if x["variant"].startswith("smooth")))),
-    Figure("any redrawing costs {}-{} held-out nats against fixed features",
-           lambda r: _both(lambda v: _mean_loss(r, v) - _mean_loss(r, "fixed"), REDRAW_SCHEMES, 2)),
-    Figure("(mean of fixed FAVOR+ {}; swap every 200 {}; smooth over 50 {})",
-           lambda r: tuple(f"{_mean_loss(r, v):.3f}" for v in ("fixed", "swap:200", "smooth:50"))),
-    Figure("lowers the held-out loss on each of the three draws (by {}, {} and {};", lambda r: tuple(
-        f"{_redraw(r, 'fixed' + k)['heldout_loss'] - _redraw(r, 'fixed@++' + k)['heldout_loss']:.3f}"
-        for k in ("", "#1", "#2"))),
+    Figure(
+        "gives a jump of {} at most",
+        lambda r: jump(max(x["max_paired_jump"] for x in r["redraw"]["summary"] if x["variant"].startswith("smooth"))),
+    ),
+    Figure(
+        "any redrawing costs {}-{} held-out nats against fixed features",
+        lambda r: _both(lambda v: _mean_loss(r, v) - _mean_loss(r, "fixed"), REDRAW_SCHEMES, 2),
+    ),
+    Figure(
+        "(mean of fixed FAVOR+ {}; swap every 200 {}; smooth over 50 {})",
+        lambda r: tuple(f"{_mean_loss(r, v):.3f}" for v in ("fixed", "swap:200", "smooth:50")),
+    ),
+    Figure(
+        "lowers the held-out loss on each of the three draws (by {}, {} and {};",
+        lambda r: tuple(
+            f"{_redraw(r, 'fixed' + k)['heldout_loss'] - _redraw(r, 'fixed@++' + k)['heldout_loss']:.3f}"
+            for k in ("", "#1", "#2")
+        ),
+    ),
     Figure("did not help at 256 tokens ({};", lambda r: f"{_redraw(r, 'fixed@256')['heldout_loss']:.3f}"),
     # Throughput, memory per rank, scale on paper
     Figure("{} input tokens per step and process, fp32,", lambda r: f"{r['throughput']['settings']['tokens']:,}"),
     Figure("FAVOR+ holds ~{}k tokens/s at every length while softmax falls {}x", _throughput_summary),
-    Figure("the crossover is at about {} tokens in one process and {} on 2 ranks", lambda r: tuple(
-        f"{round(r['throughput']['summary'][m]['interpolated_length'], -1):.0f}" for m in MODES)),
+    Figure(
+        "the crossover is at about {} tokens in one process and {} on 2 ranks",
+        lambda r: tuple(f"{round(r['throughput']['summary'][m]['interpolated_length'], -1):.0f}" for m in MODES),
+    ),
     Figure("(level at {}, {}x at 1024, {}-{}x at 8192)", _throughput_ratios),
-    Figure("(the `small` preset, {} parameters, bf16, 2 ranks",
-           lambda r: f"{r['zero_memory']['counts']['parameters'] / 1e6:.2f}M"),
-    Figure("ZeRO-3 holds {}x ZeRO-0's model states (target 0.55x)",
-           lambda r: f"{_summary(r, 'zero_memory', 'ratio_vs_zero0@zero3'):.3f}"),
+    Figure(
+        "(the `small` preset, {} parameters, bf16, 2 ranks",
+        lambda r: f"{r['zero_memory']['counts']['parameters'] / 1e6:.2f}M",
+    ),
+    Figure(
+        "ZeRO-3 holds {}x ZeRO-0's model states (target 0.55x)",
+        lambda r: f"{_summary(r, 'zero_memory', 'ratio_vs_zero0@zero3'):.3f}",
+    ),
     Figure("is a {} MiB buffer that ZeRO-3 keeps for good", lambda r: f"{_zero3_buffers(r)[0] / 2**20:,.0f}"),
-    Figure("during each backward), {}x this model's states",
-           lambda r: f"{_zero3_buffers(r)[0] / _zero3_buffers(r)[1]:.0f}"),
-    Figure("micro batch {} x {} tokens: ZeRO-0 {} / {} without / with activation checkpointing, ZeRO-1/2 up to {} / {}, "
-           "ZeRO-3 up to {} / {} at 64 GPUs)", _scale_fits),
-    Figure("step time at 8 / 64 / 512 GPUs ({}-{} ms at an assumed {}% dense MFU, of which {} ms are our float32 "
-           "FAVOR+ ops; {}-{} s at the {}% MFU measured", _scale_steps),
+    Figure(
+        "during each backward), {}x this model's states", lambda r: f"{_zero3_buffers(r)[0] / _zero3_buffers(r)[1]:.0f}"
+    ),
+    Figure(
+        "micro batch {} x {} tokens: ZeRO-0 {} / {} without / with activation checkpointing, ZeRO-1/2 up to {} / {}, "
+        "ZeRO-3 up to {} / {} at 64 GPUs)",
+        _scale_fits,
+    ),
+    Figure(
+        "step time at 8 / 64 / 512 GPUs ({}-{} ms at an assumed {}% dense MFU, of which {} ms are our float32 "
+        "FAVOR+ ops; {}-{} s at the {}% MFU measured",
+        _scale_steps,
+    ),
     # Data pipeline
-    Figure("one rank, {}-core CPU; the tokenizer (vocab 8000) trained in {} s.", lambda r: (
-        str(r["data_stream"]["machine"].get("cpu_count", r["data_stream"]["machine"].get("cpus"))),
-        f"{r['data_stream']['prepare']['tokenizer_seconds']:.0f}")),
-    Figure("A `tiny` model training step on the same batches takes {} s ({}k raw tokens/s): the stream is ~{}x faster",
-           _data_stream),
+    Figure(
+        "one rank, {}-core CPU; the tokenizer (vocab 8000) trained in {} s.",
+        lambda r: (
+            str(r["data_stream"]["machine"].get("cpu_count", r["data_stream"]["machine"].get("cpus"))),
+            f"{r['data_stream']['prepare']['tokenizer_seconds']:.0f}",
+        ),
+    ),
+    Figure(
+        "A `tiny` model training step on the same batches takes {} s ({}k raw tokens/s): the stream is ~{}x faster",
+        _data_stream,
+    ),
 ]
 
 
@@ -744,8 +1005,11 @@ def render(text: str, results: Results | None = None) -> tuple[str, list[str]]:
         return match[1] + render_block(name, results) + match[4]
 
     text = BLOCK.sub(block, text)
-    problems += [f"README has no block <!-- results:{name} --> ... <!-- /results:{name} -->"
-                 for name in BLOCKS if name not in seen]  # fmt: skip
+    problems += [
+        f"README has no block <!-- results:{name} --> ... <!-- /results:{name} -->"
+        for name in BLOCKS
+        if name not in seen
+    ]
     for figure in FIGURES:
         pattern = figure.pattern()
         matches = list(pattern.finditer(text))
@@ -756,7 +1020,7 @@ def render(text: str, results: Results | None = None) -> tuple[str, list[str]]:
         if len(values) != len(match.groups()):
             raise ValueError(f"{figure.phrase!r}: {len(values)} values for {len(match.groups())} places")
         for index in reversed(range(len(values))):  # from the end, so earlier offsets stay valid
-            text = text[: match.start(index + 1)] + values[index] + text[match.end(index + 1):]
+            text = text[: match.start(index + 1)] + values[index] + text[match.end(index + 1) :]
     return text, problems
 
 
@@ -764,8 +1028,9 @@ def check(readme: Path = README, results: Results | None = None) -> str:
     """'' when README.md agrees with the results; otherwise the problems and a unified diff."""
     old = readme.read_text()
     new, problems = render(old, results)
-    diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
-                                        "README.md (from the results)"))  # fmt: skip
+    diff = "".join(
+        difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md", "README.md (from the results)")
+    )
     return "\n".join(problems) + ("\n" if problems and diff else "") + diff
 
 
@@ -778,8 +1043,9 @@ def main(argv: list[str] | None = None) -> int:
         report = check(args.readme)
         if report:
             print(report, end="" if report.endswith("\n") else "\n")
-            print("README.md disagrees with benchmarks/results: run python benchmarks/readme_tables.py",
-                  file=sys.stderr)
+            print(
+                "README.md disagrees with benchmarks/results: run python benchmarks/readme_tables.py", file=sys.stderr
+            )
             return 1
         return 0
     new, problems = render(args.readme.read_text())

@@ -52,9 +52,27 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # noqa: E402
 from benchmarks.parity import make_batches, pack, special_tokens  # noqa: E402
 
-DEFAULT_VARIANTS = ("softmax", "fixed", "fixed#1", "fixed#2", "swap:200", "swap:200#1", "swap:50", "swap:10", "swap:1",
-                    "rolling:200", "smooth:200", "smooth:50", "smooth:50#1", "grow:10-200", "fixed@256",
-                    "fixed@++", "fixed@++#1", "fixed@++#2", "swap:200@++")  # fmt: skip
+DEFAULT_VARIANTS = (
+    "softmax",
+    "fixed",
+    "fixed#1",
+    "fixed#2",
+    "swap:200",
+    "swap:200#1",
+    "swap:50",
+    "swap:10",
+    "swap:1",
+    "rolling:200",
+    "smooth:200",
+    "smooth:50",
+    "smooth:50#1",
+    "grow:10-200",
+    "fixed@256",
+    "fixed@++",
+    "fixed@++#1",
+    "fixed@++#2",
+    "swap:200@++",
+)
 JUMP_WINDOW = 10
 RECOVERED_WITHIN = 0.02
 
@@ -84,8 +102,15 @@ class Variant:
             first, _, interval = interval.partition("-")
         feature_map = "favor++" if features.endswith("++") else "favor+"
         features = features.removesuffix("++")
-        return cls(text, mode, int(interval or 0), int(first or 0), int(features) if features else None, feature_map,
-                   int(draw_seed or 0))
+        return cls(
+            text,
+            mode,
+            int(interval or 0),
+            int(first or 0),
+            int(features) if features else None,
+            feature_map,
+            int(draw_seed or 0),
+        )
 
     def swap_boundaries(self, steps: int) -> list[int]:
         """Steps after which a swap-like variant draws anew."""
@@ -165,10 +190,17 @@ def build(variant: Variant, vocab_size: int, seed: int):
     from performer.models import PerformerSeq2Seq
 
     config = preset(
-        "tiny", vocab_size=vocab_size, dropout=0.0, attention_type="softmax" if variant.mode == "softmax" else "favor",
-        projection_seed=seed, feature_redraw_interval=None, auto_check_redraw=False, nb_features=variant.nb_features,
-        feature_map=variant.feature_map, decoder_start_id=3,
-    )  # fmt: skip
+        "tiny",
+        vocab_size=vocab_size,
+        dropout=0.0,
+        attention_type="softmax" if variant.mode == "softmax" else "favor",
+        projection_seed=seed,
+        feature_redraw_interval=None,
+        auto_check_redraw=False,
+        nb_features=variant.nb_features,
+        feature_map=variant.feature_map,
+        decoder_start_id=3,
+    )
     torch.manual_seed(seed)  # the same initial weights for every variant
     return PerformerSeq2Seq(config)
 
@@ -197,8 +229,9 @@ def train(variant: Variant, batches, heldout, args, vocab_size: int) -> dict:
     projections = None
     if variant.mode != "softmax":
         attention = model.favor_attentions()[0]
-        projections = Projections(variant, args.seed + 7919 * variant.draw_seed, attention.nb_features,
-                                  attention.head_dim, len(batches))  # fmt: skip
+        projections = Projections(
+            variant, args.seed + 7919 * variant.draw_seed, attention.nb_features, attention.head_dim, len(batches)
+        )
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
     losses, curve = [], []
     started = time.perf_counter()
@@ -215,13 +248,17 @@ def train(variant: Variant, batches, heldout, args, vocab_size: int) -> dict:
         if step % args.eval_interval == 0 or step == len(batches):
             curve.append({"step": step, "heldout_loss": heldout_loss(model, heldout)})
     record = {
-        "variant": variant.name, "final_heldout_loss": curve[-1]["heldout_loss"], "curve": curve,
-        "train_losses": losses, "seconds": time.perf_counter() - started,
+        "variant": variant.name,
+        "final_heldout_loss": curve[-1]["heldout_loss"],
+        "curve": curve,
+        "train_losses": losses,
+        "seconds": time.perf_counter() - started,
         "redraw_steps": projections.redraw_steps(len(batches)) if projections else [],
-    }  # fmt: skip
+    }
     if projections is not None:
-        unseen = Projections(Variant("fixed", "fixed"), args.seed + 1000, projections.nb_features,
-                             projections.head_dim, len(batches))  # fmt: skip
+        unseen = Projections(
+            Variant("fixed", "fixed"), args.seed + 1000, projections.nb_features, projections.head_dim, len(batches)
+        )
         set_projections(model, unseen, 1)
         record["heldout_loss_new_draw"] = heldout_loss(model, heldout)
     return record
@@ -247,10 +284,14 @@ def jumps(record: dict, fixed: dict | None) -> list[dict]:
             if window.mean() <= baseline + RECOVERED_WITHIN:
                 recovery = r
                 break
-        found.append({
-            "step": s, "raw_jump": float(losses[after].mean() - losses[before].mean()),
-            "paired_jump": float(gap[after].mean() - baseline), "recovery_steps": recovery,
-        })  # fmt: skip
+        found.append(
+            {
+                "step": s,
+                "raw_jump": float(losses[after].mean() - losses[before].mean()),
+                "paired_jump": float(gap[after].mean() - baseline),
+                "recovery_steps": recovery,
+            }
+        )
     return found
 
 
@@ -263,19 +304,25 @@ def summarise(records: list[dict]) -> list[dict]:
         fixed = by_name.get(f"fixed@{suffix}" if suffix else "fixed", by_name.get("fixed"))
         found = jumps(record, fixed if record is not fixed else None) if record["redraw_steps"] else []
         recoveries = [j["recovery_steps"] for j in found if j["recovery_steps"] is not None]
-        rows.append({
-            "variant": record["variant"], "heldout_loss": record["final_heldout_loss"],
-            "vs_fixed": record["final_heldout_loss"] - by_name["fixed"]["final_heldout_loss"] if "fixed" in by_name else None,
-            "vs_softmax": record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1 if softmax else None,
-            "heldout_new_draw": record.get("heldout_loss_new_draw"),
-            "redraws": len(found),
-            "max_paired_jump": max((j["paired_jump"] for j in found), default=None),
-            "mean_paired_jump": float(np.mean([j["paired_jump"] for j in found])) if found else None,
-            "max_raw_jump": max((j["raw_jump"] for j in found), default=None),
-            "median_recovery_steps": float(np.median(recoveries)) if recoveries else None,
-            "unrecovered": len(found) - len(recoveries),
-            "seconds": record["seconds"], "jumps": found,
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": record["variant"],
+                "heldout_loss": record["final_heldout_loss"],
+                "vs_fixed": record["final_heldout_loss"] - by_name["fixed"]["final_heldout_loss"]
+                if "fixed" in by_name
+                else None,
+                "vs_softmax": record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1 if softmax else None,
+                "heldout_new_draw": record.get("heldout_loss_new_draw"),
+                "redraws": len(found),
+                "max_paired_jump": max((j["paired_jump"] for j in found), default=None),
+                "mean_paired_jump": float(np.mean([j["paired_jump"] for j in found])) if found else None,
+                "max_raw_jump": max((j["raw_jump"] for j in found), default=None),
+                "median_recovery_steps": float(np.median(recoveries)) if recoveries else None,
+                "unrecovered": len(found) - len(recoveries),
+                "seconds": record["seconds"],
+                "jumps": found,
+            }
+        )
     return rows
 
 
@@ -285,12 +332,22 @@ def markdown(results: dict) -> str:
     def number(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    rows = [[
-        r["variant"], number(r["heldout_loss"], ".3f"), number(r["vs_fixed"], "+.3f"), number(r["vs_softmax"], "+.1%"),
-        number(r["heldout_new_draw"], ".3f"), r["redraws"] or "-", number(r["max_paired_jump"], "+.3f"),
-        number(r["mean_paired_jump"], "+.3f"), number(r["max_raw_jump"], "+.3f"),
-        number(r["median_recovery_steps"], ".0f"), f"{r['seconds']:.0f} s",
-    ] for r in results["summary"]]  # fmt: skip
+    rows = [
+        [
+            r["variant"],
+            number(r["heldout_loss"], ".3f"),
+            number(r["vs_fixed"], "+.3f"),
+            number(r["vs_softmax"], "+.1%"),
+            number(r["heldout_new_draw"], ".3f"),
+            r["redraws"] or "-",
+            number(r["max_paired_jump"], "+.3f"),
+            number(r["mean_paired_jump"], "+.3f"),
+            number(r["max_raw_jump"], "+.3f"),
+            number(r["median_recovery_steps"], ".0f"),
+            f"{r['seconds']:.0f} s",
+        ]
+        for r in results["summary"]
+    ]
     return (
         f"`tiny` seq2seq (d_model 128, 4 heads of 32, 2 + 2 layers), span corruption at {s['length']} input tokens, "
         f"{s['rows']} rows per step, {s['steps']} steps, AdamW lr {s['lr']} (warmup {s['warmup']}, cosine to 0.1x; "
@@ -299,8 +356,22 @@ def markdown(results: dict) -> str:
         f"new draw. Jumps: mean train loss of the {JUMP_WINDOW} steps after a redraw minus the {JUMP_WINDOW} before, "
         "paired against `fixed` on the same batches (raw: unpaired); recovery: steps until the paired gap is back "
         f"within {RECOVERED_WITHIN} nats.\n\n"
-        + common.table(["variant", "held-out", "vs fixed", "vs softmax", "with a new draw", "redraws",
-                        "max jump", "mean jump", "max raw jump", "recovery (median)", "time"], rows)  # fmt: skip
+        + common.table(
+            [
+                "variant",
+                "held-out",
+                "vs fixed",
+                "vs softmax",
+                "with a new draw",
+                "redraws",
+                "max jump",
+                "mean jump",
+                "max raw jump",
+                "recovery (median)",
+                "time",
+            ],
+            rows,
+        )
     )
 
 
@@ -355,17 +426,25 @@ def main(argv: list[str] | None = None) -> int:
     packed = dict(np.load(args.packed)) if args.packed else pack(args.data)
     special = special_tokens(packed)
     batches = make_batches(packed["train"], "seq2seq", args.length, args.rows, args.steps, special, seed=args.seed)
-    heldout = make_batches(packed["heldout"], "seq2seq", args.length, args.rows, args.heldout_batches, special,
-                           seed=args.seed + 1)  # fmt: skip
+    heldout = make_batches(
+        packed["heldout"], "seq2seq", args.length, args.rows, args.heldout_batches, special, seed=args.seed + 1
+    )
     records = []
     for variant in variants:
         record = train(variant, batches, heldout, args, special.vocab_size)
         print(json.dumps({k: v for k, v in record.items() if k not in ("curve", "train_losses")}), flush=True)
         records.append(record)
-    settings = {"length": args.length, "rows": args.rows, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
-                "heldout_batches": args.heldout_batches, "seed": args.seed, "device": "cpu"}  # fmt: skip
-    results = {"settings": settings, "machine": machine, "records": records,
-               "summary": summarise(records)}  # fmt: skip
+    settings = {
+        "length": args.length,
+        "rows": args.rows,
+        "steps": args.steps,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "heldout_batches": args.heldout_batches,
+        "seed": args.seed,
+        "device": "cpu",
+    }
+    results = {"settings": settings, "machine": machine, "records": records, "summary": summarise(records)}
     common.publish(args.name, results, markdown(results), plot)
     return 0
 

@@ -44,8 +44,12 @@ TRANSIENT_BUCKET_BYTES = {"zero1": 5e8 * 4, "zero2": 5e8 * 4}
 def preset_shape(name: str) -> dict:
     """performer.config's preset ``name`` in this script's terms: d_model, heads, encoder/decoder layers."""
     shape = PRESETS[name]
-    return dict(d_model=shape["d_model"], heads=shape["num_heads"], encoder_layers=shape["num_encoder_layers"],
-                decoder_layers=shape["num_decoder_layers"])  # fmt: skip
+    return dict(
+        d_model=shape["d_model"],
+        heads=shape["num_heads"],
+        encoder_layers=shape["num_encoder_layers"],
+        decoder_layers=shape["num_decoder_layers"],
+    )
 
 
 # ----------------------------------------------------------------------------- the model
@@ -61,8 +65,16 @@ def parameter_count(d_model: int, encoder_layers: int, decoder_layers: int, voca
 def family(vocab: int, layers: int) -> list[dict]:
     """The models considered for 'largest that fits': `layers` + `layers` layers, width in steps of
     256, head dim 64."""
-    return [dict(d_model=d, encoder_layers=layers, decoder_layers=layers, heads=d // 64,
-                 parameters=parameter_count(d, layers, layers, vocab)) for d in range(512, 16385, 256)]  # fmt: skip
+    return [
+        dict(
+            d_model=d,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            heads=d // 64,
+            parameters=parameter_count(d, layers, layers, vocab),
+        )
+        for d in range(512, 16385, 256)
+    ]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -133,8 +145,13 @@ def activation_bytes_per_token_layer_width(model_step: dict) -> dict:
     return figures
 
 
-def activation_bytes(model: dict, tokens_per_micro_batch: int, per_token_layer_width: float, checkpointing: bool,
-                     checkpoint_bytes_per_token_width: float) -> float:
+def activation_bytes(
+    model: dict,
+    tokens_per_micro_batch: int,
+    per_token_layer_width: float,
+    checkpointing: bool,
+    checkpoint_bytes_per_token_width: float,
+) -> float:
     """Peak activation bytes of one micro batch. Without checkpointing every layer keeps its
     activations; with checkpointing every layer keeps only its input (bf16: 2 bytes per token and
     unit of width) and one layer's activations are live again during its recomputation."""
@@ -193,16 +210,20 @@ def favor_seconds_per_token_head(attention: dict) -> dict[str, float]:
     return rates
 
 
-def favor_step_seconds(rates: dict[str, float], micro_batch: int, input_length: int, target_length: int,
-                       shape: dict, recompute: bool) -> float:
+def favor_step_seconds(
+    rates: dict[str, float], micro_batch: int, input_length: int, target_length: int, shape: dict, recompute: bool
+) -> float:
     """Time of every FAVOR+ op in one step of a seq2seq model: per encoder layer a bidirectional
     op over the inputs; per decoder layer a causal op over the targets and a bidirectional
     cross-attention (its cost follows the keys, the inputs). Checkpointing runs the forward twice:
     about 4/3 of the forward + backward time."""
     heads = shape["heads"]
     encoder = shape["encoder_layers"] * rates["bidirectional"] * micro_batch * input_length * heads
-    decoder = shape["decoder_layers"] * micro_batch * heads * (
-        rates["causal"] * target_length + rates["bidirectional"] * input_length
+    decoder = (
+        shape["decoder_layers"]
+        * micro_batch
+        * heads
+        * (rates["causal"] * target_length + rates["bidirectional"] * input_length)
     )
     return (encoder + decoder) * (4 / 3 if recompute else 1)
 
@@ -214,8 +235,9 @@ def measured_mfu(model_step: dict, tokens_per_step: int) -> tuple[float, dict]:
     rate = model_step["gemm_flop_rate"]
     points = sorted(
         (r["length"] + r["length"] // 4, r["model_flops_per_step"] / r["median_s"] / rate)
-        for r in model_step["records"] if r["model"] == "ours" and "median_s" in r
-    )  # fmt: skip
+        for r in model_step["records"]
+        if r["model"] == "ours" and "median_s" in r
+    )
     if tokens_per_step <= points[0][0]:
         return points[0][1], dict(points)
     for (t0, m0), (t1, m1) in zip(points, points[1:]):
@@ -229,8 +251,10 @@ def measured_mfu(model_step: dict, tokens_per_step: int) -> tuple[float, dict]:
 
 
 def compute(args) -> dict:
-    zero_memory, model_step, attention = (json.loads((ROOT / path).read_text())  # relative to the repository
-                                          for path in (args.zero_memory, args.model_step, args.attention))
+    zero_memory, model_step, attention = (
+        json.loads((ROOT / path).read_text())  # relative to the repository
+        for path in (args.zero_memory, args.model_step, args.attention)
+    )
     per_parameter = bytes_per_parameter(zero_memory)
     activation_figures = activation_bytes_per_token_layer_width(model_step)
     per_token = max(activation_figures.values())  # the larger of the measured lengths: conservative
@@ -254,8 +278,12 @@ def compute(args) -> dict:
                     # ZeRO-3 gathers a layer's weights before using it: two layers' bf16 weights live.
                     gathered = 2 * 2 * 16 * model["d_model"] ** 2 if stage.startswith("zero3") else 0
                     if states + acts + gathered + buffers <= budget:
-                        best = dict(model, model_states_gib=states / GIB, activations_gib=acts / GIB,
-                                    at_family_limit=model is candidates[-1])
+                        best = dict(
+                            model,
+                            model_states_gib=states / GIB,
+                            activations_gib=acts / GIB,
+                            at_family_limit=model is candidates[-1],
+                        )
                 fits.append(dict(stage=stage, checkpointing=checkpointing, gpus=gpus, largest=best))
 
     large = preset_shape("large")
@@ -265,8 +293,9 @@ def compute(args) -> dict:
     peak = model_step["gemm_flop_rate"]
     step_flops = 6 * large_non_embedding * tokens_per_micro * (4 / 3 if args.large_checkpointing else 1)
     favor_rates = favor_seconds_per_token_head(attention)
-    favor_s = favor_step_seconds(favor_rates, args.micro_batch, args.input_length, target, large,
-                                 args.large_checkpointing)
+    favor_s = favor_step_seconds(
+        favor_rates, args.micro_batch, args.input_length, target, large, args.large_checkpointing
+    )
     projections = []
     for stage in STAGES:
         if stage not in per_parameter:
@@ -289,13 +318,23 @@ def compute(args) -> dict:
             projections.append(row)
     return {
         "settings": {key: getattr(args, key) for key in vars(args)},
-        "inputs": {"bytes_per_parameter": per_parameter, "activation_bytes_per_token_layer_width": activation_figures,
-                   "activation_bytes_per_token_layer_width_used": per_token, "mfu_by_tokens_per_step": mfu_points,
-                   "mfu_used": mfu, "gemm_flop_rate": peak, "favor_seconds_per_token_head": favor_rates,
-                   "zero_memory_measured_parameters": zero_memory["counts"]["parameters"]},  # fmt: skip
-        "large": {"parameters": large_parameters, "non_embedding_parameters": large_non_embedding,
-                  "tokens_per_gpu_step": tokens_per_micro, "flops_per_gpu_step": step_flops,
-                  "favor_seconds_per_step": favor_s},  # fmt: skip
+        "inputs": {
+            "bytes_per_parameter": per_parameter,
+            "activation_bytes_per_token_layer_width": activation_figures,
+            "activation_bytes_per_token_layer_width_used": per_token,
+            "mfu_by_tokens_per_step": mfu_points,
+            "mfu_used": mfu,
+            "gemm_flop_rate": peak,
+            "favor_seconds_per_token_head": favor_rates,
+            "zero_memory_measured_parameters": zero_memory["counts"]["parameters"],
+        },
+        "large": {
+            "parameters": large_parameters,
+            "non_embedding_parameters": large_non_embedding,
+            "tokens_per_gpu_step": tokens_per_micro,
+            "flops_per_gpu_step": step_flops,
+            "favor_seconds_per_step": favor_s,
+        },
         "fits": fits,
         "projections": projections,
         "memory_budget_gib": budget / GIB,
@@ -308,16 +347,34 @@ def markdown(results: dict) -> str:
     lines = ["## Bytes per parameter, measured (benchmarks/results/zero_memory.json, 2 ranks, bf16)\n"]
     rows = []
     for stage, roles in per_parameter.items():
-        rows.append([stage, *(f"{roles[r]:.2f}" + (" / N" if r in roles["partitioned"] else "") for r in ROLES),
-                     common.mebibytes(roles["buffers_bytes"]),
-                     common.mebibytes(TRANSIENT_BUCKET_BYTES.get(stage))])  # fmt: skip
-    lines.append(common.table(["ZeRO", "parameters (B)", "gradients (B)", "optimizer (B)",
-                               "buffers held per rank", "bucket during backward"], rows))  # fmt: skip
-    lines.append("\nWhole-model bytes per parameter by role; / N: split over N data-parallel GPUs (a role held at "
-                 "under 3/4 of ZeRO-0's per-rank bytes; its per-rank figure x 2). ZeRO-3 parameters: less the "
-                 "measured model's matrices under DeepSpeed's persistence threshold (kept whole; at the widths "
-                 "projected only norms are). zero3-offload keeps optimizer and parameter partitions in host memory: "
-                 "on the GPU only the gradient partition and the gathered layers.\n")
+        rows.append(
+            [
+                stage,
+                *(f"{roles[r]:.2f}" + (" / N" if r in roles["partitioned"] else "") for r in ROLES),
+                common.mebibytes(roles["buffers_bytes"]),
+                common.mebibytes(TRANSIENT_BUCKET_BYTES.get(stage)),
+            ]
+        )
+    lines.append(
+        common.table(
+            [
+                "ZeRO",
+                "parameters (B)",
+                "gradients (B)",
+                "optimizer (B)",
+                "buffers held per rank",
+                "bucket during backward",
+            ],
+            rows,
+        )
+    )
+    lines.append(
+        "\nWhole-model bytes per parameter by role; / N: split over N data-parallel GPUs (a role held at "
+        "under 3/4 of ZeRO-0's per-rank bytes; its per-rank figure x 2). ZeRO-3 parameters: less the "
+        "measured model's matrices under DeepSpeed's persistence threshold (kept whole; at the widths "
+        "projected only norms are). zero3-offload keeps optimizer and parameter partitions in host memory: "
+        "on the GPU only the gradient partition and the gathered layers.\n"
+    )
 
     lines.append(f"## Largest model per {s['gpu_gib']:.0f} GB GPU\n")
     header = ["ZeRO", "activation checkpointing", *(f"{n} GPUs" for n in s["gpus"])]
@@ -326,83 +383,129 @@ def markdown(results: dict) -> str:
         for checkpointing in (False, True):
             cells = []
             for gpus in s["gpus"]:
-                fit = next(f for f in results["fits"] if (f["stage"], f["checkpointing"], f["gpus"]) ==
-                           (stage, checkpointing, gpus))  # fmt: skip
+                fit = next(
+                    f
+                    for f in results["fits"]
+                    if (f["stage"], f["checkpointing"], f["gpus"]) == (stage, checkpointing, gpus)
+                )
                 best = fit["largest"]
-                cells.append("none" if best is None else f"{'>= ' if best['at_family_limit'] else ''}"
-                             f"{best['parameters'] / 1e9:.2f}B (d {best['d_model']}; "
-                             f"states {best['model_states_gib']:.0f} + act {best['activations_gib']:.0f} GiB)")
+                cells.append(
+                    "none"
+                    if best is None
+                    else f"{'>= ' if best['at_family_limit'] else ''}"
+                    f"{best['parameters'] / 1e9:.2f}B (d {best['d_model']}; "
+                    f"states {best['model_states_gib']:.0f} + act {best['activations_gib']:.0f} GiB)"
+                )
             rows.append([stage, "on" if checkpointing else "off", *cells])
     lines.append(common.table(header, rows))
-    lines.append(f"\n'>=': the largest width of the family fits. Family: {s['layers']} encoder + {s['layers']} decoder layers, width d in steps of 256, head dim "
-                 f"64, SwiGLU 4d (2/3 x 4d hidden), vocabulary {s['vocab']:,}, tied embeddings "
-                 f"(parameters = 12 d^2 per encoder layer + 16 d^2 per decoder layer + V d).\n")
+    lines.append(
+        f"\n'>=': the largest width of the family fits. Family: {s['layers']} encoder + {s['layers']} decoder "
+        f"layers, width d in steps of 256, head dim "
+        f"64, SwiGLU 4d (2/3 x 4d hidden), vocabulary {s['vocab']:,}, tied embeddings "
+        f"(parameters = 12 d^2 per encoder layer + 16 d^2 per decoder layer + V d).\n"
+    )
 
-    lines.append(f"## Projected step time of `large` ({large['parameters'] / 1e6:.0f}M parameters, "
-                 f"{s['micro_batch']} x ({s['input_length']} + {s['target_length']}) tokens per GPU per step)\n")
+    lines.append(
+        f"## Projected step time of `large` ({large['parameters'] / 1e6:.0f}M parameters, "
+        f"{s['micro_batch']} x ({s['input_length']} + {s['target_length']}) tokens per GPU per step)\n"
+    )
     rows = []
     for row in results["projections"]:
-        rows.append([row["stage"], row["gpus"], f"{row['volume_gib']:.2f} GiB", common.seconds(row["communication_s"]),
-                     common.seconds(row["compute_s_measured"]), common.seconds(row["step_s_measured"]),
-                     f"{row['tokens_per_s_measured'] / 1e6:.2f}M", common.seconds(row["compute_s_assumed"]),
-                     common.seconds(row["step_s_assumed"]), common.seconds(row["step_s_assumed_overlapped"]),
-                     f"{row['tokens_per_s_assumed'] / 1e6:.2f}M"])  # fmt: skip
-    lines.append(common.table(["ZeRO", "GPUs", "sent per GPU", "comm", f"compute @ MFU {inputs['mfu_used']:.1%}",
-                               "step", "tokens/s", f"compute @ MFU {s['assumed_mfu']:.0%} + FAVOR+ ops", "step",
-                               "step, comm overlapped", "tokens/s"], rows))  # fmt: skip
+        rows.append(
+            [
+                row["stage"],
+                row["gpus"],
+                f"{row['volume_gib']:.2f} GiB",
+                common.seconds(row["communication_s"]),
+                common.seconds(row["compute_s_measured"]),
+                common.seconds(row["step_s_measured"]),
+                f"{row['tokens_per_s_measured'] / 1e6:.2f}M",
+                common.seconds(row["compute_s_assumed"]),
+                common.seconds(row["step_s_assumed"]),
+                common.seconds(row["step_s_assumed_overlapped"]),
+                f"{row['tokens_per_s_assumed'] / 1e6:.2f}M",
+            ]
+        )
+    lines.append(
+        common.table(
+            [
+                "ZeRO",
+                "GPUs",
+                "sent per GPU",
+                "comm",
+                f"compute @ MFU {inputs['mfu_used']:.1%}",
+                "step",
+                "tokens/s",
+                f"compute @ MFU {s['assumed_mfu']:.0%} + FAVOR+ ops",
+                "step",
+                "step, comm overlapped",
+                "tokens/s",
+            ],
+            rows,
+        )
+    )
 
     mfu_points = ", ".join(f"{int(t):,} tokens/step: {m:.1%}" for t, m in inputs["mfu_by_tokens_per_step"].items())
-    acts = ", ".join(f"L={length}: {value:.1f}" for length, value in inputs["activation_bytes_per_token_layer_width"].items())
-    lines += ["", "## Assumptions", "",
-              f"- Memory per GPU: {s['gpu_gib']:.0f} GiB, {s['reserve_fraction']:.0%} kept back for allocator "
-              f"fragmentation, {s['runtime_gib']:.1f} GiB for the CUDA context and NCCL: budget "
-              f"{results['memory_budget_gib']:.1f} GiB.",
-              f"- Model states: the measured bytes per parameter above (bf16 weights and gradients, fp32 master "
-              f"weights and Adam moments), partitioned as ZeRO defines. DeepSpeed's staging buffers (reduce bucket "
-              f"of reduce_bucket_size = 5e8 elements, allocated whole on a GPU) "
-              f"{'are' if s['count_buffers'] else 'are not'} added: ZeRO-3 the measured size per rank; ZeRO-1/2 allocate "
-              f"it at every backward and release it after, counted at 5e8 x 4 bytes.",
-              f"- Activations: {inputs['activation_bytes_per_token_layer_width_used']:.1f} bytes per token, per layer, "
-              f"per unit of d_model, measured on the H200 `medium` FAVOR+ step without checkpointing (model_step-gpu: "
-              f"peak minus the step's fp32 gradients and Adam moments; {acts}; linear in length, as FAVOR+ is), the "
-              f"larger figure used. With checkpointing every layer: each layer keeps its bf16 input "
-              f"({s['checkpoint_bytes']:.0f} bytes per token and unit of width) and one layer's activations are live "
-              f"during its recompute.",
-              f"- Micro batch {s['micro_batch']}, input length {s['input_length']}, decoder length {s['target_length']} "
-              f"(span corruption), as configs/large.yaml; ZeRO-3 adds two layers' gathered bf16 weights.",
-              f"- Compute: 6 x {large['non_embedding_parameters'] / 1e6:.0f}M non-embedding parameters x "
-              f"{large['tokens_per_gpu_step']:,} tokens per GPU per step"
-              + (" x 4/3 (activation checkpointing recomputes the forward, as configs/large.yaml sets)"
-                 if s["large_checkpointing"] else "")
-              + f" over MFU x {inputs['gemm_flop_rate'] / 1e12:.0f} TFLOP/s (the dense bf16 matmul rate measured on "
-              f"the H200; an H100 has the same bf16 peak). Measured MFU of our FAVOR+ `medium` step at batch 1 "
-              f"({mfu_points}), interpolated on log tokens per step: {inputs['mfu_used']:.1%}. That is a small "
-              f"model at batch 1, dominated by kernel launches and the FAVOR+ op (attention-gpu: our fused op reaches "
-              f"1-2% of the GEMM rate); a `large` step runs bigger matmuls, so the measured figure is a floor. The "
-              f"second set of columns assumes the dense matmuls at MFU {s['assumed_mfu']:.0%} (what tuned dense "
-              f"training reaches) and adds the FAVOR+ ops' own time scaled from attention-gpu.json: "
-              f"{inputs['favor_seconds_per_token_head']['bidirectional'] * 1e9:.0f} ns (bidirectional) and "
-              f"{inputs['favor_seconds_per_token_head']['causal'] * 1e9:.0f} ns (causal) per token and head, forward + "
-              f"backward, at the longest measured length (65,536, where the op is not launch-bound), x 4/3 for "
-              f"checkpointing: {large['favor_seconds_per_step'] * 1e3:.0f} ms per step, encoder self- and decoder "
-              "cross-attention bidirectional over the inputs, decoder self-attention causal.",
-              f"- Communication per step and GPU: bf16 ring collectives, 2 (N-1)/N x P bytes x 2 for ZeRO 0-2 "
-              f"(all-reduce, or reduce-scatter + all-gather), 3 (N-1)/N x P x 2 for ZeRO-3 (weights gathered for "
-              f"forward and backward, gradients reduce-scattered). zero3-offload adds, per GPU, PCIe copies of its "
-              f"partition (8 bytes per parameter: bf16 gradients down, bf16 weights up three times) at "
-              f"{s['pcie_gbs']:.0f} GB/s and the host's AdamW over it at {s['host_adam_params_per_s'] / 1e9:.2f}G "
-              f"parameters/s per GPU (torch AdamW on the host cores serving one GPU), in the comm column.",
-              f"- Bandwidth: within a node of {s['gpus_per_node']} GPUs NVLink/NVSwitch at {s['nvlink_gbs']:.0f} GB/s "
-              f"bus bandwidth per GPU; across nodes InfiniBand, one 400 Gb/s NDR port per GPU, "
-              f"{s['ib_gbs']:.0f} GB/s achieved bus bandwidth (the ring is as fast as its slowest link). Latency: "
-              f"{s['hop_latency_us']:.0f} us x log2 N hops per collective, {s['collectives_zero012']} collectives per "
-              f"step for ZeRO 0-2 (gradient buckets), {s['collectives_zero3']} for ZeRO-3 (a gather per module and "
-              f"pass, 24 layers x 3 modules x 3 passes, coalesced by DeepSpeed's prefetch buckets).",
-              "- Step time = compute + communication: the trainer sets overlap_comm=False (launcher/ds_config.py); "
-              "the 'comm overlapped' column is max(compute, communication), the bound with overlap. Weak scaling: "
-              "the global batch grows with the GPUs (micro batch per GPU fixed, grad_accum 1).",
-              "- Not modelled: stragglers, data loading, the optimizer step's own time, pipeline or tensor "
-              "parallelism (the trainer is data-parallel only)."]
+    acts = ", ".join(
+        f"L={length}: {value:.1f}" for length, value in inputs["activation_bytes_per_token_layer_width"].items()
+    )
+    lines += [
+        "",
+        "## Assumptions",
+        "",
+        f"- Memory per GPU: {s['gpu_gib']:.0f} GiB, {s['reserve_fraction']:.0%} kept back for allocator "
+        f"fragmentation, {s['runtime_gib']:.1f} GiB for the CUDA context and NCCL: budget "
+        f"{results['memory_budget_gib']:.1f} GiB.",
+        f"- Model states: the measured bytes per parameter above (bf16 weights and gradients, fp32 master "
+        f"weights and Adam moments), partitioned as ZeRO defines. DeepSpeed's staging buffers (reduce bucket "
+        f"of reduce_bucket_size = 5e8 elements, allocated whole on a GPU) "
+        f"{'are' if s['count_buffers'] else 'are not'} added: ZeRO-3 the measured size per rank; ZeRO-1/2 allocate "
+        f"it at every backward and release it after, counted at 5e8 x 4 bytes.",
+        f"- Activations: {inputs['activation_bytes_per_token_layer_width_used']:.1f} bytes per token, per layer, "
+        f"per unit of d_model, measured on the H200 `medium` FAVOR+ step without checkpointing (model_step-gpu: "
+        f"peak minus the step's fp32 gradients and Adam moments; {acts}; linear in length, as FAVOR+ is), the "
+        f"larger figure used. With checkpointing every layer: each layer keeps its bf16 input "
+        f"({s['checkpoint_bytes']:.0f} bytes per token and unit of width) and one layer's activations are live "
+        f"during its recompute.",
+        f"- Micro batch {s['micro_batch']}, input length {s['input_length']}, decoder length {s['target_length']} "
+        f"(span corruption), as configs/large.yaml; ZeRO-3 adds two layers' gathered bf16 weights.",
+        f"- Compute: 6 x {large['non_embedding_parameters'] / 1e6:.0f}M non-embedding parameters x "
+        f"{large['tokens_per_gpu_step']:,} tokens per GPU per step"
+        + (
+            " x 4/3 (activation checkpointing recomputes the forward, as configs/large.yaml sets)"
+            if s["large_checkpointing"]
+            else ""
+        )
+        + f" over MFU x {inputs['gemm_flop_rate'] / 1e12:.0f} TFLOP/s (the dense bf16 matmul rate measured on "
+        f"the H200; an H100 has the same bf16 peak). Measured MFU of our FAVOR+ `medium` step at batch 1 "
+        f"({mfu_points}), interpolated on log tokens per step: {inputs['mfu_used']:.1%}. That is a small "
+        f"model at batch 1, dominated by kernel launches and the FAVOR+ op (attention-gpu: our fused op reaches "
+        f"1-2% of the GEMM rate); a `large` step runs bigger matmuls, so the measured figure is a floor. The "
+        f"second set of columns assumes the dense matmuls at MFU {s['assumed_mfu']:.0%} (what tuned dense "
+        f"training reaches) and adds the FAVOR+ ops' own time scaled from attention-gpu.json: "
+        f"{inputs['favor_seconds_per_token_head']['bidirectional'] * 1e9:.0f} ns (bidirectional) and "
+        f"{inputs['favor_seconds_per_token_head']['causal'] * 1e9:.0f} ns (causal) per token and head, forward + "
+        f"backward, at the longest measured length (65,536, where the op is not launch-bound), x 4/3 for "
+        f"checkpointing: {large['favor_seconds_per_step'] * 1e3:.0f} ms per step, encoder self- and decoder "
+        "cross-attention bidirectional over the inputs, decoder self-attention causal.",
+        f"- Communication per step and GPU: bf16 ring collectives, 2 (N-1)/N x P bytes x 2 for ZeRO 0-2 "
+        f"(all-reduce, or reduce-scatter + all-gather), 3 (N-1)/N x P x 2 for ZeRO-3 (weights gathered for "
+        f"forward and backward, gradients reduce-scattered). zero3-offload adds, per GPU, PCIe copies of its "
+        f"partition (8 bytes per parameter: bf16 gradients down, bf16 weights up three times) at "
+        f"{s['pcie_gbs']:.0f} GB/s and the host's AdamW over it at {s['host_adam_params_per_s'] / 1e9:.2f}G "
+        f"parameters/s per GPU (torch AdamW on the host cores serving one GPU), in the comm column.",
+        f"- Bandwidth: within a node of {s['gpus_per_node']} GPUs NVLink/NVSwitch at {s['nvlink_gbs']:.0f} GB/s "
+        f"bus bandwidth per GPU; across nodes InfiniBand, one 400 Gb/s NDR port per GPU, "
+        f"{s['ib_gbs']:.0f} GB/s achieved bus bandwidth (the ring is as fast as its slowest link). Latency: "
+        f"{s['hop_latency_us']:.0f} us x log2 N hops per collective, {s['collectives_zero012']} collectives per "
+        f"step for ZeRO 0-2 (gradient buckets), {s['collectives_zero3']} for ZeRO-3 (a gather per module and "
+        f"pass, 24 layers x 3 modules x 3 passes, coalesced by DeepSpeed's prefetch buckets).",
+        "- Step time = compute + communication: the trainer sets overlap_comm=False (launcher/ds_config.py); "
+        "the 'comm overlapped' column is max(compute, communication), the bound with overlap. Weak scaling: "
+        "the global batch grows with the GPUs (micro batch per GPU fixed, grad_accum 1).",
+        "- Not modelled: stragglers, data loading, the optimizer step's own time, pipeline or tensor "
+        "parallelism (the trainer is data-parallel only).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -60,15 +60,21 @@ def check_sentinels(manifest: str, length: int) -> None:
     spans = round(round(raw * 0.15) / 3.0)  # T5 defaults: noise density 0.15, mean span 3
     have = Manifest.load(manifest).special.num_sentinels
     if spans > have:
-        raise SystemExit(f"{manifest}: {have} sentinels, but span corruption at L={length} makes about {spans} "
-                         f"spans; prepare data with more: performer data prepare --source stdlib "
-                         f"--num-sentinels 512 --out runs/data-s512")
+        raise SystemExit(
+            f"{manifest}: {have} sentinels, but span corruption at L={length} makes about {spans} "
+            f"spans; prepare data with more: performer data prepare --source stdlib "
+            f"--num-sentinels 512 --out runs/data-s512"
+        )
 
 
 def trainer_settings(args, attention: str, length: int) -> list[str]:
     """--set overrides of configs/tiny.yaml shared by both modes (the model, the shapes)."""
-    return [f"data.manifest={args.data}", f"model.attention_type={attention}", f"data.input_length={length}",
-            f"train.micro_batch_size={max(1, args.tokens // length)}"]  # fmt: skip
+    return [
+        f"data.manifest={args.data}",
+        f"model.attention_type={attention}",
+        f"data.input_length={length}",
+        f"train.micro_batch_size={max(1, args.tokens // length)}",
+    ]
 
 
 # ----------------------------------------------------------------------------- single process (worker)
@@ -88,7 +94,9 @@ def measure_single(args) -> dict:
     special = Manifest.load(config.data.manifest).special
     model_config = build_model_config(config, special)
     model = build_model(config.model.kind, model_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay
+    )
     batch, length = config.train.micro_batch_size, config.data.input_length
     target = span_corruption_lengths(length)[1]
     low, high = special.mask_id + 1, special.vocab_size - special.num_sentinels  # ordinary tokens only
@@ -108,10 +116,16 @@ def measure_single(args) -> dict:
     timing = common.median_seconds(step, args.repeats, warmup=2)
     tokens = batch * (length + target)
     return {
-        "batch": batch, "target_length": target, **timing, "tokens_per_step": tokens,
-        "tokens_per_s": tokens / timing["median_s"], "parameters": sum(p.numel() for p in model.parameters()),
-        "nb_features": next((a.projection.shape[0] for a in model.favor_attentions()), None), "threads": args.threads, "peak_rss_bytes": common.peak_resident_bytes(),
-    }  # fmt: skip
+        "batch": batch,
+        "target_length": target,
+        **timing,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / timing["median_s"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "nb_features": next((a.projection.shape[0] for a in model.favor_attentions()), None),
+        "threads": args.threads,
+        "peak_rss_bytes": common.peak_resident_bytes(),
+    }
 
 
 # ----------------------------------------------------------------------------- 2 DeepSpeed ranks (trainer)
@@ -120,10 +134,18 @@ def measure_single(args) -> dict:
 def measure_deepspeed(args, attention: str, length: int, out_dir: Path) -> dict:
     """One (attention, length) through the real trainer on --ranks ranks; tokens/s from metrics.jsonl."""
     settings = [
-        *trainer_settings(args, attention, length), f"train.max_steps={args.steps}", "model.feature_redraw_interval=null",
+        *trainer_settings(args, attention, length),
+        f"train.max_steps={args.steps}",
+        "model.feature_redraw_interval=null",
     ]
-    run = common.run_trainer(["configs/tiny.yaml"], settings, out_dir / f"{attention}-{length}", args.ranks,
-                             args.threads_per_rank, args.budget_s)  # fmt: skip
+    run = common.run_trainer(
+        ["configs/tiny.yaml"],
+        settings,
+        out_dir / f"{attention}-{length}",
+        args.ranks,
+        args.threads_per_rank,
+        args.budget_s,
+    )
     if "error" in run:
         return run
     train = [r for r in run["metrics"] if r["kind"] == "train" and r["step"] > 1]  # step 1 carries the warm-up
@@ -132,11 +154,16 @@ def measure_deepspeed(args, attention: str, length: int, out_dir: Path) -> dict:
     rates = [r["tokens_per_s"] for r in train]
     memory = [r for r in run["metrics"] if r["kind"] == "memory"]
     return {
-        "batch": max(1, args.tokens // length), "ranks": args.ranks, "threads_per_rank": args.threads_per_rank,
-        "tokens_per_s": statistics.median(rates), "min_tokens_per_s": min(rates), "max_tokens_per_s": max(rates),
-        "steps_timed": len(rates), "wall_s": run["wall_s"],
+        "batch": max(1, args.tokens // length),
+        "ranks": args.ranks,
+        "threads_per_rank": args.threads_per_rank,
+        "tokens_per_s": statistics.median(rates),
+        "min_tokens_per_s": min(rates),
+        "max_tokens_per_s": max(rates),
+        "steps_timed": len(rates),
+        "wall_s": run["wall_s"],
         "peak_rss_bytes": memory[-1]["peak_rss_bytes"] if memory else None,
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------- summary, report
@@ -160,8 +187,14 @@ def crossover(rates: dict[int, float], baseline: dict[int, float]) -> dict:
 def summarise(records: list[dict]) -> dict:
     summary = {}
     for mode in MODES:
-        rate = {a: {r["length"]: r["tokens_per_s"] for r in records
-                    if r["mode"] == mode and r["attention"] == a and "tokens_per_s" in r} for a in ATTENTIONS}  # fmt: skip
+        rate = {
+            a: {
+                r["length"]: r["tokens_per_s"]
+                for r in records
+                if r["mode"] == mode and r["attention"] == a and "tokens_per_s" in r
+            }
+            for a in ATTENTIONS
+        }
         if rate["favor"] and rate["softmax"]:
             summary[mode] = crossover(rate["favor"], rate["softmax"])
     return summary
@@ -175,7 +208,9 @@ def markdown(results: dict) -> str:
         for attention in ATTENTIONS:
             cells = []
             for length in lengths:
-                record = next((r for r in records if (r["mode"], r["attention"], r["length"]) == (mode, attention, length)), None)
+                record = next(
+                    (r for r in records if (r["mode"], r["attention"], r["length"]) == (mode, attention, length)), None
+                )
                 if record is None:
                     cells.append("")
                 elif "tokens_per_s" not in record:
@@ -184,13 +219,19 @@ def markdown(results: dict) -> str:
                     cells.append(f"{record['tokens_per_s']:,.0f}")
             rows.append([mode, attention, *cells])
         if mode in summary:
-            rows.append([mode, "FAVOR+ / softmax", *(f"{summary[mode]['ratios'][n]:.2f}x" if n in summary[mode]["ratios"]
-                                                     else "" for n in lengths)])  # fmt: skip
+            rows.append(
+                [
+                    mode,
+                    "FAVOR+ / softmax",
+                    *(f"{summary[mode]['ratios'][n]:.2f}x" if n in summary[mode]["ratios"] else "" for n in lengths),
+                ]
+            )
     some = next((r for r in records if "parameters" in r), {})
     lines = [
         f"Training tokens/s (encoder + decoder tokens) of the `tiny` preset seq2seq of configs/tiny.yaml "
         f"({some.get('parameters', 0) / 1e6:.2f}M parameters, d_model 128, 4 heads of 32, 2 + 2 layers, "
-        f"M={next((r['nb_features'] for r in records if r.get('nb_features')), '?')} FAVOR+ features), span corruption (decoder length about L/4.4), "
+        f"M={next((r['nb_features'] for r in records if r.get('nb_features')), '?')} FAVOR+ features), "
+        "span corruption (decoder length about L/4.4), "
         f"{settings['tokens']:,} input tokens per step and process (batch {settings['tokens']} / L), fp32 on "
         f"{results['machine']['cpu_count']} CPU cores:\n",
         "- single: one process, plain PyTorch (forward, backward, AdamW), "
@@ -205,8 +246,10 @@ def markdown(results: dict) -> str:
         if found["favor_ahead_from"] is None:
             lines.append(f"- {mode}: FAVOR+ does not overtake softmax up to L={lengths[-1]}")
         elif "interpolated_length" in found:
-            lines.append(f"- {mode}: crossover at about L={found['interpolated_length']:,} (FAVOR+ ahead from "
-                         f"L={found['favor_ahead_from']:,} on; log-length interpolation of the ratio)")
+            lines.append(
+                f"- {mode}: crossover at about L={found['interpolated_length']:,} (FAVOR+ ahead from "
+                f"L={found['favor_ahead_from']:,} on; log-length interpolation of the ratio)"
+            )
         else:
             lines.append(f"- {mode}: FAVOR+ ahead at every measured length (from L={found['favor_ahead_from']:,})")
     return "\n".join(lines) + "\n"
@@ -219,15 +262,27 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    styles = {("single", "favor"): "o-", ("single", "softmax"): "o--",
-              ("deepspeed", "favor"): "s-", ("deepspeed", "softmax"): "s--"}  # fmt: skip
+    styles = {
+        ("single", "favor"): "o-",
+        ("single", "softmax"): "o--",
+        ("deepspeed", "favor"): "s-",
+        ("deepspeed", "softmax"): "s--",
+    }
     for (mode, attention), style in styles.items():
-        points = sorted((r["length"], r["tokens_per_s"]) for r in results["records"]
-                        if (r["mode"], r["attention"]) == (mode, attention) and "tokens_per_s" in r)  # fmt: skip
+        points = sorted(
+            (r["length"], r["tokens_per_s"])
+            for r in results["records"]
+            if (r["mode"], r["attention"]) == (mode, attention) and "tokens_per_s" in r
+        )
         if points:
             label = f"{'FAVOR+' if attention == 'favor' else 'softmax'}, {mode}"
-            axis.plot(*zip(*points), style, label=label, color="C0" if attention == "favor" else "C3",
-                      alpha=1.0 if mode == "single" else 0.6)  # fmt: skip
+            axis.plot(
+                *zip(*points),
+                style,
+                label=label,
+                color="C0" if attention == "favor" else "C3",
+                alpha=1.0 if mode == "single" else 0.6,
+            )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("input length L (tokens; batch = tokens per step / L)")
     axis.set_ylabel("training tokens/s")
@@ -248,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attentions", default=",".join(ATTENTIONS))
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--tokens", type=int, default=8192, help="input tokens per step and process")
-    parser.add_argument("--data", default="runs/data-s512/train",
-                        help="train manifest ('performer data prepare'), with sentinels for the longest length")
+    parser.add_argument(
+        "--data",
+        default="runs/data-s512/train",
+        help="train manifest ('performer data prepare'), with sentinels for the longest length",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="single mode")
     parser.add_argument("--repeats", type=int, default=5, help="single mode: timed steps")
     parser.add_argument("--ranks", type=int, default=2, help="deepspeed mode")
@@ -269,16 +327,30 @@ def main(argv: list[str] | None = None) -> int:
             for length in (int(n) for n in args.lengths.split(",")):
                 for attention in args.attentions.split(","):
                     if mode == "single":
-                        shared = ["--data", args.data, "--tokens", str(args.tokens), "--threads", str(args.threads),
-                                  "--repeats", str(args.repeats), "--attention", attention, "--length", str(length)]
+                        shared = [
+                            "--data",
+                            args.data,
+                            "--tokens",
+                            str(args.tokens),
+                            "--threads",
+                            str(args.threads),
+                            "--repeats",
+                            str(args.repeats),
+                            "--attention",
+                            attention,
+                            "--length",
+                            str(length),
+                        ]
                         record = common.run_isolated(script, shared, args.budget_s)
                     else:
                         record = measure_deepspeed(args, attention, length, Path(out_dir))
                     record.update(mode=mode, attention=attention, length=length)
                     print(json.dumps(record), flush=True)
                     records.append(record)
-    settings = {key: getattr(args, key) for key in ("tokens", "threads", "repeats", "ranks", "threads_per_rank",
-                                                     "steps", "data")}  # fmt: skip
+    settings = {
+        key: getattr(args, key)
+        for key in ("tokens", "threads", "repeats", "ranks", "threads_per_rank", "steps", "data")
+    }
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
     common.publish(args.name, results, markdown(results), plot)
     return 0

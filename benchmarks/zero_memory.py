@@ -57,11 +57,18 @@ def run_stage(name: str, args, out_dir: Path) -> dict:
     """One 2-rank job of the trainer; its last "memory" record and its tokens/s."""
     overlays, sets = STAGES[name]
     settings = [
-        f"data.manifest={args.data}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-        f"data.input_length={args.length}", "data.num_workers=0", f"precision={args.precision}", *sets, *args.set,
-    ]  # fmt: skip
-    run = common.run_trainer(["configs/small.yaml", *overlays], settings, out_dir / name, args.ranks,
-                             args.threads_per_rank, args.budget_s)  # fmt: skip
+        f"data.manifest={args.data}",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"data.input_length={args.length}",
+        "data.num_workers=0",
+        f"precision={args.precision}",
+        *sets,
+        *args.set,
+    ]
+    run = common.run_trainer(
+        ["configs/small.yaml", *overlays], settings, out_dir / name, args.ranks, args.threads_per_rank, args.budget_s
+    )
     if "error" in run:
         return {"stage": name, "error": run["error"]}
     record: dict = {"stage": name, "wall_s": run["wall_s"]}
@@ -88,8 +95,7 @@ def parameter_counts(args) -> dict:
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied matrix once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     persistent = sum(p.numel() for p in model.parameters() if p.numel() < args.persistence_threshold)
-    return {"parameters": total, "largest_layer_parameters": largest,
-            "below_stage3_persistence_threshold": persistent}  # fmt: skip
+    return {"parameters": total, "largest_layer_parameters": largest, "below_stage3_persistence_threshold": persistent}
 
 
 def estimates(counts: dict, ranks: int) -> dict[str, int]:
@@ -98,22 +104,33 @@ def estimates(counts: dict, ranks: int) -> dict[str, int]:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     total, largest = counts["parameters"], counts["largest_layer_parameters"]
-    _, zero2, = estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=False)
-    _, zero3, _ = estimate_zero3_model_states_mem_needs(total, largest, ranks, 1, cpu_offload=False,
-                                                         cpu_offload_params=False, zero_init=False)  # fmt: skip
-    offload_cpu, offload_gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, ranks, 1, cpu_offload=True,
-                                                                         cpu_offload_params=True, zero_init=False)
+    (
+        _,
+        zero2,
+    ) = estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=False)
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, ranks, 1, cpu_offload=False, cpu_offload_params=False, zero_init=False
+    )
+    offload_cpu, offload_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, ranks, 1, cpu_offload=True, cpu_offload_params=True, zero_init=False
+    )
     return {
         # Stages 0 and 1 with DeepSpeed's accounting (no estimator of its own): 2 + 18 per parameter
         # whole, and 2 + 2 whole + 16 partitioned.
-        "zero0": 20 * total, "zero1": 4 * total + 16 * total // ranks,
-        "zero2": zero2, "zero3": zero3, "zero3-sized": zero3, "zero3-offload": offload_gpu,
+        "zero0": 20 * total,
+        "zero1": 4 * total + 16 * total // ranks,
+        "zero2": zero2,
+        "zero3": zero3,
+        "zero3-sized": zero3,
+        "zero3-offload": offload_gpu,
         "zero3-offload_cpu_per_node": offload_cpu,
-    }  # fmt: skip
+    }
 
 
 def summarise(records: list[dict], counts: dict) -> dict:
-    held = {r["stage"]: max(rank["total"] - rank["buffers"] for rank in r["per_rank"]) for r in records if "per_rank" in r}
+    held = {
+        r["stage"]: max(rank["total"] - rank["buffers"] for rank in r["per_rank"]) for r in records if "per_rank" in r
+    }
     summary: dict = {}
     for stage, value in held.items():
         summary[f"bytes_per_parameter@{stage}"] = value / counts["parameters"]
@@ -137,26 +154,47 @@ def markdown(results: dict) -> str:
         worst = max(ranks, key=lambda rank: rank["total"] - rank["buffers"])
         states = worst["total"] - worst["buffers"]
         ratio = results["summary"].get(f"ratio_vs_zero0@{stage}")
-        rows.append([
-            stage, common.mebibytes(estimate[stage]), common.mebibytes(states),
-            f"{states / counts['parameters']:.2f}", *(common.mebibytes(worst[role]) for role in ROLES),
-            "-" if ratio is None else f"{ratio:.3f}",
-            " / ".join(common.mebibytes(rank["peak_rss_bytes"]) for rank in ranks),
-        ])  # fmt: skip
+        rows.append(
+            [
+                stage,
+                common.mebibytes(estimate[stage]),
+                common.mebibytes(states),
+                f"{states / counts['parameters']:.2f}",
+                *(common.mebibytes(worst[role]) for role in ROLES),
+                "-" if ratio is None else f"{ratio:.3f}",
+                " / ".join(common.mebibytes(rank["peak_rss_bytes"]) for rank in ranks),
+            ]
+        )
     summary = results["summary"]
-    held0, held3 = (max((r["total"] - r["buffers"] for r in record["per_rank"]), default=None)
-                    for record in (next((x for x in results["records"] if x["stage"] == stage and "per_rank" in x), {"per_rank": []})
-                                   for stage in ("zero0", "zero3")))  # fmt: skip
-    buffers3 = max((r["buffers"] for x in results["records"] if x["stage"] == "zero3" for r in x.get("per_rank", [])),
-                   default=0)
-    persistent_bytes = counts["below_stage3_persistence_threshold"] * (2 if settings["precision"] != "fp32" else 4)
+    held0, held3 = (
+        max((r["total"] - r["buffers"] for r in record["per_rank"]), default=None)
+        for record in (
+            next((x for x in results["records"] if x["stage"] == stage and "per_rank" in x), {"per_rank": []})
+            for stage in ("zero0", "zero3")
+        )
+    )
+    buffers3 = max(
+        (r["buffers"] for x in results["records"] if x["stage"] == "zero3" for r in x.get("per_rank", [])), default=0
+    )
+    persistent_elements = counts["below_stage3_persistence_threshold"]
+    persistent_bytes = persistent_elements * (2 if settings["precision"] != "fp32" else 4)
     lines = [
         f"`small` preset seq2seq ({counts['parameters'] / 1e6:.2f}M parameters, tied embeddings counted once), "
         f"{settings['precision']}, {settings['ranks']} CPU ranks (gloo, {settings['threads_per_rank']} thread each), "
         f"micro batch {settings['micro_batch']} x {settings['length']} input tokens, {settings['steps']} steps, "
         "figures of the last step after its backward (before the optimizer step); the rank holding most:\n",
-        common.table(["ZeRO", "DeepSpeed estimate / rank", "model states held / rank", "bytes / param",
-                      *ROLES, "vs ZeRO-0", "peak RSS per rank"], rows),  # fmt: skip
+        common.table(
+            [
+                "ZeRO",
+                "DeepSpeed estimate / rank",
+                "model states held / rank",
+                "bytes / param",
+                *ROLES,
+                "vs ZeRO-0",
+                "peak RSS per rank",
+            ],
+            rows,
+        ),
         "",
         "- model states = parameters + gradients + optimizer (fp32 master weights and Adam moments), the "
         "quantity DeepSpeed's estimators describe; `buffers` (reduce buckets and other staging tensors, "
@@ -167,9 +205,13 @@ def markdown(results: dict) -> str:
         f"- parameters below ZeRO-3's persistence threshold ({settings['persistence_threshold']:,} elements, kept "
         f"whole on every rank as well as partitioned: at d_model 256 every attention matrix, 65,536 elements): "
         f"{counts['below_stage3_persistence_threshold'] / 1e6:.2f}M, "
-        f"{common.mebibytes(counts['below_stage3_persistence_threshold'] * (2 if settings['precision'] != 'fp32' else 4))}"
+        f"{common.mebibytes(persistent_bytes)}"
         " per rank of ZeRO-3's parameters column; without them (a wider model, or a lower threshold) ZeRO-3 would "
-        + (f"hold {(held3 - persistent_bytes) / held0:.3f} x ZeRO-0." if held0 and held3 else "hold about 0.5 x ZeRO-0."),
+        + (
+            f"hold {(held3 - persistent_bytes) / held0:.3f} x ZeRO-0."
+            if held0 and held3
+            else "hold about 0.5 x ZeRO-0."
+        ),
         "- buffers: ZeRO-3 keeps DeepSpeed's reduce bucket for good, reduce_bucket_size = 5e8 elements by default "
         f"(the trainer does not set it), {common.mebibytes(buffers3)} here whatever the model's size"
         + (f", {buffers3 / held3:.0f} x the model states " if held3 and buffers3 else " ")
@@ -181,7 +223,7 @@ def markdown(results: dict) -> str:
         "- DeepSpeed estimates: estimate_zero2_model_states_mem_needs / estimate_zero3_model_states_mem_needs "
         "(GPU column, cpu_offload off; zero3-offload: offload_optimizer and offload_param on); ZeRO-0 = 20 bytes "
         "x parameters, ZeRO-1 = 4 + 16 / ranks bytes x parameters, in the estimators' accounting.",
-        "- CPU offload on a CPU-only machine moves nothing (the \"device\" is host memory): the offload row shows what "
+        '- CPU offload on a CPU-only machine moves nothing (the "device" is host memory): the offload row shows what '
         "the ranks hold in all; on a GPU the optimizer state and the parameter partitions would live in host memory.",
         "- peak RSS includes the Python, torch and DeepSpeed runtime (about 0.4-0.5 GiB per rank here) and the "
         "activations of one micro batch.",
@@ -199,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="Adam's moments exist from the first step on")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--persistence-threshold", type=int, default=100_000,
-                        help="DeepSpeed's stage3_param_persistence_threshold (its default; for the report)")
+    parser.add_argument(
+        "--persistence-threshold",
+        type=int,
+        default=100_000,
+        help="DeepSpeed's stage3_param_persistence_threshold (its default; for the report)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra trainer overrides for every stage")
     parser.add_argument("--budget-s", type=float, default=600.0)
     parser.add_argument("--name", default="zero_memory")
@@ -212,10 +258,26 @@ def main(argv: list[str] | None = None) -> int:
             record = run_stage(stage, args, Path(out_dir))
             print(json.dumps(record), flush=True)
             records.append(record)
-    settings = {key: getattr(args, key) for key in ("ranks", "threads_per_rank", "precision", "steps", "micro_batch",
-                                                     "length", "persistence_threshold", "set")}  # fmt: skip
-    results = {"settings": settings, "machine": common.machine(), "counts": counts,
-               "estimates": estimates(counts, args.ranks), "records": records}  # fmt: skip
+    settings = {
+        key: getattr(args, key)
+        for key in (
+            "ranks",
+            "threads_per_rank",
+            "precision",
+            "steps",
+            "micro_batch",
+            "length",
+            "persistence_threshold",
+            "set",
+        )
+    }
+    results = {
+        "settings": settings,
+        "machine": common.machine(),
+        "counts": counts,
+        "estimates": estimates(counts, args.ranks),
+        "records": records,
+    }
     results["summary"] = summarise(records, counts)
     common.publish(args.name, results, markdown(results))
     return 0

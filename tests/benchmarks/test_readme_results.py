@@ -22,7 +22,9 @@ from benchmarks import readme_tables  # noqa: E402
 
 def test_readme_agrees_with_the_results_files():
     report = readme_tables.check()
-    assert not report, f"README.md disagrees with benchmarks/results (run python benchmarks/readme_tables.py):\n{report}"
+    assert not report, (
+        f"README.md disagrees with benchmarks/results (run python benchmarks/readme_tables.py):\n{report}"
+    )
 
 
 def test_a_hand_edited_table_cell_or_quoted_figure_is_caught():
@@ -66,4 +68,6 @@ def test_every_results_file_the_readme_shows_is_named_in_a_source_line():
     text = readme_tables.README.read_text()
     for block in readme_tables.BLOCKS.values():
         for name in block.sources:
-            assert f"From `benchmarks/results/{name}.json`" in text or f"; `benchmarks/results/{name}.json`" in text, name
+            assert f"From `benchmarks/results/{name}.json`" in text or f"; `benchmarks/results/{name}.json`" in text, (
+                name
+            )
