@@ -60,7 +60,7 @@ class ModelSection(ModelConfig):
     redraw_mode: str = "smooth"
     (
         "smooth: each new draw is reached gradually over the interval, no step sees a jump; swap: replaced at once "
-        "(the Performer paper's redraw; the loss jumps ~0.9 nats on the tiny config)."
+        "(the Performer paper's redraw; the loss jumps at each one: benchmarks/results/redraw.md)."
     )
     # Pretraining defaults that differ from the library's:
     feature_map: str = "favor++"

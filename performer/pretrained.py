@@ -7,7 +7,7 @@ An export directory::
     tokenizer/          a copy of the tokenizer directory, when one was given
     README.md           a short model card
 
-Rules (see DESIGN.md, "Redraw" and "Security"):
+Rules (the redraw rules of performer/redraw.py; the pickle policy of docs/reliability.md, "Security"):
 * The FAVOR+ projections are part of the model: they are stored (always float32, whatever the
   weight dtype), marked fixed (``projection_fixed`` is True in the file) and automatic redraw is
   off in the stored config, so a fine-tuner sees exactly the features the model was trained with.

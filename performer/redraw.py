@@ -1,6 +1,6 @@
 """When and how FAVOR+ projections are (re)drawn.
 
-Rules (see DESIGN.md, "Redraw"):
+Rules:
 * A projection is a pure function of (base seed, projection id, redraw step): two processes with the
   same base seed hold bitwise-equal projections, so a trainer only has to agree on one integer.
 * Projection ids are assigned by the outermost module at construction, in ``modules()`` order,
@@ -45,11 +45,10 @@ class RedrawSchedule:
 
     * ``swap``: draw kI trains steps kI + 1 .. (k + 1)I, and is replaced at once by the next one
       (the Performer paper's redraw). The model has co-adapted to the old draw: on the tiny
-      config the train loss jumps by ~0.9 nats and takes ~150 steps to recover
-      (benchmarks/results/redraw.md).
+      config the train loss jumps and takes many steps to recover (benchmarks/results/redraw.md).
     * ``smooth``: the projection travels from draw kI (step kI + 1) to draw (k + 1)I (step
       (k + 1)I + 1) along cos/sin blends, one small move per step, every row exactly N(0, I)
-      throughout (unbiased features); no step sees a jump (+0.01 nats measured).
+      throughout (unbiased features); no step sees a jump (benchmarks/results/redraw.md).
     """
 
     interval: int | None = None
