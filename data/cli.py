@@ -3,12 +3,16 @@
     performer data tokenizer --out DIR [corpus options] [--vocab-size 8000 ...]
     performer data shards    --tokenizer DIR --out DIR [--split train] [corpus options]
     performer data prepare   --source stdlib --out DIR     # tokenizer + train/heldout shards
+    performer data prepare   --paths c4/ --out DIR         # ... of any corpus format (data/sources.py)
     performer data verify    DIR                           # every shard against its manifest
     performer data inspect   DIR [--tokenizer DIR]         # manifest summary + decoded documents
     performer data sample    DIR [--objective ...]         # one stream batch, decoded: what the model sees
 
 Each subcommand is a plain function of its parsed arguments returning an exit code; what it
 reads is checked before it writes anything, and a bad input is a DataError (one line, exit 2).
+A corpus file or record that cannot be read stops the command (`--on-error stop`, before any
+manifest is written) or is left out, counted, printed at the end and listed in the manifests'
+`source.skipped` (`--on-error skip`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Iterator
 
-from data.corpus import SOURCES, CorpusConfig, iter_documents, source_paths
+from data.corpus import OLD_SOURCES, SOURCES, CorpusConfig, Skipped, iter_documents, plan
 from data.objectives import OBJECTIVES
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
+from data.sources import FORMATS, ON_ERROR
 from data.stream import DataError, ShardReader, StreamConfig, TokenStream, check_shard_paths
 from data.tokenizer import MODEL_TYPES, TOKENIZER_DIR, Tokenizer, TokenizerConfig, train_tokenizer
 from performer import strict
@@ -108,12 +114,30 @@ def _corpus_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("corpus")
     group.add_argument(
         "--source",
-        choices=SOURCES,
-        default="stdlib",
-        help="stdlib = this Python's standard library sources (no download)",
+        choices=(*SOURCES, *OLD_SOURCES),
+        default=None,
+        help="stdlib = this Python's standard library sources, no download (the default without --paths); "
+        "paths = --paths (the default with them); files/jsonl = --paths read as text/JSON lines",
     )
-    group.add_argument("--paths", nargs="*", default=(), help="files, directories or globs (files/jsonl)")
-    group.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    group.add_argument(
+        "--paths",
+        nargs="*",
+        default=(),
+        help="files, directories (recursive) or quoted globs: JSON lines, JSON lists, Parquet, save_to_disk "
+        "directories, WebDataset tars, .txt/.md/.py; .gz/.zst/.xz/.bz2 compressed or not",
+    )
+    group.add_argument(
+        "--format", choices=FORMATS, default=None, help="read every file as this format (default: from its name)"
+    )
+    group.add_argument(
+        "--text-field", default="text", help="field holding the text in records; dotted for nested (meta.text)"
+    )
+    group.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="stop",
+        help="a file or record that cannot be read: stop (exit 2, nothing written) or skip (leave it out, list it)",
+    )
     group.add_argument("--heldout-fraction", type=float, default=CorpusConfig.heldout_fraction)
     group.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
 
@@ -141,13 +165,15 @@ def _shard_options(parser: argparse.ArgumentParser) -> None:
 def _corpus_config(args) -> CorpusConfig:
     """The corpus, its paths checked (they must name something) before any work."""
     corpus = CorpusConfig(
-        source=args.source,
+        source=args.source or ("paths" if args.paths else "stdlib"),
         paths=tuple(args.paths),
+        format=args.format,
         text_field=args.text_field,
         heldout_fraction=args.heldout_fraction,
         max_documents=args.max_documents,
+        on_error=args.on_error,
     )
-    source_paths(corpus)
+    plan(corpus, skipped=[])  # what is skipped is counted while reading
     return corpus
 
 
@@ -179,9 +205,11 @@ def _shard_config(args) -> ShardConfig:
 # ------------------------------------------------------------------------------------- commands
 
 
-def _train(corpus: CorpusConfig, config: TokenizerConfig, out: Path, split: str | None) -> Tokenizer:
+def _train(
+    corpus: CorpusConfig, config: TokenizerConfig, out: Path, split: str | None, skipped: list[Skipped]
+) -> Tokenizer:
     started = time.perf_counter()
-    texts = (doc.text for doc in iter_documents(corpus, split))
+    texts = (doc.text for doc in iter_documents(corpus, split, skipped))
     tokenizer = train_tokenizer(texts, config, out)
     print(
         f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
@@ -190,10 +218,59 @@ def _train(corpus: CorpusConfig, config: TokenizerConfig, out: Path, split: str 
     return tokenizer
 
 
-def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out: Path, split: str) -> Manifest:
-    texts = (doc.text for doc in iter_documents(corpus, None if split == "all" else split))
+MAX_SKIPS_RECORDED = 1000  # entries of the skip list kept in a manifest (the counts are complete)
+MAX_SKIPS_PRINTED = 50
+
+
+def _skip_record(corpus: CorpusConfig, skipped: list[Skipped]) -> dict:
+    """The manifest's account of what `--on-error skip` left out (empty under stop)."""
+    if corpus.on_error != "skip":
+        return {}
+    return {
+        "skipped": {
+            "files": sum(s.what == "file" for s in skipped),
+            "records": sum(s.what == "record" for s in skipped),
+            "list": [s._asdict() for s in skipped[:MAX_SKIPS_RECORDED]],
+        }
+    }
+
+
+def _print_skipped(corpus: CorpusConfig, skipped: list[Skipped]) -> None:
+    if corpus.on_error != "skip":
+        return
+    files, records = sum(s.what == "file" for s in skipped), sum(s.what == "record" for s in skipped)
+    print(f"skipped (--on-error skip): {files} file(s), {records} record(s)" + (":" if skipped else ""))
+    for entry in skipped[:MAX_SKIPS_PRINTED]:
+        print(f"  {entry.where}: {entry.problem}")
+    if len(skipped) > MAX_SKIPS_PRINTED:
+        print(f"  ... {len(skipped) - MAX_SKIPS_PRINTED} more: the manifests' source.skipped lists them")
+
+
+def _write(
+    corpus: CorpusConfig,
+    tokenizer: Tokenizer,
+    config: ShardConfig,
+    out: Path,
+    split: str,
+    known: list[Skipped] | None = None,
+    met: list[Skipped] | None = None,
+) -> Manifest:
+    """Tokenize and write one split. `known`: what an earlier pass over the corpus left out (it
+    goes into the manifest as is); without it, what this pass meets (appended to `met`) fills the
+    manifest's record as the documents run out, before the manifest is written."""
+    source = {"corpus": strict.plain(corpus)}
+    met = [] if met is None else met
+
+    def texts() -> Iterator[str]:
+        for doc in iter_documents(corpus, None if split == "all" else split, met):
+            yield doc.text
+        if known is None:
+            source.update(_skip_record(corpus, met))
+
+    if known is not None:
+        source.update(_skip_record(corpus, known))
     arrays = tokenize_texts(
-        texts,
+        texts(),
         tokenizer,
         num_workers=config.num_workers,
         documents_per_task=config.documents_per_task,
@@ -206,7 +283,7 @@ def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out:
         special=tokenizer.special,
         config=config,
         tokenizer_fingerprint=tokenizer.fingerprint,
-        source={"corpus": strict.plain(corpus)},
+        source=source,
     )
     size = sum(s.bytes for s in manifest.shards)
     print(
@@ -218,13 +295,17 @@ def _write(corpus: CorpusConfig, tokenizer: Tokenizer, config: ShardConfig, out:
 
 def cmd_tokenizer(args) -> int:
     out, corpus, config = _out_dir(args), _corpus_config(args), _tokenizer_config(args)
-    _train(corpus, config, out, split="train")
+    skipped: list[Skipped] = []
+    _train(corpus, config, out, split="train", skipped=skipped)
+    _print_skipped(corpus, skipped)
     return 0
 
 
 def cmd_shards(args) -> int:
     out, corpus, config = _out_dir(args), _corpus_config(args), _shard_config(args)
-    _write(corpus, Tokenizer.load(args.tokenizer), config, out, args.split)
+    skipped: list[Skipped] = []
+    _write(corpus, Tokenizer.load(args.tokenizer), config, out, args.split, met=skipped)
+    _print_skipped(corpus, skipped)
     return 0
 
 
@@ -236,10 +317,13 @@ def cmd_prepare(args) -> int:
             "--heldout-fraction 0 leaves the held-out split that prepare writes empty; give a "
             "fraction > 0 (or build the splits with `performer data shards --split`)"
         )
-    # The tokenizer sees only training documents, so held-out text stays unseen.
-    tokenizer = _train(corpus, tokenizer_config, out / TOKENIZER_DIR, split="train")
+    # The tokenizer sees only training documents, so held-out text stays unseen; its pass reads
+    # every file, so a bad one stops the command before any shard is written.
+    skipped: list[Skipped] = []
+    tokenizer = _train(corpus, tokenizer_config, out / TOKENIZER_DIR, split="train", skipped=skipped)
     for split in ("train", "heldout"):
-        _write(corpus, tokenizer, shard_config, out / split, split)
+        _write(corpus, tokenizer, shard_config, out / split, split, known=skipped)
+    _print_skipped(corpus, skipped)
     return 0
 
 

@@ -1,15 +1,21 @@
-"""Text sources for pretraining: files, directories, globs, JSONL, and the embedded stdlib corpus.
+"""Corpora for pretraining: the embedded stdlib corpus, or files of any format `data.sources` reads.
 
-A corpus yields `Document(doc_id, text)` in a deterministic order (sorted ids), so every machine
-that builds shards from the same inputs builds the same shards.
+A corpus yields `Document(doc_id, text)` in a deterministic order (sorted file names, then file
+order), so every machine that builds shards from the same inputs builds the same shards.
 
 Sources (`CorpusConfig.source`):
 - ``"stdlib"``: the `.py` sources of the running interpreter's standard library (~730 files,
   ~12 MB of real text on every machine with Python; test suites and site-packages excluded).
   Document ids are paths relative to the stdlib root, so they do not name this machine.
-- ``"files"``: text files from paths, directories (recursively, filtered by `extensions`) and
-  glob patterns; one file is one document.
-- ``"jsonl"``: JSON Lines files; each line is an object whose `text_field` holds one document.
+- ``"paths"``: files, directories (recursively) and glob patterns in any format of
+  `data.sources.FORMATS` (JSON lines, JSON lists, Parquet, saved Hugging Face datasets, WebDataset
+  tars, plain text; compressed or not), detected from each file's name unless `format` forces one.
+  `text_field` is a dotted path into records (``meta.text``).
+- ``"files"`` and ``"jsonl"`` (older configs and manifests): paths read as plain text (directories
+  filtered by `extensions`, ``.txt .md .py`` by default) or as JSON lines (``.jsonl``/``.json``).
+
+A file or record that cannot be read stops the build (`on_error="stop"`, a DataError naming the
+file, the line or row, the problem and the fix) or is left out and listed (``"skip"``).
 
 The held-out split is a pure function of each document's content: a document is held out when
 the first 8 bytes of sha256(salt + text) fall below `heldout_fraction` of 2**64. Duplicates
@@ -19,139 +25,94 @@ therefore always land on the same side, and adding documents never moves existin
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
-import json
-import os
-import sysconfig
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 from data.errors import DataError
+from data.sources import FORMATS, ON_ERROR, Document, Skipped, WorkUnit, plan_units, read_unit, stdlib_units
+from data.sources import stdlib_root as stdlib_root
 from performer import strict
 
-SOURCES = ("stdlib", "files", "jsonl")
+SOURCES = ("stdlib", "paths")
+# Sources of older configs and manifests: paths read in one format, directories filtered by suffix.
+OLD_SOURCES = {"files": ("text", (".txt", ".md", ".py")), "jsonl": ("jsonl", (".jsonl", ".json"))}
 SPLITS = ("train", "heldout")
-
-# Directories of the stdlib that are not "library text": test suites and third-party packages.
-_STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-
-
-class Document(NamedTuple):
-    doc_id: str  # stable identifier: a relative path, or "file:line" for JSONL
-    text: str
 
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
-    source: str = "stdlib"  # one of SOURCES
-    paths: tuple[str, ...] = ()  # files, directories or glob patterns (for "files" and "jsonl")
-    text_field: str = "text"  # JSONL field holding the document text
-    extensions: tuple[str, ...] = (".txt", ".md", ".py")  # files picked from directories
+    source: str = "stdlib"  # one of SOURCES (or OLD_SOURCES)
+    paths: tuple[str, ...] = ()  # files, directories or glob patterns
+    format: str | None = None  # one of data.sources.FORMATS for every file; None: from each file's name
+    text_field: str = "text"  # field holding the text in JSON/Parquet/Arrow records; dotted: nested
+    extensions: tuple[str, ...] = ()  # files picked from directories; () = every recognised format
     heldout_fraction: float = 0.03  # share of documents held out for evaluation, by content hash
     split_salt: str = "performer-heldout-v1"  # change it to draw a different held-out split
     max_documents: int | None = None  # keep only the first N documents (after sorting): smoke runs
     min_chars: int = 1  # skip documents shorter than this (after stripping whitespace)
+    on_error: str = "stop"  # a bad file or record: "stop" (DataError) or "skip" (left out, listed)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CorpusConfig":
-        """From a plain mapping (YAML); unknown keys are errors."""
+        """From a plain mapping (YAML, a manifest's recorded corpus); unknown keys are errors."""
         return strict.build(cls, values, "corpus")
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
+        if self.source not in SOURCES and self.source not in OLD_SOURCES:
             raise DataError(f"corpus.source={self.source!r}: choose one of {SOURCES}")
         if self.source != "stdlib" and not self.paths:
             raise DataError(f"corpus.source={self.source!r} needs corpus.paths (files, dirs or globs)")
+        if self.source == "stdlib" and self.paths:
+            raise DataError("corpus.source='stdlib' reads no paths; drop --source stdlib to read corpus.paths")
+        if self.format is not None and (self.format not in FORMATS or self.source != "paths"):
+            raise DataError(f"corpus.format={self.format!r}: choose one of {FORMATS} (with source 'paths') or None")
+        if self.on_error not in ON_ERROR:
+            raise DataError(f"corpus.on_error={self.on_error!r}: choose one of {ON_ERROR}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise DataError(f"corpus.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if self.max_documents is not None and self.max_documents < 1:
             raise DataError(f"corpus.max_documents={self.max_documents} must be >= 1 or None")
 
 
-def stdlib_root() -> Path:
-    """Directory of the running interpreter's standard library."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _stdlib_paths() -> list[tuple[str, Path]]:
-    root = stdlib_root()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS]
-        for name in filenames:
-            if name.endswith(".py"):
-                path = Path(dirpath) / name
-                found.append((path.relative_to(root).as_posix(), path))
-    if not found:
-        raise DataError(f"no .py files under the stdlib directory {root}; use --source files or jsonl")
-    return sorted(found)
-
-
-def _expand_paths(patterns: tuple[str, ...], extensions: tuple[str, ...]) -> list[tuple[str, Path]]:
-    """Expand files, directories and globs to (id, path) pairs; ids are as given, never absolute
-    paths of this machine unless the user passed them."""
-    found: dict[str, Path] = {}
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise DataError(f"corpus path {pattern!r} matched nothing; check the path or quote the glob")
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                for child in sorted(path.rglob("*")):
-                    if child.is_file() and child.suffix in extensions:
-                        found[child.as_posix()] = child
-            elif path.is_file():
-                found[path.as_posix()] = path
-            else:
-                raise DataError(f"corpus path {match!r} does not exist")
-    return sorted(found.items())
-
-
-def _read_text(path: Path) -> str:
-    # Undecodable bytes are replaced, not fatal: one odd file must not stop a corpus build.
-    return path.read_text(encoding="utf-8", errors="replace")
+def plan(config: CorpusConfig, skipped: list[Skipped] | None = None) -> list[WorkUnit]:
+    """The corpus's work units in reading order; a path that names nothing is a DataError (so
+    checking the plan before any work catches it), unreadable Parquet footers go by `on_error`."""
+    if config.source == "stdlib":
+        return stdlib_units()
+    form, extensions = config.format, config.extensions
+    if config.source in OLD_SOURCES:
+        form, default = OLD_SOURCES[config.source]
+        extensions = default if config.source == "jsonl" else (extensions or default)
+    return plan_units(
+        config.paths,
+        format=form,
+        text_field=config.text_field,
+        extensions=extensions,
+        on_error=config.on_error,
+        skipped=skipped,
+    )
 
 
 def source_paths(config: CorpusConfig) -> list[tuple[str, Path]]:
-    """(id, path) of every file of the corpus; DataError when a path names nothing (check it
-    before any work starts)."""
-    if config.source == "stdlib":
-        return _stdlib_paths()
-    return _expand_paths(config.paths, config.extensions if config.source == "files" else (".jsonl", ".json"))
+    """(name, path) of every file of the corpus, sorted; DataError when a path names nothing."""
+    return sorted({(unit.name, Path(unit.path)) for unit in plan(config)})
 
 
-def _iter_raw(config: CorpusConfig) -> Iterator[Document]:
-    if config.source != "jsonl":
-        for doc_id, path in source_paths(config):
-            yield Document(doc_id, _read_text(path))
-    else:
-        for file_id, path in source_paths(config):
-            with open(path, "rb") as handle:
-                for line_no, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line.decode("utf-8"))
-                    except ValueError as error:  # not UTF-8, not JSON
-                        raise DataError(
-                            f"{file_id}:{line_no}: not a JSON line ({error}); JSONL holds one JSON object per line"
-                        ) from None
-                    if not isinstance(record, dict) or config.text_field not in record:
-                        raise DataError(
-                            f"{file_id}:{line_no}: no field {config.text_field!r}; "
-                            "set corpus.text_field to the field that holds the text"
-                        )
-                    yield Document(f"{file_id}:{line_no}", str(record[config.text_field]))
+def _iter_raw(config: CorpusConfig, skipped: list[Skipped] | None) -> Iterator[Document]:
+    for unit in plan(config, skipped):
+        yield from read_unit(unit, text_field=config.text_field, on_error=config.on_error, skipped=skipped)
 
 
-def iter_documents(config: CorpusConfig, split: str | None = None) -> Iterator[Document]:
-    """Documents of the corpus in deterministic order; `split` = "train", "heldout" or None (all)."""
+def iter_documents(
+    config: CorpusConfig, split: str | None = None, skipped: list[Skipped] | None = None
+) -> Iterator[Document]:
+    """Documents of the corpus in deterministic order; `split` = "train", "heldout" or None (all).
+    Under ``on_error="skip"`` what was left out is appended to `skipped` as it is met."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {SPLITS} or None")
     kept = 0
-    for doc in _iter_raw(config):
+    for doc in _iter_raw(config, skipped):
         if config.max_documents is not None and kept >= config.max_documents:
             return
         if len(doc.text.strip()) < config.min_chars:
