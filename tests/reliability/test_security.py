@@ -196,7 +196,7 @@ def test_every_torch_load_is_weights_only_or_behind_verification():
                 found.add((relative, getattr(function, "name", "<module>")))
     assert found <= behind_verification | {(r, "<module>") for r, _ in behind_verification}, found
     # ...and the export resolves (verifies) the tag before it calls that function.
-    source = (REPO / "launcher" / "export.py").read_text()
+    source = (REPO / "launcher" / "commands" / "export.py").read_text()
     assert source.index("resolve_resume_tag(checkpoint_dir") < source.index("state_dict = consolidated_state_dict(")
 
 
