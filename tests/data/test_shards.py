@@ -242,6 +242,29 @@ def test_an_index_left_from_another_writing_of_the_split_is_stale(tmp_path):
         TokenStream(causal_config(tmp_path / "new"))
 
 
+def test_full_verification_checks_every_member_the_stream_start_up_only_the_index(synthetic_shards):
+    """A byte changed inside a member's token data, sha256 not checked: `performer data verify`
+    (full) names the member; the stream's start-up (no tar parsing) accepts the shard, and reading
+    loses that member's documents, reported by (shard, document), never its neighbours'."""
+    root, docs = synthetic_shards
+    manifest = Manifest.load(root)
+    victim = manifest.shards[2]
+    index = verify_shard(manifest, victim)
+    data = bytearray((root / victim.path).read_bytes())
+    data[int(index.offsets[3]) + 4] ^= 0x01  # document 3's second token
+    (root / victim.path).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="member '000000020.tokens.u32': crc32"):
+        verify_shard(manifest, victim, check_sha256=False)
+    assert verify_shard(manifest, victim, check_sha256=False, full=False).members == 1
+
+    stream = TokenStream(causal_config(root, batch_size=1, verify_sha256=False))
+    assert stream.bad_shards == {}
+    with pytest.warns(RuntimeWarning, match=f"{victim.path}: documents 0-9 lost \\(crc32"):
+        tokens = np.concatenate([batch["input_ids"].numpy().ravel() for batch in stream.iter_epoch()])
+    assert set(stream.lost_documents) == {(victim.path, d) for d in range(10)}
+    assert not set(tokens.tolist()) & set(np.concatenate(docs[20:30]).tolist())
+
+
 def test_version_1_splits_still_verify_and_stream(tmp_path):
     docs = synthetic_documents(np.random.default_rng(7).integers(5, 300, size=60))
     manifest = write_shards_v1(
