@@ -1,6 +1,6 @@
 """Throughput of the data pipeline on the stdlib corpus, packed shards against version-1 shards.
 
-    python benchmarks/data_stream.py [--data DIR] [--batches 300] [--repeats 3]
+    python benchmarks/data_stream.py [--data DIR] [--batches 300] [--repeats 5]
 
 Without --data it runs `performer data prepare --source stdlib` (vocab 8000) into a temporary
 directory first and times the tokenizer training and the shard writing. The training split is
@@ -287,7 +287,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="output of `performer data prepare` (built if absent)")
     parser.add_argument("--batches", type=int, default=300, help="timed batches per worker setting")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per setting and layout (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per setting and layout (the median is kept)")
     args = parser.parse_args()
     results: dict = {"machine": common.machine(), "settings": {"batches": args.batches, "repeats": args.repeats}}
     with tempfile.TemporaryDirectory() as tmp:
