@@ -205,7 +205,7 @@ class Manifest:
             problem = "is empty" if path.stat().st_size == 0 else f"is not JSON ({error})"
             raise DataError(f"shard manifest {path} {problem}: damaged or not a manifest; {REBUILD}") from None
         form = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (type(raw).__name__, None)
-        if form[0] != MANIFEST_FORMAT or form[1] not in READABLE_VERSIONS:
+        if form[0] != MANIFEST_FORMAT or type(form[1]) is not int or form[1] not in READABLE_VERSIONS:
             raise DataError(
                 f"{path} is not a {MANIFEST_FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))} "
                 f"(format={form[0]!r}, version={form[1]!r}); point to a split written by `performer data shards`"
