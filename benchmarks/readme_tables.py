@@ -492,6 +492,13 @@ def zero_memory_table(r: Results) -> str:
 
 
 def data_stream_table(r: Results) -> str:
+    """Stream throughput by workers; with the layout of the shards when both layouts were measured."""
+    results = r["data_stream"]
+    layouts = [("packed (v2)", x) for x in results["stream"]] + [
+        ("v1 (member per document)", x) for x in results.get("stream_v1", [])
+    ]
+    layouts.sort(key=lambda item: (item[1]["workers"], not item[0].startswith("packed")))
+    header = ["workers", "raw tokens/s", "input tokens/s", "batches/s", "startup (s)"]
     rows = [
         [
             x["workers"],
@@ -500,9 +507,11 @@ def data_stream_table(r: Results) -> str:
             x["batches_per_s"],
             x["startup_seconds"],
         ]
-        for x in r["data_stream"]["stream"]
+        for _, x in layouts
     ]
-    return common.table(["workers", "raw tokens/s", "input tokens/s", "batches/s", "startup (s)"], rows, align="rrrrr")
+    if "stream_v1" not in results:
+        return common.table(header, rows, align="rrrrr")
+    return common.table(["shards", *header], [[name, *row] for (name, _), row in zip(layouts, rows)], align="lrrrrr")
 
 
 @dataclass(frozen=True)
@@ -721,6 +730,30 @@ def _data_stream(r: Results) -> tuple[str, str, str]:
     model, stream = r["data_stream"]["tiny_model"], r["data_stream"]["stream"]
     faster = round(stream[0]["raw_tokens_per_s"] / model["raw_tokens_per_s"], -1)
     return f"{model['seconds_per_step']:.1f}", f"{model['raw_tokens_per_s'] / 1e3:.0f}", f"{faster:.0f}"
+
+
+def _shard_bytes(r: Results) -> tuple[str, ...]:
+    results = r["data_stream"]
+    stdlib, web = results["shards"], results["web_like"]["shards"]
+    return (
+        f"{stdlib['bytes_per_token']:.3f}",
+        f"{web['bytes_per_token']:.3f}",
+        f"{round(web['tokens_per_document'], -2):.0f}",
+        f"{max(stdlib['tar_over_token_bytes'], web['tar_over_token_bytes']):.3f}",
+        f"{results['shards_v1']['bytes_per_token']:.3f}",
+        f"{results['web_like']['shards_v1']['bytes_per_token']:.3f}",
+    )
+
+
+def _web_like_stream(r: Results) -> tuple[str, ...]:
+    runs = {x["layout"]: x for x in r["data_stream"]["web_like"]["stream"]}
+    packed, v1 = runs["packed"], runs["v1"]
+    return (
+        f"{packed['raw_tokens_per_s'] / 1e6:.2f}",
+        f"{v1['raw_tokens_per_s'] / 1e6:.2f}",
+        f"{packed['startup_seconds']:.3f}",
+        f"{v1['startup_seconds']:.3f}",
+    )
 
 
 FIGURES: list[Figure] = [
@@ -979,6 +1012,22 @@ FIGURES: list[Figure] = [
     Figure(
         "A `tiny` model training step on the same batches takes {} s ({}k raw tokens/s): the stream is ~{}x faster",
         _data_stream,
+    ),
+    Figure(
+        "median of five runs each; the machine was shared, 1-minute load average {} on its {} cores",
+        lambda r: (
+            f"{r['data_stream']['machine']['load_average_1m']:.1f}",
+            str(r["data_stream"]["machine"]["cpu_count"]),
+        ),
+    ),
+    Figure(
+        "without workers the packed shards stream {} M raw tokens/s against {} M, and start in {} s against {} s",
+        _web_like_stream,
+    ),
+    Figure(
+        "{} bytes/token on the stdlib corpus and {} on synthetic web-like documents of ~{} tokens (at most {}x the "
+        "token bytes; with a tar member per document, version 1, {} and {})",
+        _shard_bytes,
     ),
 ]
 

@@ -17,6 +17,8 @@ Sentinels and special ids come from `data.tokenizer.SpecialTokens`; nothing here
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from data.tokenizer import SpecialTokens
@@ -35,13 +37,15 @@ def _noise_counts(length: int, noise_density: float, mean_noise_span_length: flo
     return num_noise, num_spans
 
 
+@functools.lru_cache(maxsize=64)
 def span_corruption_lengths(
     inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
 ) -> tuple[int, int]:
     """(raw tokens per row, target length) such that the inputs are exactly `inputs_length`.
 
     The largest n whose corrupted inputs (non-noise tokens + one sentinel per span + eos) fit in
-    `inputs_length`; T5's `random_spans_helper`. Defaults: 512 -> (568, 114).
+    `inputs_length`; T5's `random_spans_helper`. Defaults: 512 -> (568, 114). A linear search,
+    cached: `StreamConfig.raw_length` asks for it once per batch.
     """
     if inputs_length < 3:
         raise ValueError(f"span corruption needs inputs_length >= 3, got {inputs_length}")

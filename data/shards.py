@@ -1,31 +1,59 @@
-"""Tokenized documents -> WebDataset tar shards + manifest.json, and shard verification.
+"""Tokenized documents -> packed WebDataset tar shards + a memory-mapped index + manifest.json.
 
-On disk, one split is a directory::
+On disk, one split is a directory (format version 2)::
 
-    manifest.json            what the stream trusts: per shard its samples, tokens, bytes, sha256
-    train-000000.tar         webdataset tars written by `webdataset.ShardWriter`: plain ustar,
-    train-000001.tar         mtime 0 (reproducible bytes), one member per document:
-    ...                      "<9-digit key>.u16" = the token ids as raw little-endian uint16
-                             (uint32 when the vocabulary exceeds 65536 ids)
+    manifest.json          what the stream trusts: per split and per shard the documents, tokens,
+                           bytes and sha256, the tokenizer, the writer's settings, and the size and
+                           sha256 of each index file
+    index-documents.npy    (D,) uint32: every document's token count, in split order
+    index-members.npy      (M, 3) int64: per member pair, its first document (index in the split),
+                           the byte offset of its token data in its shard, and that data's crc32
+    index-shards.npy       (S+1, 2) int64: per shard, its first document and first member pair;
+                           the last row is (D, M)
+    train-000000.tar       plain ustar tars, mtime 0 and owner 0 (reproducible bytes), holding
+    train-000001.tar       member pairs of whole documents, in split order:
+    ...                      "<key>.lengths.u32"  each document's token count, uint32 little-endian
+                             "<key>.tokens.u16"   their token ids concatenated, raw little-endian
+                                                  uint16 ("u32": uint32 when the vocabulary exceeds
+                                                  65536 ids)
 
-A document is stored without eos; the stream inserts eos between documents when it packs.
-Keys are the document's index in the split, so members never collide across shards.
+The key is the 9-digit index in the split of the pair's first document, so keys never collide
+across shards and tell where a document lies. A pair holds at most `max_bytes_per_member` (1 MiB)
+of token data unless one document is larger; it never spans shards. A shard closes once it holds
+`max_samples_per_shard` documents or `max_bytes_per_shard` token bytes. Per ~1 MiB of tokens a
+pair costs two 512-byte headers, padding, and 4 bytes per document; each shard ends with tar's
+end blocks and record padding (< 11 KiB). `webdataset.WebDataset` reads a shard as one sample
+per pair, {"__key__", "lengths.u32", "tokens.u16"}. A document is stored without eos; the stream
+inserts eos between documents when it packs.
 
-The manifest also pins the tokenizer (fingerprint + special ids) and the writer's settings;
-`verify_shard` checks a shard against it (size, sha256, tar structure, member count and token
-count) and returns the per-document token counts the stream plans with. A tar cut at a member
-boundary parses without error, which is why counts are always compared with the manifest.
+The index lets every rank plan an epoch without opening a tar: `Manifest.split_index` maps the
+three files (``np.load(mmap_mode="r")``) and checks them against the manifest (size, sha256, and
+the per-shard document and token counts); a stale or damaged index is a DataError. `verify_shard`
+checks a shard against manifest and index and returns the shard's `ShardIndex`: with ``full=False``
+(the stream's start-up) the file's size, its sha256 unless disabled, that the index's members fit
+in it and that the first token member's header is where the index says; with ``full=True``
+(`performer data verify`, `performer check`) every tar header, name, size and offset, every
+lengths member, every token member's crc32 and token ids. The stream checks each member's crc32
+when it reads it, so a member that changed after verification loses its documents, no more.
+
+Version-1 splits (one member "<key>.u16" per document, "samples" in the manifest, no index) are
+still read: their shards are verified by parsing every tar header, as when they were written, and
+each document is a member of its own. `write_shards_v1` writes them, for tests and benchmarks. A
+tar cut at a member boundary parses without error, which is why counts are always compared with
+the manifest and the index.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -39,14 +67,24 @@ from performer import strict
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "performer-token-shards"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # what write_shards writes
+READABLE_VERSIONS = (1, 2)
 KEY_DIGITS = 9
+# The index files beside manifest.json: name in the manifest -> (file, dtype, columns; None = 1-D).
+INDEX_FILES = {
+    "documents": ("index-documents.npy", "<u4", None),
+    "members": ("index-members.npy", "<i8", 3),
+    "shards": ("index-shards.npy", "<i8", 2),
+}
+LENGTHS_FIELD = "lengths.u32"
+REBUILD = "rebuild the split with `performer data shards` (or `performer data prepare`) or restore it"
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardConfig:
     max_samples_per_shard: int = 10_000  # documents per shard at most
     max_bytes_per_shard: int = 64 * 2**20  # token bytes per shard at most (tar headers come on top)
+    max_bytes_per_member: int = 2**20  # token bytes per member pair at most, unless one document is larger
     num_workers: int = 0  # tokenizer processes; 0 = one per CPU, 1 = in this process
     documents_per_task: int = 8  # documents sent to a tokenizer process at a time
 
@@ -56,17 +94,30 @@ class ShardConfig:
         return strict.build(cls, values, "shards")
 
     def __post_init__(self) -> None:
-        if self.max_samples_per_shard < 1 or self.max_bytes_per_shard < 1:
-            raise DataError("shards.max_samples_per_shard and shards.max_bytes_per_shard must be >= 1")
+        if min(self.max_samples_per_shard, self.max_bytes_per_shard, self.max_bytes_per_member) < 1:
+            raise DataError(
+                "shards.max_samples_per_shard, shards.max_bytes_per_shard and shards.max_bytes_per_member must be >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
     path: str  # relative to the manifest's directory, or a URL
-    samples: int  # documents in the shard
+    documents: int  # documents in the shard
     tokens: int  # token ids in the shard (eos not included)
     bytes: int  # size of the tar file
     sha256: str  # of the tar file
+
+    @property
+    def samples(self) -> int:
+        """Version 1's name for `documents`."""
+        return self.documents
+
+    def to_json(self, version: int = MANIFEST_VERSION) -> dict:
+        entry = dataclasses.asdict(self)
+        if version == 1:
+            entry["samples"] = entry.pop("documents")
+        return entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +129,27 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     writer: dict  # the ShardConfig and tar settings used
     source: dict  # what the documents came from (corpus config), informational
-    root: Path = Path(".")  # directory of manifest.json; shard paths are relative to it
+    root: Path = Path(".")  # directory of manifest.json; shard and index paths are relative to it
+    version: int = MANIFEST_VERSION
+    index: dict | None = None  # version 2: name -> {"path", "bytes", "sha256"} of each INDEX_FILES file
 
     @property
     def field(self) -> str:
-        """Member extension of the token arrays: "u16" or "u32"."""
+        """Extension of the token arrays: "u16" or "u32" (version 2 members are "<key>.tokens.<field>")."""
         return "u16" if self.dtype == "uint16" else "u32"
 
     @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    @property
     def samples(self) -> int:
-        return sum(s.samples for s in self.shards)
+        """Version 1's name for `documents`."""
+        return self.documents
 
     @property
     def tokens(self) -> int:
@@ -99,20 +161,32 @@ class Manifest:
             return shard.path
         return str(self.root / shard.path)
 
+    def position(self, shard: ShardInfo) -> int:
+        """Where `shard` is in the shard list."""
+        return self._positions[shard.path]
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, int]:
+        return {shard.path: position for position, shard in enumerate(self.shards)}
+
     def to_json(self) -> dict:
-        return {
+        counts = {"samples": self.documents} if self.version == 1 else {"documents": self.documents}
+        raw = {
             "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
+            "version": self.version,
             "split": self.split,
             "dtype": self.dtype,
-            "samples": self.samples,
+            **counts,
             "tokens": self.tokens,
             "special": self.special.to_dict(),
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "writer": self.writer,
             "source": self.source,
-            "shards": [dataclasses.asdict(s) for s in self.shards],
         }
+        if self.version >= 2:
+            raw["index"] = self.index
+        raw["shards"] = [s.to_json(self.version) for s in self.shards]
+        return raw
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
@@ -120,7 +194,6 @@ class Manifest:
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_FILE
-        rebuild = "rebuild the split with `performer data shards` (or `performer data prepare`) or restore it"
         if not path.is_file():
             raise DataError(
                 f"no shard manifest at {path}; build shards with `performer data shards` "
@@ -130,27 +203,36 @@ class Manifest:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:  # not UTF-8, not JSON, cut short
             problem = "is empty" if path.stat().st_size == 0 else f"is not JSON ({error})"
-            raise DataError(f"shard manifest {path} {problem}: damaged or not a manifest; {rebuild}") from None
+            raise DataError(f"shard manifest {path} {problem}: damaged or not a manifest; {REBUILD}") from None
         form = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (type(raw).__name__, None)
-        if form != (MANIFEST_FORMAT, MANIFEST_VERSION):
+        if form[0] != MANIFEST_FORMAT or type(form[1]) is not int or form[1] not in READABLE_VERSIONS:
             raise DataError(
-                f"{path} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest (format={form[0]!r}, "
-                f"version={form[1]!r}); point to a split written by `performer data shards`"
+                f"{path} is not a {MANIFEST_FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                f"(format={form[0]!r}, version={form[1]!r}); point to a split written by `performer data shards`"
             )
+        version = form[1]
         try:
+            count = "samples" if version == 1 else "documents"
+            shards = tuple(
+                ShardInfo(path=s["path"], documents=s[count], tokens=s["tokens"], bytes=s["bytes"], sha256=s["sha256"])
+                for s in raw["shards"]
+            )
+            index = None if version == 1 else _index_entries(raw["index"])
             return cls(
                 split=raw["split"],
                 dtype=raw["dtype"],
                 special=SpecialTokens.from_dict(raw["special"]),
                 tokenizer_fingerprint=raw["tokenizer_fingerprint"],
-                shards=tuple(ShardInfo(**s) for s in raw["shards"]),
+                shards=shards,
                 writer=raw["writer"],
                 source=raw["source"],
                 root=path.parent,
+                version=version,
+                index=index,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(
-                f"shard manifest {path} is incomplete or malformed ({type(error).__name__}: {error}); {rebuild}"
+                f"shard manifest {path} is incomplete or malformed ({type(error).__name__}: {error}); {REBUILD}"
             ) from None
 
     def tokenizer(self, directory: str | os.PathLike | None = None) -> Tokenizer | None:
@@ -175,9 +257,33 @@ class Manifest:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the shard list (names, counts, hashes): identifies the data a cursor refers to."""
-        shards = json.dumps([dataclasses.asdict(s) for s in self.shards], sort_keys=True)
+        """sha256 of the shard list (names, counts, hashes): identifies the data a cursor refers to.
+        Computed over the entries as the manifest's version writes them, so that cursors saved
+        against a version-1 split still match it."""
+        shards = json.dumps([s.to_json(self.version) for s in self.shards], sort_keys=True)
         return hashlib.sha256(shards.encode()).hexdigest()
+
+    @functools.cached_property
+    def split_index(self) -> "SplitIndex":
+        """The split's index (version 2), memory-mapped and checked on first use; DataError if it
+        is missing, stale or damaged."""
+        if self.version == 1 or self.index is None:
+            raise DataError(f"the version-{self.version} split {self.root} has no index")
+        return SplitIndex.load(self)
+
+
+def _index_entries(raw: dict) -> dict:
+    """The manifest's "index" mapping, checked for shape (every file named, a plain file name)."""
+    entries = {}
+    for name in INDEX_FILES:
+        entry = raw[name]
+        path, size, digest = entry["path"], entry["bytes"], entry["sha256"]
+        if not isinstance(path, str) or Path(path).name != path or path in ("", ".", ".."):
+            raise ValueError(f"index file {path!r} is not a file name beside the manifest")
+        if not isinstance(size, int) or not isinstance(digest, str):
+            raise TypeError(f"index entry {name!r} needs an integer 'bytes' and a string 'sha256'")
+        entries[name] = {"path": path, "bytes": size, "sha256": digest}
+    return entries
 
 
 def split_beside(manifest: str | os.PathLike, split: str) -> Path | None:
@@ -202,7 +308,226 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def member_names(key: int, field: str) -> tuple[str, str]:
+    """Names of a version-2 member pair: (lengths, tokens)."""
+    return f"{key:0{KEY_DIGITS}d}.{LENGTHS_FIELD}", f"{key:0{KEY_DIGITS}d}.tokens.{field}"
+
+
+# ----------------------------------------------------------------------------------------- index
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardIndex:
+    """Where each document of a verified shard lies: what the stream reads by offset.
+
+    Documents are grouped in members, read whole: a version-2 member pair's token data, or a
+    version-1 document's own member.
+    """
+
+    lengths: np.ndarray  # (n,) tokens of each document
+    member_first: np.ndarray  # (m+1,) int64: first document of each member; the last entry is n
+    member_offsets: np.ndarray  # (m,) int64: byte offset of each member's token data in the tar
+    member_crc32: np.ndarray | None  # (m,) crc32 of each member's token data; None: not recorded (version 1)
+    itemsize: int  # bytes per token id
+    first_document: int = 0  # index in the split of the shard's first document (version 2's keys)
+
+    @classmethod
+    def per_document(cls, offsets: np.ndarray, lengths: np.ndarray, itemsize: int) -> "ShardIndex":
+        """A version-1 shard: every document is a member of its own."""
+        return cls(lengths, np.arange(len(lengths) + 1, dtype=np.int64), offsets, None, itemsize)
+
+    @property
+    def members(self) -> int:
+        return len(self.member_offsets)
+
+    def member_of(self, document: int) -> int:
+        return int(np.searchsorted(self.member_first, document, side="right")) - 1
+
+    def member_documents(self, member: int) -> range:
+        return range(int(self.member_first[member]), int(self.member_first[member + 1]))
+
+    def member_tokens(self, member: int) -> int:
+        first, last = self.member_documents(member).start, self.member_documents(member).stop
+        return int(np.sum(self.lengths[first:last], dtype=np.int64))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """int64 (n,): byte offset of each document's first token in the tar."""
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        before = np.concatenate(([0], np.cumsum(lengths)))  # tokens before each document in the shard
+        member = np.repeat(np.arange(self.members), np.diff(self.member_first))
+        within = before[:-1] - before[self.member_first[member]]
+        return self.member_offsets[member] + within * self.itemsize
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitIndex:
+    """A version-2 split's index files, memory-mapped (module docstring)."""
+
+    documents: np.ndarray  # (D,) uint32 token counts
+    members: np.ndarray  # (M, 3) int64: first document, token data offset, crc32
+    shards: np.ndarray  # (S+1, 2) int64: first document, first member
+
+    @classmethod
+    def load(cls, manifest: Manifest) -> "SplitIndex":
+        """Map the index files and check them against the manifest; DataError naming the file if
+        one is missing, stale (another writing of the split) or damaged."""
+        arrays = {}
+        for name, (_, dtype, columns) in INDEX_FILES.items():
+            entry = manifest.index[name]
+            path = manifest.root / entry["path"]
+            if not path.is_file():
+                raise DataError(f"index file {path} of split {manifest.root} is missing; {REBUILD}")
+            size = path.stat().st_size
+            if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+                found = f"size {size}, manifest says {entry['bytes']}" if size != entry["bytes"] else "sha256 differs"
+                raise DataError(
+                    f"index file {path} does not match the manifest ({found}): stale (from another writing of "
+                    f"the split) or damaged; {REBUILD}"
+                )
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise DataError(f"index file {path} is not a .npy array ({error}); {REBUILD}") from None
+            shape_ok = array.ndim == 1 if columns is None else (array.ndim == 2 and array.shape[1] == columns)
+            if array.dtype != np.dtype(dtype) or not shape_ok:
+                raise DataError(f"index file {path} holds {array.dtype} {array.shape}, not {dtype}; {REBUILD}")
+            arrays[name] = array
+        index = cls(**arrays)
+        problem = index._disagreement(manifest)
+        if problem:
+            raise DataError(f"the index of split {manifest.root} disagrees with its manifest ({problem}); {REBUILD}")
+        return index
+
+    def _disagreement(self, manifest: Manifest) -> str | None:
+        """Why the index does not describe the manifest's shards, or None."""
+        shards, members = self.shards, self.members
+        if len(shards) != len(manifest.shards) + 1:
+            return f"{len(shards) - 1} shards, the manifest lists {len(manifest.shards)}"
+        if tuple(shards[0]) != (0, 0) or tuple(shards[-1]) != (len(self.documents), len(members)):
+            return "the shard table does not span the documents and members"
+        documents = np.diff(shards[:, 0])
+        if np.any(np.diff(shards[:, 1]) < 1) or np.any(documents < 1):
+            return "a shard without documents or members"
+        want = np.array([s.documents for s in manifest.shards])
+        if not np.array_equal(documents, want):
+            s = int(np.flatnonzero(documents != want)[0])
+            return f"shard {manifest.shards[s].path}: {documents[s]} documents, the manifest says {want[s]}"
+        tokens = np.add.reduceat(self.documents, shards[:-1, 0], dtype=np.int64)
+        want = np.array([s.tokens for s in manifest.shards])
+        if not np.array_equal(tokens, want):
+            s = int(np.flatnonzero(tokens != want)[0])
+            return f"shard {manifest.shards[s].path}: {tokens[s]} tokens, the manifest says {want[s]}"
+        firsts = members[:, 0]
+        if len(firsts) and (firsts[0] != 0 or np.any(np.diff(firsts) < 1) or firsts[-1] >= len(self.documents)):
+            return "member pairs out of order"
+        if not np.array_equal(firsts[shards[:-1, 1]], shards[:-1, 0]):
+            return "a shard that does not start with a member pair"
+        return None
+
+    def shard(self, position: int, itemsize: int) -> ShardIndex:
+        """The index of one shard (its documents numbered from 0)."""
+        (d0, m0), (d1, m1) = self.shards[position], self.shards[position + 1]
+        members = np.asarray(self.members[m0:m1])
+        return ShardIndex(
+            lengths=self.documents[d0:d1],
+            member_first=np.append(members[:, 0] - d0, d1 - d0).astype(np.int64),
+            member_offsets=members[:, 1].copy(),
+            member_crc32=members[:, 2].copy(),
+            itemsize=itemsize,
+            first_document=int(d0),
+        )
+
+
 # --------------------------------------------------------------------------------------- writing
+
+
+class _PackedWriter:
+    """Writes member pairs into shards, opening a tar only when a document arrives."""
+
+    def __init__(self, out: Path, split: str, dtype: str, config: ShardConfig):
+        self.out, self.split, self.config = out, split, config
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.field = "u16" if dtype == "uint16" else "u32"
+        self.tar: tarfile.TarFile | None = None
+        self.shard_files: list[Path] = []
+        self.shard_rows: list[tuple[int, int]] = []  # per shard: first document, first member
+        self.shard_counts: list[list[int]] = []  # per shard: documents, tokens
+        self.member_rows: list[tuple[int, int, int]] = []  # per pair: first document, data offset, crc32
+        self.lengths: list[np.ndarray] = []  # per pair: its documents' lengths
+        self.documents = 0  # written so far (in closed pairs)
+        self.pending: list[bytes] = []
+        self.pending_lengths: list[int] = []
+        self.pending_bytes = 0
+
+    def add(self, payload: bytes, length: int) -> None:
+        counts = self.shard_counts[-1] if self.tar is not None else None
+        pending_documents = len(self.pending_lengths)
+        if counts is not None and (
+            counts[0] + pending_documents >= self.config.max_samples_per_shard
+            or counts[1] * self.dtype.itemsize + self.pending_bytes >= self.config.max_bytes_per_shard
+        ):
+            self._close_shard()
+        if self.pending and self.pending_bytes + len(payload) > self.config.max_bytes_per_member:
+            self._flush_pair()
+        if self.tar is None:
+            self._open_shard()
+        self.pending.append(payload)
+        self.pending_lengths.append(length)
+        self.pending_bytes += len(payload)
+
+    def _open_shard(self) -> None:
+        path = self.out / f"{self.split}-{len(self.shard_files):06d}.tar"
+        # ustar: identical inputs give identical bytes (and smaller headers than pax).
+        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.shard_files.append(path)
+        self.shard_rows.append((self.documents, len(self.member_rows)))
+        self.shard_counts.append([0, 0])
+
+    def _add_member(self, name: str, payload: bytes) -> int:
+        """Append one member; returns the byte offset of its data."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(payload), 0, 0o444
+        header = self.tar.offset
+        self.tar.addfile(info, io.BytesIO(payload))
+        return header + tarfile.BLOCKSIZE  # short names: a one-block ustar header
+
+    def _flush_pair(self) -> None:
+        if not self.pending:
+            return
+        lengths = np.asarray(self.pending_lengths, dtype="<u4")
+        tokens = b"".join(self.pending)
+        lengths_name, tokens_name = member_names(self.documents, self.field)
+        self._add_member(lengths_name, lengths.tobytes())
+        offset = self._add_member(tokens_name, tokens)
+        self.member_rows.append((self.documents, offset, zlib.crc32(tokens)))
+        self.lengths.append(lengths)
+        counts = self.shard_counts[-1]
+        counts[0] += len(lengths)
+        counts[1] += len(tokens) // self.dtype.itemsize
+        self.documents += len(lengths)
+        self.pending, self.pending_lengths, self.pending_bytes = [], [], 0
+
+    def _close_shard(self) -> None:
+        self._flush_pair()
+        self.tar.close()
+        self.tar = None
+
+    def close(self) -> tuple[list[ShardInfo], dict[str, np.ndarray]]:
+        if self.tar is not None:
+            self._close_shard()
+        shards = [
+            ShardInfo(
+                path=path.name, documents=documents, tokens=tokens, bytes=path.stat().st_size, sha256=sha256_file(path)
+            )
+            for path, (documents, tokens) in zip(self.shard_files, self.shard_counts)
+        ]
+        arrays = {
+            "documents": np.concatenate(self.lengths).astype("<u4"),
+            "members": np.array(self.member_rows, dtype="<i8").reshape(-1, 3),
+            "shards": np.array([*self.shard_rows, (self.documents, len(self.member_rows))], dtype="<i8"),
+        }
+        return shards, arrays
 
 
 def write_shards(
@@ -215,34 +540,100 @@ def write_shards(
     tokenizer_fingerprint: str | None = None,
     source: dict | None = None,
 ) -> Manifest:
-    """Write token arrays (one per document, empty ones skipped) as shards + manifest.json."""
+    """Write token arrays (one per document, empty ones skipped) as packed shards, their index and
+    manifest.json (module docstring). Nothing is written for a split without documents."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(special.vocab_size)
-    field = "u16" if dtype == "uint16" else "u32"
-    counts: dict[str, list[int]] = {}  # shard file -> [samples, tokens]
-    pattern = str(out / f"{split}-%06d.tar")
+    stored = np.dtype(dtype).newbyteorder("<")
+    writer = _PackedWriter(out, split, dtype, config)
     index = 0
-    # ShardWriter opens its first tar eagerly, so peek first: an empty split writes no files.
-    documents = iter(documents)
-    first = next((d for d in documents if len(d)), None)
-    if first is None:
+    try:
+        for tokens in documents:
+            if len(tokens) == 0:
+                continue
+            if int(np.max(tokens)) >= special.vocab_size or int(np.min(tokens)) < 0:
+                raise ValueError(f"document {index} has ids outside [0, {special.vocab_size})")
+            if len(tokens) >= 2**32:
+                raise ValueError(f"document {index} has {len(tokens)} tokens, more than a uint32 length holds")
+            writer.add(np.ascontiguousarray(tokens, dtype=stored).tobytes(), len(tokens))
+            index += 1
+    except BaseException:
+        if writer.tar is not None:
+            writer.tar.close()
+        raise
+    if index == 0:
         raise DataError(
             f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
             "another --heldout-fraction)"
         )
-    # mtime=0 and ustar: identical inputs give identical bytes (and smaller headers than pax).
+    shards, arrays = writer.close()
+    entries = {}
+    for name, (filename, _, _) in INDEX_FILES.items():
+        path = out / filename
+        tmp = out / (filename + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, arrays[name], allow_pickle=False)
+        os.replace(tmp, path)
+        entries[name] = {"path": filename, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = Manifest(
+        split=split,
+        dtype=dtype,
+        special=special,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        shards=tuple(shards),
+        writer={
+            **strict.plain(config),
+            "tar_format": "ustar",
+            "mtime": 0,
+            "members": f"<key>.{LENGTHS_FIELD} + <key>.tokens.{writer.field}",
+        },
+        source=source or {},
+        root=out,
+        version=MANIFEST_VERSION,
+        index=entries,
+    )
+    _write_manifest(manifest, out)
+    return manifest
+
+
+def _write_manifest(manifest: Manifest, out: Path) -> None:
+    # Write-then-rename: a reader never sees a half-written manifest.
+    tmp = out / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST_FILE)
+
+
+def write_shards_v1(
+    documents: Iterable[np.ndarray],
+    out_dir: str | os.PathLike,
+    *,
+    split: str,
+    special: SpecialTokens,
+    config: ShardConfig = ShardConfig(),
+    tokenizer_fingerprint: str | None = None,
+    source: dict | None = None,
+) -> Manifest:
+    """The version-1 writer (one tar member per document, no index), kept so that tests and
+    benchmarks can check and compare the reading of version-1 splits. `write_shards` is the writer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(special.vocab_size)
+    field = "u16" if dtype == "uint16" else "u32"
+    counts: dict[str, list[int]] = {}  # shard file -> [documents, tokens]
+    documents = (d for d in documents if len(d))
+    first = next(documents, None)  # ShardWriter opens its first tar eagerly
+    if first is None:
+        raise DataError(f"split {split!r} has no non-empty documents; nothing to write")
     with wds.ShardWriter(
-        pattern,
+        str(out / f"{split}-%06d.tar"),
         maxcount=config.max_samples_per_shard,
         maxsize=config.max_bytes_per_shard,
         verbose=0,
         mtime=0,
         format=tarfile.USTAR_FORMAT,
     ) as writer:
-        for tokens in _chain_first(first, documents):
-            if len(tokens) == 0:
-                continue
+        for index, tokens in enumerate(_chain_first(first, documents)):
             if int(np.max(tokens)) >= special.vocab_size or int(np.min(tokens)) < 0:
                 raise ValueError(f"document {index} has ids outside [0, {special.vocab_size})")
             payload = np.ascontiguousarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
@@ -250,31 +641,24 @@ def write_shards(
             stats = counts.setdefault(writer.fname, [0, 0])
             stats[0] += 1
             stats[1] += len(tokens)
-            index += 1
     shards = tuple(
-        ShardInfo(
-            path=Path(fname).name,
-            samples=samples,
-            tokens=tokens,
-            bytes=os.path.getsize(fname),
-            sha256=sha256_file(fname),
-        )
-        for fname, (samples, tokens) in sorted(counts.items())
+        ShardInfo(path=Path(f).name, documents=n, tokens=t, bytes=os.path.getsize(f), sha256=sha256_file(f))
+        for f, (n, t) in sorted(counts.items())
     )
+    writer_settings = {**strict.plain(config), "tar_format": "ustar", "mtime": 0, "field": field}
+    del writer_settings["max_bytes_per_member"]
     manifest = Manifest(
         split=split,
         dtype=dtype,
         special=special,
         tokenizer_fingerprint=tokenizer_fingerprint,
         shards=shards,
-        writer={**strict.plain(config), "tar_format": "ustar", "mtime": 0, "field": field},
+        writer=writer_settings,
         source=source or {},
         root=out,
+        version=1,
     )
-    # Write-then-rename: a reader never sees a half-written manifest.
-    tmp = out / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST_FILE)
+    _write_manifest(manifest, out)
     return manifest
 
 
@@ -344,19 +728,11 @@ def tokenize_texts(
 
 
 class ShardError(Exception):
-    """A shard does not match its manifest entry; the message says how."""
+    """A shard does not match its manifest entry (or the index); the message says how."""
 
 
 class ShardChecksumError(ShardError):
     """Right size, wrong sha256: another file in the shard's place, or silent corruption."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardIndex:
-    """Where each document of a verified shard lies: what the stream reads by offset."""
-
-    offsets: np.ndarray  # int64, byte offset of each document's token array in the tar
-    lengths: np.ndarray  # int64, tokens of each document
 
 
 def read_shard_bytes(url: str) -> bytes:
@@ -365,12 +741,17 @@ def read_shard_bytes(url: str) -> bytes:
         return stream.read()
 
 
-def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = True) -> ShardIndex:
+def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = True, full: bool = True) -> ShardIndex:
     """Check `shard` against its manifest entry; return its index or raise ShardError(reason).
 
-    Checks, in order: the file exists and has the manifest's size; its sha256 matches (unless
-    disabled); it parses as a tar whose members all lie inside the file; it has the manifest's
-    member count, all named "<key>.<field>" with whole token arrays; token counts match.
+    Always: the file exists and has the manifest's size, and its sha256 matches (unless disabled).
+    Version 2 (a bad index is a DataError, raised for the whole split): the index's last member
+    lies inside the file, and then with ``full=False`` the header of the first token member is
+    where the index puts it (one 512-byte read); with ``full=True`` the whole tar parses and holds
+    exactly the index's member pairs, each with its name, size and data offset, the index's
+    document lengths, the index's crc32 and only ids < the vocabulary size. Version 1: the tar
+    parses, its members all lie inside the file and hold whole token arrays, and the member and
+    token counts match (``full`` changes nothing).
     """
     url = manifest.shard_url(shard)
     local = "://" not in url and not url.startswith("pipe:")
@@ -389,14 +770,99 @@ def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = T
         digest = sha256_file(url) if local else hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
             raise ShardChecksumError(f"sha256 {digest[:12]}... differs from the manifest's {shard.sha256[:12]}...")
+    if manifest.version == 1:
+        return _verify_v1(manifest, shard, url if local else io.BytesIO(data), size)
+    position = manifest.position(shard)
+    index = manifest.split_index.shard(position, manifest.itemsize)
+    last = index.members - 1
+    end = int(index.member_offsets[last]) + index.member_tokens(last) * index.itemsize
+    if end > size:
+        raise ShardError(
+            f"the index puts the token data of member pair {last} up to byte {end}, past the end of the "
+            f"{size}-byte file (cut short, or another file)"
+        )
     try:
-        with tarfile.open(url, "r:") if local else tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with open(url, "rb") if local else io.BytesIO(data) as handle:
+            if full:
+                _verify_members(manifest, index, handle, size)
+            else:
+                _probe_first_member(manifest, index, handle)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardError(f"not a readable tar ({error})") from None
+    return index
+
+
+def _probe_first_member(manifest: Manifest, index: ShardIndex, handle) -> None:
+    """The header of the first token member is where the index says: one read, no tar parse."""
+    offset = int(index.member_offsets[0]) - tarfile.BLOCKSIZE
+    name, size = member_names(index.first_document, manifest.field)[1], index.member_tokens(0) * index.itemsize
+    if offset < 0:
+        raise ShardError(f"the index puts member {name!r} at byte {offset}: not this shard's index")
+    handle.seek(offset)
+    try:
+        info = tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.HeaderError as error:
+        raise ShardError(f"not a readable tar: no member header at byte {offset} ({error})") from None
+    if (info.name, info.size) != (name, size):
+        raise ShardError(
+            f"not the tar the index describes: member {info.name!r} of {info.size} bytes at byte {offset}, "
+            f"the index says {name!r} of {size}"
+        )
+
+
+def _verify_members(manifest: Manifest, index: ShardIndex, handle, size: int) -> None:
+    """Every tar member against the index (verify_shard, full=True)."""
+    with tarfile.open(fileobj=handle, mode="r:") as tar:
+        members = tar.getmembers()
+        if len(members) != 2 * index.members:
+            raise ShardError(f"{len(members)} tar members, the index says {index.members} pairs ({2 * index.members})")
+        stored = np.dtype(manifest.dtype).newbyteorder("<")
+        for j in range(index.members):
+            documents = index.member_documents(j)
+            names = member_names(index.first_document + documents.start, manifest.field)
+            lengths = np.asarray(index.lengths[documents.start : documents.stop], dtype=np.int64)
+            sizes = (4 * len(documents), int(lengths.sum()) * index.itemsize)
+            for member, name, nbytes in zip(members[2 * j : 2 * j + 2], names, sizes):
+                if not member.isfile() or member.name != name or member.size != nbytes:
+                    raise ShardError(
+                        f"member {member.name!r} ({member.size} bytes) where the index expects {name!r} ({nbytes})"
+                    )
+                if member.offset_data + member.size > size:
+                    raise ShardError(f"member {member.name!r} runs past the end of the file")
+            lengths_member, tokens_member = members[2 * j : 2 * j + 2]
+            if tokens_member.offset_data != index.member_offsets[j]:
+                raise ShardError(
+                    f"member {tokens_member.name!r} at byte {tokens_member.offset_data}, the index says "
+                    f"{int(index.member_offsets[j])}"
+                )
+            found = np.frombuffer(tar.extractfile(lengths_member).read(), dtype="<u4")
+            if not np.array_equal(found, lengths):
+                raise ShardError(f"member {lengths_member.name!r} holds other document lengths than the index")
+            tokens = tar.extractfile(tokens_member).read()
+            crc = zlib.crc32(tokens)
+            if crc != index.member_crc32[j]:
+                raise ShardError(
+                    f"member {tokens_member.name!r}: crc32 {crc:08x} differs from the index's "
+                    f"{int(index.member_crc32[j]):08x}"
+                )
+            ids = np.frombuffer(tokens, dtype=stored)
+            if len(ids) and int(ids.max()) >= manifest.special.vocab_size:
+                raise ShardError(
+                    f"member {tokens_member.name!r} holds token id {int(ids.max())} >= vocabulary size "
+                    f"{manifest.special.vocab_size}"
+                )
+
+
+def _verify_v1(manifest: Manifest, shard: ShardInfo, source, size: int) -> ShardIndex:
+    """A version-1 shard: one member per document, indexed by parsing every tar header."""
+    try:
+        with tarfile.open(source, "r:") if isinstance(source, str) else tarfile.open(fileobj=source, mode="r:") as tar:
             members = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardError(f"not a readable tar ({error})") from None
-    if len(members) != shard.samples:
-        raise ShardError(f"{len(members)} samples, manifest says {shard.samples}")
-    itemsize = np.dtype(manifest.dtype).itemsize
+    if len(members) != shard.documents:
+        raise ShardError(f"{len(members)} samples, manifest says {shard.documents}")
+    itemsize = manifest.itemsize
     offsets = np.empty(len(members), dtype=np.int64)
     lengths = np.empty(len(members), dtype=np.int64)
     suffix = "." + manifest.field
@@ -409,19 +875,23 @@ def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = T
         lengths[i] = member.size // itemsize
     if int(lengths.sum()) != shard.tokens:
         raise ShardError(f"{int(lengths.sum())} tokens, manifest says {shard.tokens}")
-    return ShardIndex(offsets=offsets, lengths=lengths)
+    return ShardIndex.per_document(offsets, lengths, itemsize)
 
 
 def verify_manifest(
-    manifest: Manifest, *, check_sha256: bool = True
+    manifest: Manifest, *, check_sha256: bool = True, full: bool = True
 ) -> tuple[dict[int, ShardIndex], dict[str, ShardError]]:
-    """Verify every shard: (index of each good shard by position, error of each bad shard by path;
-    str(error) is the reason, its class tells a checksum mismatch from a damaged file)."""
+    """Verify every shard (`verify_shard`): (index of each good shard by position, error of each bad
+    shard by path; str(error) is the reason, its class tells a checksum mismatch from a damaged
+    file). A version-2 index that is missing, stale or damaged is a DataError: nothing can be
+    planned without it."""
+    if manifest.version >= 2:
+        manifest.split_index  # noqa: B018 - loads and checks the index, once
     good: dict[int, ShardIndex] = {}
     bad: dict[str, ShardError] = {}
     for position, shard in enumerate(manifest.shards):
         try:
-            good[position] = verify_shard(manifest, shard, check_sha256=check_sha256)
+            good[position] = verify_shard(manifest, shard, check_sha256=check_sha256, full=full)
         except ShardError as error:
             bad[shard.path] = error
     return good, bad

@@ -22,23 +22,27 @@ Rows are packed, so attention masks are all True and labels hold -100 only where
 says so; the keys are there so that consumers never special-case packing.
 
 How the guarantees are met:
-1. Plan. At construction every shard is verified against the manifest (size, sha256, tar
-   structure, sample and token counts; `data.shards.verify_shard`). Damaged shards (missing,
-   empty, truncated, cut at a member boundary, not a tar) are reported by name, counted
+1. Plan. At construction the split's index is memory-mapped and checked against the manifest
+   (a missing, stale or damaged index is a DataError), and every shard is verified against both
+   without parsing its tar (size, sha256, that the index's members fit in the file, the first
+   member's header; `data.shards.verify_shard` with full=False; version-1 splits, which have no
+   index, parse every tar header as before). Damaged shards (missing, empty, truncated, cut at a
+   member boundary, not a tar) are reported by name, counted
    (`bad_shards`, `lost_samples`) and left out of the plan; every rank verifies the same files
    and so leaves out the same shards (`exclude_shards` lets a trainer make ranks agree). A shard
    of the right size whose sha256 differs is a DataError instead: it is another file in the
    shard's place or silent corruption, and training on it would quietly change the data the
    manifest (and every checkpoint's cursor) promises. No good shard at all is a DataError.
-   A document that turns out unreadable later (the file changed after verification, or holds
-   a token id >= the vocabulary size) is replaced in place by the tokens that follow it in the
-   epoch's order, so every row keeps its shape and every rank its number of batches; it is
-   reported and counted (`lost_documents`), and its tokens are lost, nothing else.
+   A member that turns out unreadable later (the file changed after verification: short read,
+   crc32 other than the index's; or a token id >= the vocabulary size) loses its documents: each
+   is replaced in place by the tokens that follow it in the epoch's order, so every row keeps its
+   shape and every rank its number of batches; they are reported by (shard path, document) and
+   counted (`lost_documents`), and their tokens are lost, nothing else.
 2. Order. Epoch e's document order is a pure function of (seed, e): a permutation of the good
    shards, then a bounded shuffle buffer over their documents. Documents are concatenated with
    eos after each and cut into rows of `raw_length` tokens (568 for span corruption at 512):
-   row k is tokens [k*raw, (k+1)*raw) of that stream. Every token count comes from the verified
-   tar headers, so the plan is computed without reading any token.
+   row k is tokens [k*raw, (k+1)*raw) of that stream. Every token count comes from the index (or,
+   for version 1, the verified tar headers), so the plan is computed without reading any token.
 3. Cursor. The state is (epoch, cursor) where cursor = rows of the epoch consumed by all ranks
    together. After the cursor, consecutive groups of `batch_size` rows are dealt round-robin:
    batch i of rank r holds rows cursor + (i*W + r)*B ... + B-1. Each rank yields exactly
@@ -48,7 +52,8 @@ How the guarantees are met:
 4. Workers. DataLoader worker w of N builds batches i = w, w+N, ... of its rank; the DataLoader
    returns them in order i = 0, 1, 2, ..., so a batch does not depend on the number of
    workers. Reading, packing, the objective and batching all happen inside workers; a worker
-   reads only the documents overlapping its rows (seek + read of one tar member each).
+   reads only the members holding the documents that overlap its rows (seek + read of each
+   member, at most ~1 MiB, kept in a small cache while its documents are used).
 5. Randomness. The objective's RNG for row k of epoch e is seeded with (seed, e, k), so a row
    is corrupted the same way whoever builds it.
 Resuming with the same world size therefore replays exactly the batches an uninterrupted run
@@ -62,8 +67,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import zlib
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +89,12 @@ SHELL_METACHARACTERS = frozenset(";&|$`'\"<>(){}\\\n\r\0")
 
 
 class UnreadableDocument(Exception):
-    """One document could not be read after verification; the message says why."""
+    """A document could not be read after verification; the message says why. `documents` are
+    those lost with it (its member's, numbered in their shard)."""
+
+    def __init__(self, reason: str, documents: Sequence[int] = ()):
+        super().__init__(reason)
+        self.documents = tuple(documents)
 
 
 LOST_KEY = "lost_documents"  # batch key, removed before a batch leaves TokenStream
@@ -222,7 +233,7 @@ def plan_epoch(indices: dict[int, ShardIndex], epoch: int, config: StreamConfig)
         positions = rng.permutation(positions)
     shard = np.concatenate([np.full(len(indices[p].lengths), p, dtype=np.int64) for p in positions])
     member = np.concatenate([np.arange(len(indices[p].lengths), dtype=np.int64) for p in positions])
-    length = np.concatenate([indices[p].lengths for p in positions])
+    length = np.concatenate([np.asarray(indices[p].lengths, dtype=np.int64) for p in positions])
     order = buffered_shuffle(len(shard), config.shuffle_buffer, rng)
     shard, member, length = shard[order], member[order], length[order]
     start = np.concatenate(([0], np.cumsum(length + 1)[:-1])).astype(np.int64)  # +1: eos
@@ -234,16 +245,27 @@ def plan_epoch(indices: dict[int, ShardIndex], epoch: int, config: StreamConfig)
 
 
 class ShardReader:
-    """Reads one document's tokens by (shard, member) through the verified offsets.
+    """Reads one document's tokens by (shard, document) through the verified index.
 
-    Local shards: seek + read on a small pool of open files. Allowed remote or pipe: shards are
-    fetched whole through webdataset's opener and the last few are kept in memory.
+    A document is read as part of its member (a version-2 member pair's token data, or a version-1
+    document's own member): the member is read whole (one seek + read), checked, and kept in a
+    small cache while its documents are read. Its checks: the whole member was read (the file may
+    have changed after verification), its crc32 is the index's (version 2), and no id reaches the
+    vocabulary size. A member that fails them loses all its documents (`UnreadableDocument` lists
+    them). Local shards are read through a small pool of open files; allowed remote or pipe:
+    shards are fetched whole through webdataset's opener and the last few are kept in memory.
     """
 
-    def __init__(self, manifest: Manifest, indices: dict[int, ShardIndex], max_open: int = 8):
+    def __init__(
+        self, manifest: Manifest, indices: dict[int, ShardIndex], max_open: int = 8, max_cached_bytes: int = 32 << 20
+    ):
         self.manifest, self.indices, self.max_open = manifest, indices, max_open
+        self.max_cached_bytes = max_cached_bytes
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self._open: OrderedDict[int, object] = OrderedDict()
+        self._members: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cached_bytes = 0
+        self._failed: dict[tuple[int, int], str] = {}  # (shard, member) -> reason
 
     def _handle(self, shard: int):
         if shard in self._open:
@@ -259,11 +281,42 @@ class ShardReader:
                 old.close()
         return handle
 
-    def read(self, shard: int, member: int) -> np.ndarray:
-        """The document's token ids; UnreadableDocument if the file no longer yields them."""
+    def read(self, shard: int, document: int) -> np.ndarray:
+        """The document's token ids (int64); UnreadableDocument if its member no longer yields them."""
         index = self.indices[shard]
-        offset, count = int(index.offsets[member]), int(index.lengths[member])
-        nbytes = count * self.dtype.itemsize
+        member = index.member_of(document)
+        tokens, starts = self._member(shard, member)
+        i = document - int(index.member_first[member])
+        return tokens[starts[i] : starts[i + 1]].astype(np.int64)
+
+    def _member(self, shard: int, member: int) -> tuple[np.ndarray, np.ndarray]:
+        """The member's token ids as stored and where each of its documents starts in them."""
+        key = (shard, member)
+        cached = self._members.get(key)
+        if cached is not None:
+            self._members.move_to_end(key)
+            return cached
+        index = self.indices[shard]
+        documents = index.member_documents(member)
+        if key not in self._failed:
+            lengths = index.lengths[documents.start : documents.stop]
+            starts = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+            try:
+                tokens = self._load(shard, member, int(starts[-1]))
+            except UnreadableDocument as error:
+                self._failed[key] = str(error)
+            else:
+                self._members[key] = (tokens, starts)
+                self._cached_bytes += tokens.nbytes
+                while self._cached_bytes > self.max_cached_bytes and len(self._members) > 1:
+                    _, (old, _) = self._members.popitem(last=False)
+                    self._cached_bytes -= old.nbytes
+                return tokens, starts
+        raise UnreadableDocument(self._failed[key], documents)
+
+    def _load(self, shard: int, member: int, count: int) -> np.ndarray:
+        index = self.indices[shard]
+        offset, nbytes = int(index.member_offsets[member]), count * self.dtype.itemsize
         try:
             handle = self._handle(shard)
             if isinstance(handle, memoryview):
@@ -276,11 +329,19 @@ class ShardReader:
             raise UnreadableDocument(f"unreadable ({error.strerror or error})") from None
         if len(data) != nbytes:
             raise UnreadableDocument(f"short read ({len(data)} of {nbytes} bytes): the file changed after verification")
-        ids = np.frombuffer(data, dtype=self.dtype).astype(np.int64)
+        ids = np.frombuffer(data, dtype=self.dtype)
         # An id past the vocabulary would index outside the embedding on one rank only.
         vocab = self.manifest.special.vocab_size
-        if count and int(ids.max()) >= vocab:
-            raise UnreadableDocument(f"token id {int(ids.max())} >= vocabulary size {vocab}")
+        too_large = f"token id {int(ids.max())} >= vocabulary size {vocab}" if count and ids.max() >= vocab else None
+        if index.member_crc32 is not None:
+            crc = zlib.crc32(data)
+            if crc != index.member_crc32[member]:
+                raise UnreadableDocument(
+                    f"crc32 {crc:08x} differs from the index's {int(index.member_crc32[member]):08x}: the file "
+                    "changed after verification" + (f" (it holds {too_large})" if too_large else "")
+                )
+        if too_large:
+            raise UnreadableDocument(too_large)
         return ids
 
     def close(self) -> None:
@@ -288,6 +349,15 @@ class ShardReader:
             if hasattr(handle, "close"):
                 handle.close()
         self._open.clear()
+        self._members.clear()
+        self._cached_bytes = 0
+
+
+def _report(lost: list, reader: ShardReader, shard: int, error: UnreadableDocument) -> None:
+    """Append (shard path, document, reason) for every document the error lost, once each."""
+    path = reader.manifest.shards[shard].path
+    known = {(entry[0], entry[1]) for entry in lost}
+    lost.extend((path, d, str(error)) for d in error.documents if (path, d) not in known)
 
 
 def read_rows(
@@ -301,8 +371,9 @@ def read_rows(
 ) -> np.ndarray:
     """Rows [first_row, first_row + num_rows) of the epoch's packed token stream: (num_rows, raw).
 
-    An unreadable document is appended to `lost` as (shard path, member, reason) and its place
-    is filled by `_stand_in`, so the rows keep their shape and their place in the epoch.
+    An unreadable document's place is filled by `_stand_in`, so the rows keep their shape and
+    their place in the epoch; every document its member lost is appended to `lost` as (shard
+    path, document, reason).
     """
     begin, end = first_row * raw_length, (first_row + num_rows) * raw_length
     # Documents overlapping [begin, end): the last one starting at or before `begin`, up to the
@@ -316,7 +387,7 @@ def read_rows(
         try:
             pieces.append(reader.read(int(plan.shard[d]), int(plan.member[d])))
         except UnreadableDocument as error:
-            lost.append((reader.manifest.shards[int(plan.shard[d])].path, int(plan.member[d]), str(error)))
+            _report(lost, reader, int(plan.shard[d]), error)
             pieces.append(_stand_in(plan, reader, d, min(int(plan.length[d]), end - int(plan.start[d])), eos, lost))
         pieces.append(eos)
     stream = np.concatenate(pieces)
@@ -336,9 +407,7 @@ def _stand_in(plan: EpochPlan, reader: ShardReader, d: int, count: int, eos: np.
         try:
             pieces.append(reader.read(int(plan.shard[k]), int(plan.member[k])))
         except UnreadableDocument as error:
-            entry = (reader.manifest.shards[int(plan.shard[k])].path, int(plan.member[k]), str(error))
-            if entry not in lost:
-                lost.append(entry)
+            _report(lost, reader, int(plan.shard[k]), error)
             continue
         pieces += [eos]
         have += len(pieces[-2]) + 1
@@ -420,6 +489,17 @@ class _RankEpoch(IterableDataset):
 # ----------------------------------------------------------------------------------- the stream
 
 
+def documents_phrase(documents: list[int]) -> str:
+    """ "document 5", "documents 0-7" (a member's documents are consecutive) or "3 documents (2, 9, ...)"."""
+    documents = sorted(documents)
+    if len(documents) == 1:
+        return f"document {documents[0]}"
+    if documents[-1] - documents[0] == len(documents) - 1:
+        return f"documents {documents[0]}-{documents[-1]}"
+    shown = ", ".join(map(str, documents[:5])) + (", ..." if len(documents) > 5 else "")
+    return f"{len(documents)} documents ({shown})"
+
+
 class TokenStream:
     """One rank's view of a sharded split: fixed-shape batches, exact resume (module docstring)."""
 
@@ -428,7 +508,7 @@ class TokenStream:
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.manifest = Manifest.load(config.manifest)
         self._check_urls()
-        self.indices, errors = verify_manifest(self.manifest, check_sha256=config.verify_sha256)
+        self.indices, errors = verify_manifest(self.manifest, check_sha256=config.verify_sha256, full=False)
         mismatched = sorted(path for path, error in errors.items() if isinstance(error, ShardChecksumError))
         if mismatched:
             raise DataError(
@@ -439,7 +519,7 @@ class TokenStream:
                 "(sizes and tar structure are still checked, token ids on every read)"
             )
         self.bad_shards: dict[str, str] = {path: str(error) for path, error in errors.items()}
-        self.lost_documents: dict[tuple[str, int], str] = {}  # (shard path, member) -> reason
+        self.lost_documents: dict[tuple[str, int], str] = {}  # (shard path, document) -> reason
         for path, reason in sorted(self.bad_shards.items()):
             warnings.warn(f"skipping corrupt shard {path}: {reason}", RuntimeWarning, stacklevel=2)
         self._require_good_shards()
@@ -541,14 +621,18 @@ class TokenStream:
         )
         for i, batch in enumerate(loader):
             self.cursor = start + (i + 1) * rows_per_step
-            for path, member, reason in batch.pop(LOST_KEY):
-                if (path, int(member)) not in self.lost_documents:
-                    self.lost_documents[(path, int(member))] = reason
-                    warnings.warn(
-                        f"shard {path}: document {member} lost ({reason}); replaced by the documents after it",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+            new: dict[tuple[str, str], list[int]] = {}  # (path, reason) -> documents newly lost
+            for path, document, reason in batch.pop(LOST_KEY):
+                if (path, int(document)) not in self.lost_documents:
+                    self.lost_documents[(path, int(document))] = reason
+                    new.setdefault((path, reason), []).append(int(document))
+            for (path, reason), documents in new.items():
+                warnings.warn(
+                    f"shard {path}: {documents_phrase(documents)} lost ({reason}); replaced by the documents "
+                    "after them",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             yield batch
         self.epoch, self.cursor = epoch + 1, 0
 

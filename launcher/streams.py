@@ -68,17 +68,24 @@ def report_lost_documents(metrics: MetricsLogger, step: int, stream, reported: d
     """Gather the documents the ranks found unreadable since the last report (only when one did:
     the count rides on the log interval's all-reduce) and log each once; `reported` stays the same
     on every rank."""
+    from data.stream import documents_phrase
+
     if not new_anywhere:
         return
     mine = {key: reason for key, reason in stream.lost_documents.items() if key not in reported}
+    new: dict[tuple[str, str], list[int]] = {}  # (path, reason) -> documents: one console line each
     for share in gather_objects(mine):
-        for (path, member), reason in sorted(share.items()):
-            if (path, member) not in reported:
-                reported[(path, member)] = reason
-                metrics.log("event", step, {"data_lost_document": path, "member": member, "reason": reason})
-                metrics.message(
-                    f"data: shard {path} document {member} unreadable ({reason}); replaced by the documents after it"
-                )
+        for (path, document), reason in sorted(share.items()):
+            if (path, document) not in reported:
+                reported[(path, document)] = reason
+                # "member": the document's index in its shard (the field's name from version-1 shards).
+                metrics.log("event", step, {"data_lost_document": path, "member": document, "reason": reason})
+                new.setdefault((path, reason), []).append(document)
+    for (path, reason), documents in new.items():
+        metrics.message(
+            f"data: shard {path} {documents_phrase(documents)} unreadable ({reason}); replaced by the documents "
+            "after them"
+        )
 
 
 def batch_tokens(batch: dict) -> int:

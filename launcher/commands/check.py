@@ -131,7 +131,11 @@ def check_split(report: Report, name: str, manifest_path: Path, check_sha256: bo
     except DataError as error:
         report.add("data", ERROR, f"{name} split {manifest_path}: {error}", "fix the manifest, or allow it as said")
         return None
-    good, bad = verify_manifest(manifest, check_sha256=check_sha256)
+    try:
+        good, bad = verify_manifest(manifest, check_sha256=check_sha256)
+    except DataError as error:  # the split's index is missing, stale or damaged: nothing can be planned
+        report.add("data", ERROR, f"{name} split {manifest_path}: {error}", "rebuild the split or restore its index")
+        return None
     samples = {shard.path: shard.samples for shard in manifest.shards}
     for path, error in sorted(bad.items()):
         if isinstance(error, ShardChecksumError):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
 import torch
-from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, write_synthetic
+from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, synthetic_documents, write_synthetic
 
+from data.shards import ShardConfig, write_shards, write_shards_v1
 from data.stream import StreamConfig, TokenStream
 
 EOS = SYNTHETIC_SPECIAL.eos_id
@@ -185,3 +187,33 @@ def test_allowed_pipe_shards_stream_the_same_batches(synthetic_shards):
     (root / "manifest.json").write_text(json.dumps(manifest))
     piped = [b["input_ids"].numpy() for b in TokenStream(causal_config(root, allow_pipe=True)).iter_epoch()]
     np.testing.assert_array_equal(np.stack(piped), np.stack(local))
+
+
+def test_version_1_and_packed_splits_stream_the_same_batches(tmp_path):
+    """The plan depends on the documents' lengths and order only, so a version-1 split (a member per
+    document) and a packed one of the same documents give bitwise the same batches, with workers
+    too; packed members are read whole and cached, version-1 documents one by one."""
+    lengths = np.random.default_rng(11).integers(5, 300, size=80)
+    docs = synthetic_documents(lengths)
+    config = ShardConfig(max_samples_per_shard=16, max_bytes_per_member=1500)
+    write_shards(docs, tmp_path / "packed", split="train", special=SYNTHETIC_SPECIAL, config=config)
+    write_shards_v1(docs, tmp_path / "v1", split="train", special=SYNTHETIC_SPECIAL, config=config)
+    assert TokenStream(causal_config(tmp_path / "packed")).indices[0].members > 1
+    for workers in (0, 2):
+        packed, _ = rank_batches(causal_config(tmp_path / "packed", num_workers=workers), world=2)
+        v1, _ = rank_batches(causal_config(tmp_path / "v1", num_workers=workers), world=2)
+        for got, want in zip(packed, v1):
+            np.testing.assert_array_equal(np.stack(got), np.stack(want))
+
+
+def test_start_up_plans_from_the_index_without_parsing_a_tar(synthetic_shards, monkeypatch):
+    root, _ = synthetic_shards
+    expected = [batch_rows(b) for b in TokenStream(causal_config(root)).iter_epoch()]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tar was parsed")
+
+    monkeypatch.setattr(tarfile, "open", refuse)
+    monkeypatch.setattr(tarfile.TarFile, "getmembers", refuse)
+    stream = TokenStream(causal_config(root))
+    np.testing.assert_array_equal(np.stack([batch_rows(b) for b in stream.iter_epoch()]), np.stack(expected))

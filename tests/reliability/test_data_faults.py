@@ -36,7 +36,7 @@ def truncate(path: Path) -> None:
 
 def cut_at_member_boundary(path: Path, manifest_root: Path) -> None:
     """A tar that ends cleanly one member early, and a manifest entry rewritten to its size and hash,
-    so that only the member count can tell (a tar cut at a boundary raises nothing)."""
+    so that only the index can tell (a tar cut at a boundary raises nothing)."""
     with tarfile.open(path) as tar:
         cut = tar.getmembers()[-1].offset
     path.write_bytes(path.read_bytes()[:cut] + b"\0" * 1024)
@@ -74,7 +74,7 @@ DAMAGE = {
 }
 REASONS = {
     "truncated": "size .* manifest says",
-    "cut_at_member_boundary": f"{SHARD_SAMPLES - 1} samples, manifest says {SHARD_SAMPLES}",
+    "cut_at_member_boundary": r"past the end of the \d+-byte file",
     "garbage": "not a readable tar",
     "empty": "size 0 bytes",
 }
@@ -126,22 +126,24 @@ def test_sha256_mismatch_is_an_error_naming_the_shard_and_the_fix(data_copy):
 def test_shards_going_bad_mid_epoch_cost_only_their_documents(data_copy, workers):
     """After verification one shard is truncated, one deleted, one document gets an id >= vocab:
     both ranks still yield exactly steps_per_epoch batches, never an id outside the vocabulary,
-    and the documents reported lost are exactly the unreadable ones (also through DataLoader
-    worker processes, where the report travels with its batch)."""
+    and the documents reported lost are exactly those of the unreadable members (also through
+    DataLoader worker processes, where the report travels with its batch)."""
     streams = [causal_stream(data_copy, rank, num_workers=workers) for rank in range(2)]
     manifest = streams[0].manifest
     root = data_copy / "train"
     truncated, deleted = manifest.shards[1], manifest.shards[6]
     index = verify_shard(manifest, truncated, check_sha256=False)
-    cut = int(index.offsets[5])  # documents 5, 6, 7 now end past the end of the file
+    cut = int(index.offsets[5])  # the member pair holding document 5 (and any later one) now ends past the end
     (root / truncated.path).write_bytes((root / truncated.path).read_bytes()[:cut])
     (root / deleted.path).unlink()
-    out_of_vocabulary(manifest, 4, 2)
+    out_of_vocabulary(manifest, 4, 2)  # its pair's crc32 no longer matches the index
+    damaged = verify_shard(manifest, manifest.shards[4], check_sha256=False, full=False)
     expected = (
-        {(truncated.path, m) for m in (5, 6, 7)}
-        | {(deleted.path, m) for m in range(8)}
-        | {(manifest.shards[4].path, 2)}
+        {(truncated.path, m) for m in range(index.member_documents(index.member_of(5)).start, SHARD_SAMPLES)}
+        | {(deleted.path, m) for m in range(SHARD_SAMPLES)}
+        | {(manifest.shards[4].path, m) for m in damaged.member_documents(damaged.member_of(2))}
     )
+    assert {(truncated.path, 5), (manifest.shards[4].path, 2)} <= expected
 
     counts = []
     for stream in streams:
@@ -157,6 +159,7 @@ def test_shards_going_bad_mid_epoch_cost_only_their_documents(data_copy, workers
     lost = set(streams[0].lost_documents) | set(streams[1].lost_documents)
     assert lost == expected, lost ^ expected
     reasons = {**streams[0].lost_documents, **streams[1].lost_documents}
+    assert "crc32" in reasons[(manifest.shards[4].path, 2)]
     assert "token id 65535 >= vocabulary size 1000" in reasons[(manifest.shards[4].path, 2)]
     assert "short read" in reasons[(truncated.path, 5)]
     assert "unreadable" in reasons[(deleted.path, 0)]
@@ -207,6 +210,8 @@ def test_trainer_skips_damaged_shards_and_lost_documents_on_two_ranks(data_copy,
     d = int(np.searchsorted(plan.start, first_row * stream.config.raw_length, side="right")) - 1
     bad_doc = (manifest.shards[int(plan.shard[d])].path, int(plan.member[d]))
     out_of_vocabulary(manifest, int(plan.shard[d]), int(plan.member[d]))
+    index = stream.indices[int(plan.shard[d])]  # the whole member pair holding it is lost
+    bad_docs = [(bad_doc[0], m) for m in index.member_documents(index.member_of(bad_doc[1]))]
 
     run = run_pretrain(data_copy, tmp_path / "run")
     assert run.returncode == 0, run.output[-4000:]
@@ -220,16 +225,16 @@ def test_trainer_skips_damaged_shards_and_lost_documents_on_two_ranks(data_copy,
         assert __import__("re").search(REASONS[kind], skipped[path]["reason"]), (kind, skipped[path])
         assert skipped[path]["samples_lost"] == SHARD_SAMPLES and path in run.output
     lost = [(e["data_lost_document"], e["member"]) for e in events if "data_lost_document" in e]
-    assert lost == [bad_doc], lost  # once, though both ranks may have read it
+    assert sorted(lost) == bad_docs and len(set(lost)) == len(lost), lost  # once, though both ranks may have read it
     final = run.records("train")[-1]
     assert final["data_skipped_shards"] == 4
-    assert final["data_lost_samples"] == 4 * SHARD_SAMPLES + 1
+    assert final["data_lost_samples"] == 4 * SHARD_SAMPLES + len(bad_docs)
     assert "token id 65535 >= vocabulary size 1000" in run.output
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(run.directory / "tensorboard"))
     board.Reload()
-    assert [e.value for e in board.Scalars("train/data_lost_samples")] == [33.0] * 8
+    assert [e.value for e in board.Scalars("train/data_lost_samples")] == [4.0 * SHARD_SAMPLES + len(bad_docs)] * 8
     assert sorted(e.value for e in board.Scalars("events/samples_lost")) == [8.0] * 4
 
 
