@@ -25,6 +25,7 @@ from typing import Iterator
 
 from data.corpus import OLD_SOURCES, SOURCES, CorpusConfig, Skipped, iter_documents, plan
 from data.objectives import OBJECTIVES
+from data.prepare import PrepareSettings, prepare, skip_record
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
 from data.sources import FORMATS, ON_ERROR
 from data.stream import DataError, ShardReader, StreamConfig, TokenStream, check_shard_paths
@@ -64,7 +65,20 @@ def add_parser(subparsers) -> None:
     _corpus_options(prep)
     _tokenizer_options(prep)
     _shard_options(prep)
-    prep.add_argument("--out", required=True, help="writes OUT/tokenizer, OUT/train, OUT/heldout")
+    prep.add_argument(
+        "--out", required=True, help="writes OUT/tokenizer, OUT/train, OUT/heldout (an interrupted prepare continues)"
+    )
+    prep.add_argument(
+        "--tokenizer",
+        default=None,
+        help="use this tokenizer directory (copied to OUT/tokenizer) instead of training one",
+    )
+    prep.add_argument(
+        "--part-bytes",
+        type=int,
+        default=None,
+        help="input bytes per unit of parallel work (default: a 64th of the corpus, 16-256 MiB)",
+    )
     prep.set_defaults(func=cmd_prepare)
 
     verify = commands.add_parser("verify", help="check every shard against its manifest")
@@ -218,21 +232,7 @@ def _train(
     return tokenizer
 
 
-MAX_SKIPS_RECORDED = 1000  # entries of the skip list kept in a manifest (the counts are complete)
 MAX_SKIPS_PRINTED = 50
-
-
-def _skip_record(corpus: CorpusConfig, skipped: list[Skipped]) -> dict:
-    """The manifest's account of what `--on-error skip` left out (empty under stop)."""
-    if corpus.on_error != "skip":
-        return {}
-    return {
-        "skipped": {
-            "files": sum(s.what == "file" for s in skipped),
-            "records": sum(s.what == "record" for s in skipped),
-            "list": [s._asdict() for s in skipped[:MAX_SKIPS_RECORDED]],
-        }
-    }
 
 
 def _print_skipped(corpus: CorpusConfig, skipped: list[Skipped]) -> None:
@@ -265,10 +265,10 @@ def _write(
         for doc in iter_documents(corpus, None if split == "all" else split, met):
             yield doc.text
         if known is None:
-            source.update(_skip_record(corpus, met))
+            source.update(skip_record(corpus, met))
 
     if known is not None:
-        source.update(_skip_record(corpus, known))
+        source.update(skip_record(corpus, known))
     arrays = tokenize_texts(
         texts(),
         tokenizer,
@@ -311,19 +311,22 @@ def cmd_shards(args) -> int:
 
 def cmd_prepare(args) -> int:
     out, corpus = _out_dir(args), _corpus_config(args)
-    tokenizer_config, shard_config = _tokenizer_config(args), _shard_config(args)
-    if corpus.heldout_fraction == 0:
-        raise DataError(
-            "--heldout-fraction 0 leaves the held-out split that prepare writes empty; give a "
-            "fraction > 0 (or build the splits with `performer data shards --split`)"
+    if args.part_bytes is not None and args.part_bytes < 1:
+        raise DataError(f"--part-bytes {args.part_bytes}: give a size >= 1 (bytes of input per part)")
+    settings = PrepareSettings(
+        corpus=corpus, tokenizer=_tokenizer_config(args), shards=_shard_config(args), part_bytes=args.part_bytes
+    )
+    started = time.perf_counter()
+    manifests = prepare(settings, out, workers=args.workers, tokenizer_dir=args.tokenizer)
+    for split, manifest in manifests.items():
+        size = sum(s.bytes for s in manifest.shards)
+        print(
+            f"{split}: {manifest.documents:,} documents, {manifest.tokens:,} tokens in {len(manifest.shards)} "
+            f"shard(s), {size:,} bytes ({size / max(manifest.tokens, 1):.2f} bytes/token) -> {out / split}"
         )
-    # The tokenizer sees only training documents, so held-out text stays unseen; its pass reads
-    # every file, so a bad one stops the command before any shard is written.
-    skipped: list[Skipped] = []
-    tokenizer = _train(corpus, tokenizer_config, out / TOKENIZER_DIR, split="train", skipped=skipped)
-    for split in ("train", "heldout"):
-        _write(corpus, tokenizer, shard_config, out / split, split, known=skipped)
-    _print_skipped(corpus, skipped)
+    print(f"prepared in {time.perf_counter() - started:.1f}s")
+    skipped = manifests["train"].source.get("skipped", {}).get("list", [])
+    _print_skipped(corpus, [Skipped(**entry) for entry in skipped])
     return 0
 
 

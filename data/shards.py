@@ -17,8 +17,9 @@ On disk, one split is a directory (format version 2)::
                                                   uint16 ("u32": uint32 when the vocabulary exceeds
                                                   65536 ids)
 
-The key is the 9-digit index in the split of the pair's first document, so keys never collide
-across shards and tell where a document lies. A pair holds at most `max_bytes_per_member` (1 MiB)
+The key is the 9-digit index in its shard of the pair's first document (shard path and key tell
+where a document lies; a shard's keys never depend on the shards before it, so parts of a split
+can be written in parallel: `write_part`, then `finish_split`). A pair holds at most `max_bytes_per_member` (1 MiB)
 of token data unless one document is larger; it never spans shards. A shard closes once it holds
 `max_samples_per_shard` documents or `max_bytes_per_shard` token bytes. Per ~1 MiB of tokens a
 pair costs two 512-byte headers, padding, and 4 bytes per document; each shard ends with tar's
@@ -329,7 +330,7 @@ class ShardIndex:
     member_offsets: np.ndarray  # (m,) int64: byte offset of each member's token data in the tar
     member_crc32: np.ndarray | None  # (m,) crc32 of each member's token data; None: not recorded (version 1)
     itemsize: int  # bytes per token id
-    first_document: int = 0  # index in the split of the shard's first document (version 2's keys)
+    first_document: int = 0  # index in the split of the shard's first document
 
     @classmethod
     def per_document(cls, offsets: np.ndarray, lengths: np.ndarray, itemsize: int) -> "ShardIndex":
@@ -445,8 +446,8 @@ class SplitIndex:
 class _PackedWriter:
     """Writes member pairs into shards, opening a tar only when a document arrives."""
 
-    def __init__(self, out: Path, split: str, dtype: str, config: ShardConfig):
-        self.out, self.split, self.config = out, split, config
+    def __init__(self, out: Path, prefix: str, dtype: str, config: ShardConfig):
+        self.out, self.prefix, self.config = out, prefix, config
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.field = "u16" if dtype == "uint16" else "u32"
         self.tar: tarfile.TarFile | None = None
@@ -477,7 +478,7 @@ class _PackedWriter:
         self.pending_bytes += len(payload)
 
     def _open_shard(self) -> None:
-        path = self.out / f"{self.split}-{len(self.shard_files):06d}.tar"
+        path = self.out / f"{self.prefix}-{len(self.shard_files):06d}.tar"
         # ustar: identical inputs give identical bytes (and smaller headers than pax).
         self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
         self.shard_files.append(path)
@@ -497,7 +498,7 @@ class _PackedWriter:
             return
         lengths = np.asarray(self.pending_lengths, dtype="<u4")
         tokens = b"".join(self.pending)
-        lengths_name, tokens_name = member_names(self.documents, self.field)
+        lengths_name, tokens_name = member_names(self.documents - self.shard_rows[-1][0], self.field)
         self._add_member(lengths_name, lengths.tobytes())
         offset = self._add_member(tokens_name, tokens)
         self.member_rows.append((self.documents, offset, zlib.crc32(tokens)))
@@ -523,11 +524,135 @@ class _PackedWriter:
             for path, (documents, tokens) in zip(self.shard_files, self.shard_counts)
         ]
         arrays = {
-            "documents": np.concatenate(self.lengths).astype("<u4"),
+            "documents": np.concatenate([np.zeros(0, "<u4"), *self.lengths]).astype("<u4"),
             "members": np.array(self.member_rows, dtype="<i8").reshape(-1, 3),
             "shards": np.array([*self.shard_rows, (self.documents, len(self.member_rows))], dtype="<i8"),
         }
         return shards, arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Shards written by `write_part`, not yet a split: their records and their index arrays with
+    documents and members numbered from the part's start."""
+
+    shards: tuple[ShardInfo, ...]
+    arrays: dict  # name of INDEX_FILES -> np.ndarray
+
+
+class PartWriter:
+    """Documents in, packed shards named ``<prefix>-NNNNNN.tar`` out, each hashed as it is closed;
+    no index, no manifest (`finish_split` makes a split of parts). Writes nothing without documents."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, prefix: str, special: SpecialTokens, config: ShardConfig):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.special = special
+        self.stored = np.dtype(token_dtype(special.vocab_size)).newbyteorder("<")
+        self.writer = _PackedWriter(self.out, prefix, token_dtype(special.vocab_size), config)
+        self.documents = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        """One document's token ids (an empty document is skipped)."""
+        if len(tokens) == 0:
+            return
+        if int(np.max(tokens)) >= self.special.vocab_size or int(np.min(tokens)) < 0:
+            raise ValueError(f"document {self.documents} has ids outside [0, {self.special.vocab_size})")
+        if len(tokens) >= 2**32:
+            raise ValueError(f"document {self.documents} has {len(tokens)} tokens, more than a uint32 length holds")
+        self.writer.add(np.ascontiguousarray(tokens, dtype=self.stored).tobytes(), len(tokens))
+        self.documents += 1
+
+    def abort(self) -> None:
+        if self.writer.tar is not None:
+            self.writer.tar.close()
+
+    def close(self) -> Part:
+        shards, arrays = self.writer.close()
+        return Part(tuple(shards), arrays)
+
+
+def write_part(
+    documents: Iterable[np.ndarray],
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str,
+    special: SpecialTokens,
+    config: ShardConfig = ShardConfig(),
+) -> Part:
+    """`PartWriter` over an iterable of token arrays."""
+    writer = PartWriter(out_dir, prefix=prefix, special=special, config=config)
+    try:
+        for tokens in documents:
+            writer.add(tokens)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def finish_split(
+    out_dir: str | os.PathLike,
+    parts: Sequence[Part],
+    *,
+    split: str,
+    special: SpecialTokens,
+    config: ShardConfig = ShardConfig(),
+    tokenizer_fingerprint: str | None = None,
+    source: dict | None = None,
+) -> Manifest:
+    """The split of `parts` (in order): its index files, then manifest.json (written last, by
+    rename, so a split with a manifest is whole). DataError for a split without documents."""
+    out = Path(out_dir)
+    documents, members, shard_rows, doc_offset, member_offset = [], [], [], 0, 0
+    for part in parts:
+        if not part.shards:
+            continue
+        members.append(part.arrays["members"] + np.array([doc_offset, 0, 0], dtype="<i8"))
+        shard_rows.append(part.arrays["shards"][:-1] + np.array([doc_offset, member_offset], dtype="<i8"))
+        documents.append(part.arrays["documents"])
+        doc_offset += len(part.arrays["documents"])
+        member_offset += len(part.arrays["members"])
+    if doc_offset == 0:
+        raise DataError(
+            f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
+            "another --heldout-fraction)"
+        )
+    arrays = {
+        "documents": np.concatenate(documents).astype("<u4"),
+        "members": np.concatenate(members).astype("<i8").reshape(-1, 3),
+        "shards": np.concatenate([*shard_rows, [[doc_offset, member_offset]]]).astype("<i8"),
+    }
+    entries = {}
+    for name, (filename, _, _) in INDEX_FILES.items():
+        path = out / filename
+        tmp = out / (filename + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, arrays[name], allow_pickle=False)
+        os.replace(tmp, path)
+        entries[name] = {"path": filename, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    field = "u16" if token_dtype(special.vocab_size) == "uint16" else "u32"
+    # The format's settings only: how many processes wrote the split does not change its bytes.
+    layout = {k: v for k, v in strict.plain(config).items() if k not in ("num_workers", "documents_per_task")}
+    manifest = Manifest(
+        split=split,
+        dtype=token_dtype(special.vocab_size),
+        special=special,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        shards=tuple(shard for part in parts for shard in part.shards),
+        writer={
+            **layout,
+            "tar_format": "ustar",
+            "mtime": 0,
+            "members": f"<key>.{LENGTHS_FIELD} + <key>.tokens.{field}",
+        },
+        source=source or {},
+        root=out,
+        version=MANIFEST_VERSION,
+        index=entries,
+    )
+    _write_manifest(manifest, out)
+    return manifest
 
 
 def write_shards(
@@ -541,60 +666,17 @@ def write_shards(
     source: dict | None = None,
 ) -> Manifest:
     """Write token arrays (one per document, empty ones skipped) as packed shards, their index and
-    manifest.json (module docstring). Nothing is written for a split without documents."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(special.vocab_size)
-    stored = np.dtype(dtype).newbyteorder("<")
-    writer = _PackedWriter(out, split, dtype, config)
-    index = 0
-    try:
-        for tokens in documents:
-            if len(tokens) == 0:
-                continue
-            if int(np.max(tokens)) >= special.vocab_size or int(np.min(tokens)) < 0:
-                raise ValueError(f"document {index} has ids outside [0, {special.vocab_size})")
-            if len(tokens) >= 2**32:
-                raise ValueError(f"document {index} has {len(tokens)} tokens, more than a uint32 length holds")
-            writer.add(np.ascontiguousarray(tokens, dtype=stored).tobytes(), len(tokens))
-            index += 1
-    except BaseException:
-        if writer.tar is not None:
-            writer.tar.close()
-        raise
-    if index == 0:
-        raise DataError(
-            f"split {split!r} has no non-empty documents; nothing to write (a larger corpus, or "
-            "another --heldout-fraction)"
-        )
-    shards, arrays = writer.close()
-    entries = {}
-    for name, (filename, _, _) in INDEX_FILES.items():
-        path = out / filename
-        tmp = out / (filename + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, arrays[name], allow_pickle=False)
-        os.replace(tmp, path)
-        entries[name] = {"path": filename, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    manifest = Manifest(
+    manifest.json (module docstring): one part, named after the split."""
+    part = write_part(documents, out_dir, prefix=split, special=special, config=config)
+    return finish_split(
+        out_dir,
+        [part],
         split=split,
-        dtype=dtype,
         special=special,
+        config=config,
         tokenizer_fingerprint=tokenizer_fingerprint,
-        shards=tuple(shards),
-        writer={
-            **strict.plain(config),
-            "tar_format": "ustar",
-            "mtime": 0,
-            "members": f"<key>.{LENGTHS_FIELD} + <key>.tokens.{writer.field}",
-        },
-        source=source or {},
-        root=out,
-        version=MANIFEST_VERSION,
-        index=entries,
+        source=source,
     )
-    _write_manifest(manifest, out)
-    return manifest
 
 
 def _write_manifest(manifest: Manifest, out: Path) -> None:
@@ -795,7 +877,7 @@ def verify_shard(manifest: Manifest, shard: ShardInfo, *, check_sha256: bool = T
 def _probe_first_member(manifest: Manifest, index: ShardIndex, handle) -> None:
     """The header of the first token member is where the index says: one read, no tar parse."""
     offset = int(index.member_offsets[0]) - tarfile.BLOCKSIZE
-    name, size = member_names(index.first_document, manifest.field)[1], index.member_tokens(0) * index.itemsize
+    name, size = member_names(0, manifest.field)[1], index.member_tokens(0) * index.itemsize
     if offset < 0:
         raise ShardError(f"the index puts member {name!r} at byte {offset}: not this shard's index")
     handle.seek(offset)
@@ -819,7 +901,7 @@ def _verify_members(manifest: Manifest, index: ShardIndex, handle, size: int) ->
         stored = np.dtype(manifest.dtype).newbyteorder("<")
         for j in range(index.members):
             documents = index.member_documents(j)
-            names = member_names(index.first_document + documents.start, manifest.field)
+            names = member_names(documents.start, manifest.field)
             lengths = np.asarray(index.lengths[documents.start : documents.stop], dtype=np.int64)
             sizes = (4 * len(documents), int(lengths.sum()) * index.itemsize)
             for member, name, nbytes in zip(members[2 * j : 2 * j + 2], names, sizes):

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -235,14 +234,11 @@ def sample_training_lines(texts: Iterable[str], config: TokenizerConfig) -> list
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, out_dir: str | os.PathLike) -> Tokenizer:
     """Train on a line sample of `texts`; write tokenizer.model and tokenizer.json to `out_dir`."""
     out = Path(out_dir)
-    started = time.perf_counter()
     lines = sample_training_lines(texts, config)
     if not lines:
         raise DataError("the corpus has no non-blank lines to train a tokenizer on")
-    sampled = time.perf_counter()
     special = SpecialTokens(vocab_size=config.vocab_size, num_sentinels=config.num_sentinels)
     model = _train_sentencepiece(lines, config, special)
-    seconds = time.perf_counter() - started
     tokenizer = Tokenizer(model, special)
     out.mkdir(parents=True, exist_ok=True)  # only now: a corpus that fails leaves nothing behind
     (out / MODEL_FILE).write_bytes(model)
@@ -251,7 +247,6 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, out_dir: str 
         "config": strict.plain(config),
         "fingerprint": tokenizer.fingerprint,
         "trained_on": {"lines": len(lines), "chars": sum(map(len, lines))},
-        "seconds": {"sampling": round(sampled - started, 2), "total": round(seconds, 2)},
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return tokenizer

@@ -59,7 +59,7 @@ def test_verify_and_inspect(prepared, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(printed[: printed.index("\n}\n") + 3])
     assert summary["split"] == "train" and summary["shards"] >= 4
-    assert "--- train-000000.tar document 0" in printed
+    assert "--- train-p00000-000000.tar document 0" in printed
 
 
 def test_stream_over_prepared_shards_decodes_to_text(prepared):

@@ -44,7 +44,7 @@ def test_manifest_matches_the_tars_and_the_index(synthetic_shards):
         with tarfile.open(path) as tar:
             members = tar.getmembers()
         # One pair per ~1 MiB: these 10 small documents are a single pair, keyed by the first one.
-        key = f"{10 * position:09d}"
+        key = f"{0:09d}"  # the index in its shard of the pair's first document
         assert [m.name for m in members] == [f"{key}.lengths.u32", f"{key}.tokens.u32"]
         assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
         assert members[1].offset_data == index.members[position, 1]
@@ -55,11 +55,14 @@ def test_manifest_matches_the_tars_and_the_index(synthetic_shards):
 def test_webdataset_reads_our_shards(synthetic_shards):
     root, docs = synthetic_shards
     urls = [str(root / s.path) for s in Manifest.load(root).shards]
-    read = []
+    read, shard, first_in_shard = [], None, 0
     for sample in wds.WebDataset(urls, shardshuffle=False):
         lengths = np.frombuffer(sample["lengths.u32"], dtype="<u4")
         tokens = np.frombuffer(sample["tokens.u32"], dtype="<u4")
-        assert int(sample["__key__"]) == len(read) and lengths.sum() == len(tokens)
+        if sample["__url__"] != shard:
+            shard, first_in_shard = sample["__url__"], len(read)
+        # the key: the index in its shard of the pair's first document
+        assert int(sample["__key__"]) == len(read) - first_in_shard and lengths.sum() == len(tokens)
         read += np.split(tokens, np.cumsum(lengths)[:-1])
     assert len(read) == len(docs)
     for got, want in zip(read, docs):
@@ -253,7 +256,7 @@ def test_full_verification_checks_every_member_the_stream_start_up_only_the_inde
     data = bytearray((root / victim.path).read_bytes())
     data[int(index.offsets[3]) + 4] ^= 0x01  # document 3's second token
     (root / victim.path).write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="member '000000020.tokens.u32': crc32"):
+    with pytest.raises(ShardError, match="member '000000000.tokens.u32': crc32"):
         verify_shard(manifest, victim, check_sha256=False)
     assert verify_shard(manifest, victim, check_sha256=False, full=False).members == 1
 

@@ -634,10 +634,10 @@ CATALOGUE: list[Case] = [
         "shard",
         "truncated (reported)",
         damaged(
-            lambda w: w.data / "train" / "train-000000.tar",
+            lambda w: w.data / "train" / "train-p00000-000000.tar",
             truncated(1000),
             lambda w: ["data", "verify", str(w.data / "train")],
-            lambda w: "train-000000.tar",
+            lambda w: "train-p00000-000000.tar",
         ),
         exit=1,
     ),
