@@ -514,6 +514,45 @@ def data_stream_table(r: Results) -> str:
     return common.table(["shards", *header], [[name, *row] for (name, _), row in zip(layouts, rows)], align="lrrrrr")
 
 
+def data_prepare_table(r: Results) -> str:
+    """Prepare's pass (the tokenizer given) by corpus layout and workers, and the replaced prepare's."""
+    results = r["data_prepare"]
+    names = {"zst": "`.jsonl.zst`", "parquet": "Parquet"}
+    rows = [
+        [
+            names[x["layout"]],
+            x["workers"],
+            f"{x['seconds']:.0f} s",
+            f"{x['text_mb_per_s']:.1f}",
+            f"{x['text_mb_per_s_per_process']:.1f}",
+            f"{x['tar_over_token_bytes']:.3f}x",
+        ]
+        for x in results["runs"]
+    ]
+    old = results.get("old_prepare")
+    if old is not None:
+        rows.append(
+            [
+                "JSON lines: the replaced prepare's shard passes",
+                "1 + pool",
+                f"{old['shards_seconds']:.0f} s",
+                f"{old['shards_text_mb_per_s']:.1f}",
+                "",
+                "",
+            ]
+        )
+    corpus = results["corpus"]
+    head = (
+        f"{corpus['text_bytes'] / 1e9:.2f} GB of text, {corpus['documents']:,} documents in {corpus['files']} files, "
+        f"vocab {results['settings']['vocab']}, the tokenizer given (ours trained in "
+        f"{results['tokenizer_seconds']:.0f} s from a seeded sample"
+        + (f"; the replaced prepare's full-pass tokenizer took {old['tokenizer_seconds']:.0f} s" if old else "")
+        + "):\n\n"
+    )
+    header = ["corpus", "workers", "time", "text MB/s", "MB/s per process", "tar bytes / token bytes"]
+    return head + common.table(header, rows, align="lrrrrr")
+
+
 @dataclass(frozen=True)
 class Block:
     sources: tuple[str, ...]
@@ -532,6 +571,7 @@ BLOCKS = {
     "throughput": Block(("throughput",), throughput_table),
     "zero_memory": Block(("zero_memory",), zero_memory_table),
     "data_stream": Block(("data_stream",), data_stream_table),
+    "data_prepare": Block(("data_prepare",), data_prepare_table),
 }
 
 

@@ -443,6 +443,32 @@ class SplitIndex:
 # --------------------------------------------------------------------------------------- writing
 
 
+class _HashingFile(io.RawIOBase):
+    """A file opened for writing that hashes what goes through it: a shard's sha256 and size are
+    known when it closes, without reading it back."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        super().close()
+
+
 class _PackedWriter:
     """Writes member pairs into shards, opening a tar only when a document arrives."""
 
@@ -454,6 +480,8 @@ class _PackedWriter:
         self.shard_files: list[Path] = []
         self.shard_rows: list[tuple[int, int]] = []  # per shard: first document, first member
         self.shard_counts: list[list[int]] = []  # per shard: documents, tokens
+        self.shard_hashes: list[tuple[int, str]] = []  # per closed shard: bytes, sha256
+        self.file: _HashingFile | None = None
         self.member_rows: list[tuple[int, int, int]] = []  # per pair: first document, data offset, crc32
         self.lengths: list[np.ndarray] = []  # per pair: its documents' lengths
         self.documents = 0  # written so far (in closed pairs)
@@ -480,7 +508,8 @@ class _PackedWriter:
     def _open_shard(self) -> None:
         path = self.out / f"{self.prefix}-{len(self.shard_files):06d}.tar"
         # ustar: identical inputs give identical bytes (and smaller headers than pax).
-        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.file = _HashingFile(path)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.shard_files.append(path)
         self.shard_rows.append((self.documents, len(self.member_rows)))
         self.shard_counts.append([0, 0])
@@ -511,17 +540,24 @@ class _PackedWriter:
 
     def _close_shard(self) -> None:
         self._flush_pair()
-        self.tar.close()
-        self.tar = None
+        self.tar.close()  # end blocks and record padding go through the hashing file
+        self.file.close()
+        self.shard_hashes.append((self.file.size, self.file.sha256.hexdigest()))
+        self.tar, self.file = None, None
+
+    def abort(self) -> None:
+        """Close what is open (after an error): the partial shard stays for the caller to remove."""
+        if self.tar is not None:
+            self.tar.close()
+            self.file.close()
+            self.tar, self.file = None, None
 
     def close(self) -> tuple[list[ShardInfo], dict[str, np.ndarray]]:
         if self.tar is not None:
             self._close_shard()
         shards = [
-            ShardInfo(
-                path=path.name, documents=documents, tokens=tokens, bytes=path.stat().st_size, sha256=sha256_file(path)
-            )
-            for path, (documents, tokens) in zip(self.shard_files, self.shard_counts)
+            ShardInfo(path=path.name, documents=documents, tokens=tokens, bytes=size, sha256=digest)
+            for path, (documents, tokens), (size, digest) in zip(self.shard_files, self.shard_counts, self.shard_hashes)
         ]
         arrays = {
             "documents": np.concatenate([np.zeros(0, "<u4"), *self.lengths]).astype("<u4"),
@@ -564,8 +600,7 @@ class PartWriter:
         self.documents += 1
 
     def abort(self) -> None:
-        if self.writer.tar is not None:
-            self.writer.tar.close()
+        self.writer.abort()
 
     def close(self) -> Part:
         shards, arrays = self.writer.close()
