@@ -6,6 +6,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +46,20 @@ def c4_like(root: Path, files: int = 6, rows: int = 40) -> Path:
     return directory
 
 
+SETTINGS = [
+    "--vocab-size",
+    "400",
+    "--num-sentinels",
+    "10",
+    "--heldout-fraction",
+    "0.1",
+    "--max-samples-per-shard",
+    "32",
+]
+
+
 def prepare(paths: str, out: Path, *extra: str) -> int:
-    return main(
-        ["data", "prepare", "--paths", paths, "--out", str(out), "--vocab-size", "400", "--num-sentinels", "10"]
-        + ["--heldout-fraction", "0.1", "--max-samples-per-shard", "32", "--part-bytes", "4000", *extra]
-    )
+    return main(["data", "prepare", "--paths", paths, "--out", str(out), *SETTINGS, "--part-bytes", "4000", *extra])
 
 
 def digests(out: Path) -> dict[str, str]:
@@ -170,3 +183,26 @@ def test_the_trainer_runs_on_a_prepared_parquet_corpus(tmp_path):
     losses = run.losses()
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert run.records("eval")
+
+
+def test_a_prepare_killed_with_sigkill_finishes_identically(tmp_path):
+    """kill -9 while the parts are being written (many small parts), then the same command."""
+    corpus = c4_like(tmp_path, files=100, rows=6)
+    command = [str(Path(sys.executable).parent / "performer"), "data", "prepare", "--paths", str(corpus)]
+    settings = [*SETTINGS, "--part-bytes", "1", "--workers", "1"]
+    assert prepare(str(corpus), tmp_path / "reference", "--part-bytes", "1", "--workers", "1") == 0
+    state = tmp_path / "out" / data.prepare.STATE_DIR
+    process = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "out"), *settings], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (state / "part-00010.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert process.poll() is None, "the prepare ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 10 < len(list(state.glob("part-*.json"))) < 100
+    assert not (tmp_path / "out" / "train" / "manifest.json").exists()
+    rerun = subprocess.run([*command, "--out", str(tmp_path / "out"), *settings], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert digests(tmp_path / "out") == digests(tmp_path / "reference")
