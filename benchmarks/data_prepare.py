@@ -9,8 +9,8 @@ files, FineWeb-shaped Parquet files (row groups of 2,000 rows) and plain JSON li
 time is the reading, tokenising and shard-writing pass:
 
 * `performer data prepare --tokenizer T --workers 1` and `--workers 2` on the zst files and on the
-  Parquet files: MB of text per second per process, and 2 workers against 1 (same run, same
-  machine);
+  Parquet files, each the median of --repeats (3) fresh runs: MB of text per second per process,
+  and 2 workers against 1 (same run, same machine);
 * the prepare it replaced, on the plain JSON lines: `performer data tokenizer` (a full pass to
   sample lines) then `performer data shards` once per split (each a full pass, one process
   reading, a pool of tokenizer processes), timed whole.
@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -120,11 +121,15 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def prepare_run(work: Path, layout: str, workers: int, tokenizer: Path, text_bytes: int) -> dict:
+def prepare_run(work: Path, layout: str, workers: int, tokenizer: Path, text_bytes: int, repeats: int = 1) -> dict:
+    """The median of `repeats` fresh prepares (each into an empty directory)."""
     out = work / "out" / f"{layout}-w{workers}"
-    shutil.rmtree(out, ignore_errors=True)
     argv = ["data", "prepare", "--paths", str(work / layout), "--out", str(out), "--tokenizer", str(tokenizer)]
-    seconds = timed([*argv, "--workers", str(workers)])
+    times = []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        times.append(timed([*argv, "--workers", str(workers)]))
+    seconds = statistics.median(times)
     train, heldout = Manifest.load(out / "train"), Manifest.load(out / "heldout")
     tokens = train.tokens + heldout.tokens
     shard_bytes = sum(s.bytes for m in (train, heldout) for s in m.shards)
@@ -132,6 +137,7 @@ def prepare_run(work: Path, layout: str, workers: int, tokenizer: Path, text_byt
         "layout": layout,
         "workers": workers,
         "seconds": round(seconds, 1),
+        "all_seconds": [round(x, 1) for x in times],
         "text_mb_per_s": round(text_bytes / seconds / 1e6, 2),
         "text_mb_per_s_per_process": round(text_bytes / seconds / 1e6 / workers, 2),
         "tokens": tokens,
@@ -230,6 +236,7 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=1024, help="MB of text in the synthetic corpus")
     parser.add_argument("--work", default="runs/bench-prepare", help="where the corpus and the outputs go")
     parser.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary (smaller for a small corpus)")
+    parser.add_argument("--repeats", type=int, default=3, help="prepares per configuration (the median is reported)")
     parser.add_argument("--no-old", action="store_true", help="skip the replaced prepare (the slowest part)")
     parser.add_argument("--out-name", default="data_prepare", help="results file name under benchmarks/results")
     args = parser.parse_args()
@@ -237,13 +244,19 @@ def main() -> int:
     corpus = write_corpus(work, args.size_mb)
     tokenizer = train_shared_tokenizer(work, args.vocab)
     runs = [
-        prepare_run(work, layout, workers, tokenizer["path"], corpus["text_bytes"])
+        prepare_run(work, layout, workers, tokenizer["path"], corpus["text_bytes"], args.repeats)
         for layout in ("zst", "parquet")
         for workers in (1, 2)
     ]
     old = None if args.no_old else old_prepare(work, corpus["text_bytes"], args.vocab)
     results = {
-        "settings": {"size_mb": args.size_mb, "vocab": args.vocab, "files": FILES, "row_group": ROW_GROUP},
+        "settings": {
+            "size_mb": args.size_mb,
+            "vocab": args.vocab,
+            "files": FILES,
+            "row_group": ROW_GROUP,
+            "repeats": args.repeats,
+        },
         "machine": common.machine(),
         "corpus": corpus,
         "tokenizer_seconds": tokenizer["seconds"],
