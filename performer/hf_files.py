@@ -38,6 +38,7 @@ REMOTE_CODE_MODULES = {
 MODEL_CLASSES = {"seq2seq": "PerformerForConditionalGeneration", "lm": "PerformerForCausalLM"}
 AUTO_MODEL_CLASSES = {"seq2seq": "AutoModelForSeq2SeqLM", "lm": "AutoModelForCausalLM"}
 MODEL_TYPE = "performer"
+PROJECT_TOKENIZER_DIR = "tokenizer"  # the export's copy of the SentencePiece tokenizer (pretrained.TOKENIZER_DIR)
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"

@@ -142,8 +142,8 @@ class PerformerPreTrainedModel(PreTrainedModel, ProjectionOwner):
         if config.model_kind != self.model_kind:
             auto = hf_files.AUTO_MODEL_CLASSES.get(config.model_kind, "performer.from_pretrained")
             raise ValueError(
-                f"{config.name_or_path or 'this config'} is a {config.model_kind} export, not a "
-                f"{self.model_kind} one: open it with {auto}"
+                f"{config.name_or_path or 'this config'} is a {config.model_kind} export and "
+                f"{type(self).__name__} reads {self.model_kind} exports: open it with {auto}"
             )
         dtype = torch.get_default_dtype()
         with _built_for_real():
@@ -256,10 +256,14 @@ class PerformerForConditionalGeneration(PerformerPreTrainedModel, GenerationMixi
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: None = None,
+        decoder_inputs_embeds: None = None,
     ) -> Seq2SeqLMOutput | tuple:
         """Shapes: ids and masks (B, L), True/1 = real token; labels (B, Lt), -100 = no loss.
-        logits_to_keep: k > 0 computes the logits of the last k positions only."""
+        logits_to_keep: k > 0 computes the logits of the last k positions only. inputs_embeds and
+        decoder_inputs_embeds are accepted as None only (PEFT passes them)."""
         _check_no_extra_outputs(output_attentions, output_hidden_states)
+        _check_no_embeds(inputs_embeds, decoder_inputs_embeds)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (the decoder input is made from them)")
@@ -313,9 +317,12 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: None = None,
     ) -> CausalLMOutputWithPast | tuple:
-        """input_ids (B, L); attention_mask (B, L) True/1 = real token; labels (B, L), -100 = no loss."""
+        """input_ids (B, L); attention_mask (B, L) True/1 = real token; labels (B, L), -100 = no loss.
+        inputs_embeds is accepted as None only (PEFT passes it)."""
         _check_no_extra_outputs(output_attentions, output_hidden_states)
+        _check_no_embeds(inputs_embeds)
         cache = self._decoding_cache(past_key_values, use_cache, labels)
         if cache is not None:
             attention_mask = _unpadded(attention_mask, "attention_mask")
@@ -347,6 +354,11 @@ def _check_no_extra_outputs(output_attentions: bool | None, output_hidden_states
         raise ValueError("output_attentions: FAVOR+ never forms the attention matrix; there is none to return")
     if output_hidden_states:
         raise ValueError("output_hidden_states is not available for Performer models")
+
+
+def _check_no_embeds(*embeds: torch.Tensor | None) -> None:
+    if any(value is not None for value in embeds):
+        raise ValueError("Performer models take token ids only (input_ids / decoder_input_ids), not embeddings")
 
 
 @contextmanager

@@ -39,11 +39,18 @@ class PerformerTokenizerFast(PreTrainedTokenizerFast):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, with the remote code and its ``auto_map`` entry, so the saved
-        tokenizer opens with ``trust_remote_code=True`` where performer is not imported."""
+        tokenizer opens with ``trust_remote_code=True`` where performer is not imported; the
+        export's SentencePiece tokenizer (``tokenizer/``) goes along, so a directory holding a
+        saved model and tokenizer is a whole export (``performer generate`` reads it)."""
         import json
+        import shutil
 
         files = super().save_pretrained(save_directory, *args, **kwargs)
         directory = Path(save_directory)
+        source = Path(self.name_or_path) / hf_files.PROJECT_TOKENIZER_DIR if self.name_or_path else None
+        target = directory / hf_files.PROJECT_TOKENIZER_DIR
+        if source is not None and source.is_dir() and not target.exists():
+            shutil.copytree(source, target)
         config_path = directory / hf_files.HF_TOKENIZER_CONFIG_FILE
         if config_path.is_file():
             config = json.loads(config_path.read_text(encoding="utf-8"))
