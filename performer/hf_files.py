@@ -17,7 +17,8 @@ The fast tokenizer reproduces ``data.tokenizer.Tokenizer.encode`` (and, for text
 ``<extra_id_N>``, ``performer generate``'s prompt encoding): the Unigram pieces and scores of
 ``tokenizer.model``, the dummy prefix on the text's first segment only (never behind a sentinel),
 spaces as "▁", byte fallback. Control and byte pieces get a score no path through ordinary pieces
-reaches, so, as in SentencePiece, literal "</s>" or "<0x0A>" in a text is spelled out. One
+reaches, so, as in SentencePiece, literal "</s>" or "<0x0A>" in a text is spelled out (provided
+the model covers those ASCII characters, as any model trained on real text does). One
 difference remains: SentencePiece sums scores in float32, ``tokenizers`` in float64, so where two
 segmentations score exactly the same (the same whitespace pieces in another order inside a long
 indentation run) the two may pick different ones, each equally likely under the model.
