@@ -5,13 +5,17 @@ Written beside an export's own files (model.safetensors, config.json, tokenizer/
     config.json                  + model_type, architectures, auto_map, token ids (the keys transformers reads)
     generation_config.json       decoder start, eos, pad: ``generate()`` starts and stops as pretraining did
     configuration_performer.py   remote code (``trust_remote_code=True``): each file imports its class
-    modeling_performer.py        from ``performer.hf``, so the export carries no second copy of the maths
-    tokenization_performer.py
+    modeling_performer.py        from ``performer.hf`` where the library is installed, else from
+    tokenization_performer.py    the export's copy of its model modules:
+    performer_*.py               performer.hf.modeling as performer_hf_modeling.py, ... (generated
+                                 from the package at export time, never kept in the repository)
     tokenizer.json               the SentencePiece model as a ``tokenizers`` pipeline, sentinels as single tokens
     tokenizer_config.json        the transformers tokenizer class and the special tokens
 
 Only json and sentencepiece here (no ``transformers`` or ``tokenizers`` import): ``performer export``
-writes these files wherever it runs, and the classes that read them live in ``performer.hf``.
+writes these files wherever it runs, and the classes that read them live in ``performer.hf``. The
+bundle makes an export open where performer is not installed (torch, einops, safetensors and
+transformers are enough); the maths stays one implementation, the package's, copied verbatim.
 
 The fast tokenizer reproduces ``data.tokenizer.Tokenizer.encode`` (and, for text holding
 ``<extra_id_N>``, ``performer generate``'s prompt encoding): the Unigram pieces and scores of
@@ -27,6 +31,7 @@ indentation run) the two may pick different ones, each equally likely under the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,17 +56,25 @@ _MATCHED_PIECE_TYPES = (1, 4)  # NORMAL, USER_DEFINED
 # Score of pieces SentencePiece never matches against text (control, unknown, byte): lower than
 # any path of ordinary pieces, high enough that float64 keeps every ordinary score's digits.
 _NEVER_MATCHED_SCORE = -1.0e4
-_REMOTE_CODE = '''"""Remote code of a Performer export: the class comes from the performer library (performer.hf)."""
+_REMOTE_CODE = '''"""Remote code of a Performer export: the class is the performer library's (performer.hf).
 
-try:  # transformers does not check imports inside a try block; the message below says what to install
+The installed library when there is one (its classes are then the ones the program already has);
+otherwise the copy of the library's model modules that the export carries (performer_*.py).
+"""
+
+try:  # transformers does not check imports inside a try block
     from {module} import {names}
-except ImportError as error:
-    raise ImportError(
-        "this Performer export's {kind} code is the performer library's (performer.hf), which is not "
-        "installed here: install the performer-pretrain package with its hf extra "
-        "(pip install 'performer-pretrain[hf]', or from a checkout: pip install -e '.[hf]')"
-    ) from error
-'''
+except ImportError:
+    from {dot}{bundled} import {names}
+{whole_bundle}'''  # {dot}: transformers reads any line `from .x import` of a file, strings too
+# The bundled copy of the library: each module of the package under a flat name (performer.hf.modeling
+# -> performer_hf_modeling.py), its imports of the package made relative, as transformers' remote code
+# loader wants (one directory, relative imports).
+BUNDLE_PREFIX = "performer_"
+_BUNDLE_ROOTS = tuple(module for module, _ in REMOTE_CODE_MODULES.values())
+_PACKAGE_IMPORT = re.compile(
+    r"^(?P<indent>[ \t]*)from performer(?P<path>(?:\.\w+)*) import (?P<names>.*)$", re.MULTILINE
+)
 
 
 def is_transformers_kind(model_kind: str) -> bool:
@@ -107,10 +120,67 @@ def generation_config(keys: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_remote_code(directory: Path) -> None:
-    """The three remote-code files: each imports its classes from performer.hf."""
+    """The three remote-code files, and the bundled library modules they fall back on."""
     for file_name, (module, names) in REMOTE_CODE_MODULES.items():
-        kind = file_name.split("_")[0]
-        (directory / file_name).write_text(_REMOTE_CODE.format(module=module, names=names, kind=kind))
+        # Every entry point names every root, so each copies the whole bundle (a model's save then
+        # writes the tokenizer's modules too).
+        whole_bundle = "".join(
+            f"    from .{bundled_name(root)} import __name__ as _{bundled_name(root)}\n" for root in _BUNDLE_ROOTS
+        )
+        code = _REMOTE_CODE.format(
+            module=module, names=names, dot=".", bundled=bundled_name(module), whole_bundle=whole_bundle
+        )
+        (directory / file_name).write_text(code, encoding="utf-8")
+    for file_name, source in bundle_sources().items():
+        (directory / file_name).write_text(source, encoding="utf-8")
+
+
+def bundled_name(module: str) -> str:
+    """performer.hf.modeling -> performer_hf_modeling."""
+    return module.replace(".", "_")
+
+
+def bundle_sources() -> dict[str, str]:
+    """{file name: source} of the bundled library: the modules the transformers classes import,
+    transitively, with their imports of the package made relative. Read from the package itself,
+    or, where this module runs from an export's bundle, copied from beside it."""
+    here = Path(__file__).resolve().parent
+    if __name__ != "performer.hf_files":  # running from a bundle: its files are the sources
+        return {path.name: path.read_text(encoding="utf-8") for path in sorted(here.glob(f"{BUNDLE_PREFIX}*.py"))}
+    sources: dict[str, str] = {}
+    pending = list(_BUNDLE_ROOTS)
+    while pending:
+        module = pending.pop()
+        file_name = bundled_name(module) + ".py"
+        if file_name in sources:
+            continue
+        text = (here.parent / Path(*module.split("."))).with_suffix(".py").read_text(encoding="utf-8")
+        sources[file_name], imported = _relative_imports(text)
+        pending += imported
+    return dict(sorted(sources.items()))
+
+
+def _relative_imports(source: str) -> tuple[str, list[str]]:
+    """``source`` with ``from performer.x import y`` as ``from .performer_x import y`` and
+    ``from performer import x`` (a module) as ``from . import performer_x as x``; and the modules
+    of the package it imports."""
+    imported: list[str] = []
+
+    def rewrite(match: re.Match) -> str:
+        indent, path, names = match["indent"], match["path"], match["names"]
+        if path:
+            imported.append("performer" + path)
+            return f"{indent}from .{bundled_name('performer' + path)} import {names}"
+        lines = []
+        for name in (part.strip() for part in names.split("#")[0].split(",")):
+            module = f"performer.{name}"
+            imported.append(module)
+            # The first line is for transformers, which copies the files that `from .x import` names.
+            lines.append(f"{indent}from .{bundled_name(module)} import __name__ as _{bundled_name(module)}")
+            lines.append(f"{indent}from . import {bundled_name(module)} as {name}")
+        return "\n".join(lines)
+
+    return _PACKAGE_IMPORT.sub(rewrite, source), imported
 
 
 def write_transformers_files(
@@ -244,7 +314,10 @@ def _added_token(index: int, content: str, special: bool) -> dict[str, Any]:
 
 
 def _read_model_proto(path: Path):
-    from sentencepiece import sentencepiece_model_pb2
+    try:  # (a try block: transformers' check of a bundled copy's imports skips it)
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as error:
+        raise TokenizerConversionError(f"reading {path} needs sentencepiece and protobuf ({error})") from None
 
     proto = sentencepiece_model_pb2.ModelProto()
     try:

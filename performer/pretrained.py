@@ -8,9 +8,10 @@ An export directory::
     README.md           a short model card
 
 plus, for seq2seq and LM exports, what makes the directory a Hugging Face transformers model
-(performer/hf_files.py): transformers' keys in config.json, generation_config.json, three small
-remote-code files that import ``performer.hf``, and a fast tokenizer (tokenizer.json,
-tokenizer_config.json) built from the SentencePiece model.
+(performer/hf_files.py): transformers' keys in config.json, generation_config.json, remote code
+(``performer.hf``, or the export's copy of the library's model modules where performer is not
+installed), and a fast tokenizer (tokenizer.json, tokenizer_config.json) built from the
+SentencePiece model.
 
 Rules (the redraw rules of performer/redraw.py; the pickle policy of docs/reliability.md, "Security"):
 * The FAVOR+ projections are part of the model: they are stored (always float32, whatever the
@@ -369,8 +370,8 @@ def render_card(metadata: Mapping[str, Any]) -> str:
             else ""
         )
         transformers = (
-            "With Hugging Face transformers (the remote code imports the performer library: "
-            "`pip install 'performer-pretrain[hf]'`):\n\n"
+            "With Hugging Face transformers (the remote code is the performer library's; without "
+            "`import performer`, pass `trust_remote_code=True`):\n\n"
             f"```python\nfrom transformers import {auto}, AutoTokenizer\n"
             f'model = {auto}.from_pretrained("path/to/this/directory", trust_remote_code=True)'
             f"{tokenizer_line}\n```\n\n"

@@ -8,7 +8,8 @@
 Plain ``import performer`` registers them too, without importing transformers itself: at once if
 transformers is already imported, else right after it is (performer/autoregister.py). Without
 performer imported, ``trust_remote_code=True`` opens an export through its remote-code files,
-which import this package.
+which import this package where it is installed, and the export's copy of it elsewhere
+(performer/hf_files.py).
 
 Needs the ``hf`` extra (transformers 5, tokenizers, peft, accelerate); the core package and the
 trainer never import it.

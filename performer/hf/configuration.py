@@ -110,7 +110,7 @@ class PerformerConfig(PreTrainedConfig):
 
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
-        """No-op: the export's remote code is performer's own files (hf_files), never a copy of this module."""
+        """No-op: the export's remote code is written by hf_files, not copied from this module by transformers."""
 
 
 def _dtype_name(dtype: Any) -> str:

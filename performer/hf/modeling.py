@@ -173,7 +173,7 @@ class PerformerPreTrainedModel(PreTrainedModel, ProjectionOwner):
 
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
-        """No-op: the export's remote code is performer's own files (hf_files), never a copy of this module."""
+        """No-op: the export's remote code is written by hf_files, not copied from this module by transformers."""
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding.tokens

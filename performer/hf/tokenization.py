@@ -35,7 +35,7 @@ class PerformerTokenizerFast(PreTrainedTokenizerFast):
 
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoTokenizer") -> None:
-        """No-op: the export's remote code is performer's own files (hf_files), never a copy of this module."""
+        """No-op: the export's remote code is written by hf_files, not copied from this module by transformers."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, with the remote code and its ``auto_map`` entry, so the saved

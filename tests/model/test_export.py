@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import performer
+from performer import hf_files
 from performer.config import preset
 from performer.models import build_model
 from performer.pretrained import (
@@ -217,19 +218,25 @@ def test_export_layout_has_no_pickle_and_no_leftovers(tmp_path):
         model, tmp_path / "export", model_kind="seq2seq", tokenizer_dir=tokenizer, card=card
     )
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
-    assert files == [
-        "README.md",
-        "config.json",
-        "configuration_performer.py",  # what transformers reads: tests/model/test_hf_export.py
-        "generation_config.json",
-        "model.safetensors",
-        "modeling_performer.py",
-        "tokenization_performer.py",
-        "tokenizer.json",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer.model",
-        "tokenizer_config.json",
-    ]
+    # What transformers reads (tests/model/test_hf_export.py), remote code with its bundled library included.
+    bundle = sorted(hf_files.bundle_sources())
+    assert bundle and all(name.startswith("performer_") and name.endswith(".py") for name in bundle)
+    assert files == sorted(
+        [
+            "README.md",
+            "config.json",
+            "configuration_performer.py",
+            "generation_config.json",
+            "model.safetensors",
+            "modeling_performer.py",
+            "tokenization_performer.py",
+            "tokenizer.json",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer.model",
+            "tokenizer_config.json",
+            *bundle,
+        ]
+    )
     for path in out.rglob("*"):
         if path.is_file():
             head = path.read_bytes()[:4]

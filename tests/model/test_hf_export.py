@@ -25,6 +25,7 @@ import performer.hf  # noqa: E402
 from data.tokenizer import SpecialTokens, Tokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
 from launcher.__main__ import main as performer_main  # noqa: E402
 from launcher.commands.generate import encode_prompt  # noqa: E402
+from performer import hf_files  # noqa: E402
 from performer.config import preset  # noqa: E402
 from performer.hf import PerformerCache, PerformerConfig  # noqa: E402
 from performer.models import build_model  # noqa: E402
@@ -411,45 +412,57 @@ def _python(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProc
     )
 
 
-def test_remote_code_opens_the_export_without_importing_performer(exports, tmp_path):
+@pytest.mark.parametrize("library", ["installed", "not installed"])
+def test_remote_code_opens_the_export_without_importing_performer(exports, tmp_path, library):
+    # Where performer is installed the remote code takes its classes from it; elsewhere from the
+    # copy of the library's model modules that the export carries.
     export = exports["seq2seq"]
     with torch.no_grad():
         expected = performer.from_pretrained(export)(**_batch("seq2seq")).logits
     batch = {key: value.tolist() for key, value in _batch("seq2seq").items()}
+    hide = 'sys.modules["performer"] = None  # as if it were not installed' if library == "not installed" else ""
     script = f"""
 import json, sys, torch
+{hide}
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 try:
     AutoModelForSeq2SeqLM.from_pretrained({str(export)!r})
     print("opened without trust_remote_code")
 except ValueError as error:
     assert "trust_remote_code" in str(error), error
-assert "performer" not in sys.modules
+assert "performer" not in sys.modules or sys.modules["performer"] is None
 model = AutoModelForSeq2SeqLM.from_pretrained({str(export)!r}, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained({str(export)!r}, trust_remote_code=True)
 batch = {{key: torch.tensor(value) for key, value in json.loads({json.dumps(batch)!r}).items()}}
 with torch.no_grad():
     logits = model(**batch, use_cache=False).logits
-print(json.dumps({{"classes": [type(model).__name__, type(tokenizer).__name__], "logits": logits.tolist()}}))
+inputs = tokenizer("def add(a, b):<extra_id_0>", return_tensors="pt")
+beams = model.generate(**inputs, max_new_tokens=6, num_beams=2)
+model.save_pretrained({str(tmp_path / "saved")!r})
+tokenizer.save_pretrained({str(tmp_path / "saved")!r})
+print(json.dumps({{
+    "modules": [type(model).__module__, type(tokenizer).__module__],
+    "logits": logits.tolist(),
+    "ids": inputs["input_ids"][0].tolist(),
+    "beams": beams[0].tolist(),
+}}))
 """
     result = _python(script, tmp_path)
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout[result.stdout.index("{") :])  # after transformers' trust prompt
-    assert output["classes"] == ["PerformerForConditionalGeneration", "PerformerTokenizerFast"]
+    if library == "installed":
+        assert output["modules"] == ["performer.hf.modeling", "performer.hf.tokenization"]
+    else:
+        assert all(name.startswith("transformers_modules.") for name in output["modules"]), output["modules"]
     assert torch.equal(torch.tensor(output["logits"]), expected)
-
-
-def test_remote_code_without_the_performer_library_says_what_to_install(exports, tmp_path):
-    script = f"""
-import sys
-sys.modules["performer"] = None  # as if the library were not installed
-from transformers import AutoConfig
-AutoConfig.from_pretrained({str(exports["lm"])!r}, trust_remote_code=True)
-"""
-    result = _python(script, tmp_path)
-    assert result.returncode != 0
-    assert "ImportError: this Performer export's configuration code is the performer library's" in result.stderr
-    assert "pip install 'performer-pretrain[hf]'" in result.stderr
+    model = AUTO["seq2seq"].from_pretrained(export)
+    assert output["ids"] == AutoTokenizer.from_pretrained(export)("def add(a, b):<extra_id_0>")["input_ids"]
+    assert output["beams"] == model.generate(torch.tensor([output["ids"]]), max_new_tokens=6, num_beams=2)[0].tolist()
+    # What it saved is an export again, remote code and bundle included.
+    saved = tmp_path / "saved"
+    assert sorted(path.name for path in saved.glob("performer_*.py")) == sorted(hf_files.bundle_sources())
+    with torch.no_grad():
+        assert torch.equal(performer.from_pretrained(saved)(**_batch("seq2seq")).logits, expected)
 
 
 @pytest.mark.parametrize("order", ["performer first", "transformers first"])
