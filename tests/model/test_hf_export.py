@@ -525,3 +525,21 @@ def test_errors_name_the_file_and_the_fix(exports, tokenizer_dir, tmp_path):
     with pytest.raises(ExportError, match="has 420 ids but the model 600; pass the tokenizer the model was trained"):
         _export(tmp_path / "e2", "lm", tokenizer_dir, vocab_size=600)
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+
+def test_code_planted_in_an_export_never_runs_without_trust_remote_code(exports, tmp_path):
+    # An export's Python files run only when transformers is told to trust them: performer's own
+    # loaders and the Auto classes performer registered never import them.
+    import shutil
+
+    export = Path(shutil.copytree(exports["seq2seq"], tmp_path / "export"))
+    proof = tmp_path / "payload-ran"
+    payload = f"from pathlib import Path\nPath({str(proof)!r}).write_text('ran')\n"
+    for path in export.glob("*.py"):
+        path.write_text(payload + path.read_text())
+    performer.from_pretrained(export)
+    assert performer_main(["generate", "--model", str(export), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    AUTO["seq2seq"].from_pretrained(export)
+    AUTO["seq2seq"].from_pretrained(export, trust_remote_code=True)  # performer's registered classes win
+    AutoTokenizer.from_pretrained(export)
+    assert not proof.exists()
