@@ -34,19 +34,28 @@ def _register() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the real loader of ``transformers`` to register after it ran."""
+    """Finds nothing itself: wraps the real loader of ``transformers`` to register after it ran.
+    A mere lookup (``importlib.util.find_spec("transformers")``, as availability checks do) leaves
+    it in place; it leaves ``sys.meta_path`` once transformers has really been imported."""
+
+    _looking = False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname != _TARGET or self._looking:
             return None
-        sys.meta_path.remove(self)  # one shot; and the lookup below must not find this finder again
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True  # the lookup below goes through sys.meta_path again
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register()
 
         spec.loader.exec_module = exec_module
