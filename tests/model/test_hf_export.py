@@ -467,15 +467,20 @@ print(json.dumps({{
 
 @pytest.mark.parametrize("order", ["performer first", "transformers first"])
 def test_import_performer_registers_the_auto_classes_and_never_imports_transformers(exports, tmp_path, order):
-    imports = (
-        "import performer\nimport transformers"
-        if order == "performer first"
-        else "import transformers\nimport performer"
-    )
+    if order == "performer first":
+        imports = """
+import importlib.util
+import performer, launcher.pretrain
+hf = ("transformers", "tokenizers", "peft", "accelerate")
+assert not any(name.split(".")[0] in hf for name in sys.modules)  # neither the library nor the trainer
+assert importlib.util.find_spec("transformers") is not None  # a lookup (availability checks) is no import
+assert not any(name.split(".")[0] in hf for name in sys.modules)
+import transformers
+"""
+    else:
+        imports = "import transformers\nimport performer"
     script = f"""
 import sys
-import performer, launcher.pretrain
-assert not any(name.split(".")[0] in ("transformers", "tokenizers", "peft", "accelerate") for name in sys.modules)
 {imports}
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 print(type(AutoModelForSeq2SeqLM.from_pretrained({str(exports["seq2seq"])!r})).__name__)
