@@ -433,11 +433,11 @@ def from_pretrained(
     config = _config_from(metadata, directory)
     model = _build_quietly(metadata["model_kind"], config)
     model.to(dtype or DTYPES[metadata["dtype"]])  # projections stay float32 (Attention._apply)
-    for alias, stored in metadata.get("tied_weights", {}).items():
+    for alias, stored in (metadata.get("tied_weights") or {}).items():
         if stored in tensors:
             tensors[alias] = tensors[stored]
     _load_strictly(model, tensors, source=str(weights))
-    _retie(model, metadata.get("tied_weights", {}))
+    _retie(model, (metadata.get("tied_weights") or {}))
     model.fix_projection_matrices_()
     return model.to(device).eval()
 

@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedConfig
 
 from performer import hf_files
@@ -60,7 +61,9 @@ class PerformerConfig(PreTrainedConfig):
         if self.model is None:
             self.model = ModelConfig().to_dict()
         if self.dtype is None:
-            self.dtype = "float32"
+            self.dtype = torch.float32
+        if self.tied_weights is None:
+            self.tied_weights = {}
         source = self._config_path()
         check_export_metadata(
             {"format_version": self.format_version, "model_kind": self.model_kind, "dtype": _dtype_name(self.dtype)},
@@ -71,9 +74,10 @@ class PerformerConfig(PreTrainedConfig):
                 f"{source}: model_kind {self.model_kind!r} has no transformers class "
                 f"(these do: {', '.join(hf_files.MODEL_CLASSES)}); load it with performer.from_pretrained"
             )
+        defaults = ModelConfig().to_dict()
         for key, field in _MIRRORED.items():
             if getattr(self, key) is None:
-                setattr(self, key, self.model.get(field))
+                setattr(self, key, self.model.get(field, defaults[field]))
         if self.model_kind == "seq2seq" and self.decoder_start_token_id is None:
             start = self.model.get("decoder_start_id")
             self.decoder_start_token_id = self.pad_token_id if start is None else start

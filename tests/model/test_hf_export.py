@@ -337,6 +337,19 @@ def test_gradient_checkpointing_resize_bf16_and_save_pretrained_round_trip(expor
     assert bf16.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4).shape[0] == 2
 
 
+def test_a_model_built_from_a_config_alone_saves_as_an_export(tmp_path):
+    config = PerformerConfig(model_kind="lm", model={"vocab_size": 300, "d_model": 32, "num_heads": 4})
+    model = performer.hf.PerformerForCausalLM(config).eval()
+    assert all(bool(attention.projection_fixed) for attention in model.favor_attentions())
+    model.save_pretrained(tmp_path / "scratch")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        assert torch.equal(performer.from_pretrained(tmp_path / "scratch")(input_ids=ids).logits, expected)
+        reloaded = AUTO["lm"].from_pretrained(tmp_path / "scratch")
+        assert torch.equal(reloaded(input_ids=ids, use_cache=False).logits, expected)
+
+
 # ------------------------------------------------------------------------------ fine-tuning
 
 
