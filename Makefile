@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	    $(PIP) install --quiet "torch==$(TORCH_VERSION)" || \
 	    $(PIP) install --quiet "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,hf]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,8 +1,11 @@
 """Encoder-decoder Performer transformers: the user's guide API, FAVOR+ attention, pretraining models.
 
-The model library knows nothing of DeepSpeed, YAML or ranks.
+The model library knows nothing of DeepSpeed, YAML or ranks, and never imports Hugging Face
+transformers: importing performer only arranges that performer.hf registers its classes with
+transformers' Auto classes once the program imports transformers (performer/autoregister.py).
 """
 
+from performer import autoregister
 from performer.activations import ActivationFunctions
 from performer.pretrained import from_pretrained, save_pretrained
 from performer.transformer import (
@@ -23,3 +26,5 @@ __all__ = [
     "from_pretrained",
     "save_pretrained",
 ]
+
+autoregister.install()

@@ -7,6 +7,12 @@ An export directory::
     tokenizer/          a copy of the tokenizer directory, when one was given
     README.md           a short model card
 
+plus, for seq2seq and LM exports, what makes the directory a Hugging Face transformers model
+(performer/hf_files.py): transformers' keys in config.json, generation_config.json, remote code
+(``performer.hf``, or the export's copy of the library's model modules where performer is not
+installed), and a fast tokenizer (tokenizer.json, tokenizer_config.json) built from the
+SentencePiece model.
+
 Rules (the redraw rules of performer/redraw.py; the pickle policy of docs/reliability.md, "Security"):
 * The FAVOR+ projections are part of the model: they are stored (always float32, whatever the
   weight dtype), marked fixed (``projection_fixed`` is True in the file) and automatic redraw is
@@ -36,6 +42,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from performer import hf_files
 from performer.config import ModelConfig
 from performer.errors import InputError
 from performer.models import MODEL_CLASSES, build_model, is_projection_key
@@ -127,6 +134,7 @@ def save_pretrained_from_state_dict(
         )
     state_dict = _strip_wrapper_prefix(dict(state_dict))
     export_config = _frozen_features_config(config)
+    special, fast_tokenizer = _transformers_tokenizer(tokenizer_dir, model_kind, export_config)
     model = _build_quietly(model_kind, export_config)
     state_dict = _with_projections_checked(model, state_dict)
     _load_strictly(model, state_dict, source="the state dict")
@@ -160,7 +168,32 @@ def save_pretrained_from_state_dict(
         "card": {str(key): _plain(value) for key, value in (card or {}).items()},
         "torch_version": torch.__version__,
     }
-    return _write_atomically(Path(out_dir), lambda tmp: _write_files(tmp, tensors, metadata, tokenizer_dir))
+    if hf_files.is_transformers_kind(model_kind):
+        metadata.update(hf_files.config_keys(model_kind, metadata["model"], special))
+    return _write_atomically(
+        Path(out_dir), lambda tmp: _write_files(tmp, tensors, metadata, tokenizer_dir, special, fast_tokenizer)
+    )
+
+
+def _transformers_tokenizer(
+    tokenizer_dir: str | os.PathLike | None, model_kind: str, config: ModelConfig
+) -> tuple[dict[str, int] | None, dict[str, Any] | None]:
+    """The tokenizer's special ids and its fast-tokenizer serialization (None, None without a
+    tokenizer; no serialization for encoder-only exports), checked before anything is written."""
+    if tokenizer_dir is None:
+        return None, None
+    try:
+        special = hf_files.read_special_ids(Path(tokenizer_dir))
+        if special.get("vocab_size") != config.vocab_size:
+            raise hf_files.TokenizerConversionError(
+                f"{tokenizer_dir} has {special.get('vocab_size')} ids but the model {config.vocab_size}; "
+                "pass the tokenizer the model was trained with"
+            )
+        if not hf_files.is_transformers_kind(model_kind):
+            return special, None
+        return special, hf_files.fast_tokenizer(Path(tokenizer_dir), special, model_kind)
+    except hf_files.TokenizerConversionError as error:
+        raise ExportError(str(error)) from None
 
 
 def _frozen_features_config(config: ModelConfig) -> ModelConfig:
@@ -226,12 +259,16 @@ def _cast_for_export(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> tor
     return tensor.contiguous().clone()
 
 
-def _write_files(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict, tokenizer_dir) -> None:
+def _write_files(
+    directory: Path, tensors: dict[str, torch.Tensor], metadata: dict, tokenizer_dir, special, fast_tokenizer
+) -> None:
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
     metadata["weights_sha256"] = _sha256(directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, directory / TOKENIZER_DIR)
+    if hf_files.is_transformers_kind(metadata["model_kind"]):
+        hf_files.write_transformers_files(directory, metadata, fast_tokenizer, special)
     (directory / CARD_FILE).write_text(render_card(metadata))
 
 
@@ -324,11 +361,27 @@ def render_card(metadata: Mapping[str, Any]) -> str:
         if (metadata.get("projections"))
         else ""
     )
+    transformers = ""
+    if hf_files.is_transformers_kind(kind):
+        auto = hf_files.AUTO_MODEL_CLASSES[kind]
+        tokenizer_line = (
+            '\ntokenizer = AutoTokenizer.from_pretrained("path/to/this/directory", trust_remote_code=True)'
+            if metadata.get("tokenizer")
+            else ""
+        )
+        transformers = (
+            "With Hugging Face transformers (the remote code is the performer library's; without "
+            "`import performer`, pass `trust_remote_code=True`):\n\n"
+            f"```python\nfrom transformers import {auto}, AutoTokenizer\n"
+            f'model = {auto}.from_pretrained("path/to/this/directory", trust_remote_code=True)'
+            f"{tokenizer_line}\n```\n\n"
+        )
     return (
         f"# Performer {kind} model\n\n"
         f"| | |\n|---|---|\n{table}\n\n"
         "## Loading\n\n"
         '```python\nimport performer\nmodel = performer.from_pretrained("path/to/this/directory")\n```\n\n'
+        f"{transformers}"
         f"Weights are in `model.safetensors`, the architecture in `config.json`{tokenizer}.{fixed}\n"
     )
 
@@ -380,11 +433,11 @@ def from_pretrained(
     config = _config_from(metadata, directory)
     model = _build_quietly(metadata["model_kind"], config)
     model.to(dtype or DTYPES[metadata["dtype"]])  # projections stay float32 (Attention._apply)
-    for alias, stored in metadata.get("tied_weights", {}).items():
+    for alias, stored in (metadata.get("tied_weights") or {}).items():
         if stored in tensors:
             tensors[alias] = tensors[stored]
     _load_strictly(model, tensors, source=str(weights))
-    _retie(model, metadata.get("tied_weights", {}))
+    _retie(model, (metadata.get("tied_weights") or {}))
     model.fix_projection_matrices_()
     return model.to(device).eval()
 
@@ -402,6 +455,13 @@ def read_export_config(directory: Path) -> dict[str, Any]:
         metadata = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{config_path} is not valid JSON ({error}); the export is corrupted, export again") from None
+    check_export_metadata(metadata, config_path)
+    return metadata
+
+
+def check_export_metadata(metadata: Any, config_path: Path | str) -> None:
+    """ExportError unless ``metadata`` (config.json's content) is an export this library reads:
+    format version, model kind, dtype; the message names ``config_path`` and the fix."""
     if not isinstance(metadata, dict):
         raise ExportError(f"{config_path} is not a JSON object; the export is corrupted, export again")
     version = metadata.get("format_version")
@@ -419,17 +479,28 @@ def read_export_config(directory: Path) -> dict[str, Any]:
         raise ExportError(
             f"{config_path}: unknown dtype {metadata.get('dtype')!r}; expected one of {', '.join(DTYPES)}"
         )
-    return metadata
 
 
 def _config_from(metadata: Mapping[str, Any], directory: Path) -> ModelConfig:
+    return export_model_config(metadata["model"] if "model" in metadata else None, directory)
+
+
+def export_model_config(values: Any, directory: Path) -> ModelConfig:
+    """The ModelConfig of an export's config.json ``model`` entry, as loading builds it: features
+    frozen, a projection seed set; an ExportError naming the file and the key otherwise."""
+    config_path = directory / CONFIG_FILE
+    if not isinstance(values, Mapping):
+        raise ExportError(f'{config_path} has no "model" entry; the export is incomplete, export again')
     try:
-        values = dict(metadata["model"])
+        values = dict(values)
         if "decoder_start_id" not in values:
             values["decoder_start_id"] = _tokenizer_bos(directory)
         config = ModelConfig.from_dict(values)
     except (KeyError, TypeError, ValueError) as error:
-        raise ExportError(f"{directory / CONFIG_FILE}: bad model config ({error})") from None
+        raise ExportError(
+            f'{config_path}: bad model config ({error}); correct that key of "model" in {config_path.name}, '
+            "or export again"
+        ) from None
     # A seed, so building the model draws nothing from the global generator (the file's
     # projections replace whatever is drawn).
     return _frozen_features_config(dataclasses.replace(config, projection_seed=config.projection_seed or 0))

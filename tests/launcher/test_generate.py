@@ -119,12 +119,11 @@ def test_sentinels_in_the_prompt_are_sentinel_ids(tokenizer_dir):
 def error_exports(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("exports")
     bare = build_model("lm", preset("tiny", vocab_size=320, d_model=32, num_heads=4))
-    broken_tokenizer = root / "broken-tokenizer"
-    broken_tokenizer.mkdir()
-    (broken_tokenizer / "tokenizer.model").write_bytes(b"not a sentencepiece model")
-    (broken_tokenizer / "tokenizer.json").write_text('{"special": {"vocab_size": 320, "num_sentinels": 20}}')
+    # An export whose tokenizer was damaged after the export (which refuses a broken one).
+    broken_tokenizer = _export(root / "broken-tokenizer", "seq2seq", tokenizer_dir, "softmax")
+    (broken_tokenizer / "tokenizer" / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     return {
-        "broken_tokenizer": _export(root, "seq2seq", broken_tokenizer, "softmax"),
+        "broken_tokenizer": broken_tokenizer,
         "missing": root / "nothing-here",
         "no_tokenizer": performer.save_pretrained(bare, root / "bare", model_kind="lm"),
         "encoder": _export(root, "encoder", tokenizer_dir),

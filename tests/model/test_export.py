@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import performer
+from performer import hf_files
 from performer.config import preset
 from performer.models import build_model
 from performer.pretrained import (
@@ -201,21 +202,41 @@ def test_shared_tensors_are_stored_once_and_retied(tmp_path):
 
 
 def test_export_layout_has_no_pickle_and_no_leftovers(tmp_path):
+    from data.tokenizer import TokenizerConfig, train_tokenizer
+
     tokenizer = tmp_path / "tok"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.model").write_bytes(b"sentencepiece bytes")
-    (tokenizer / "tokenizer.json").write_text('{"special": {}}')
-    _, out = _export(
-        tmp_path, tokenizer_dir=tokenizer, card={"data": Path("stdlib"), "steps": 300, "eval loss": torch.tensor(2.5)}
+    texts = [
+        "def add(a, b):\n    return a + b\n",
+        "class Point:\n    x: int = 0\n",
+        "the quick brown fox jumps over the lazy dog\n",
+    ]
+    texts *= 20
+    train_tokenizer(texts, TokenizerConfig(vocab_size=320, num_sentinels=20, num_threads=1), tokenizer)
+    model = build_model("seq2seq", _config(vocab_size=320)).eval()
+    card = {"data": Path("stdlib"), "steps": 300, "eval loss": torch.tensor(2.5)}
+    out = performer.save_pretrained(
+        model, tmp_path / "export", model_kind="seq2seq", tokenizer_dir=tokenizer, card=card
     )
     files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
-    assert files == [
-        "README.md",
-        "config.json",
-        "model.safetensors",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer.model",
-    ]
+    # What transformers reads (tests/model/test_hf_export.py), remote code with its bundled library included.
+    bundle = sorted(hf_files.bundle_sources())
+    assert bundle and all(name.startswith("performer_") and name.endswith(".py") for name in bundle)
+    assert files == sorted(
+        [
+            "README.md",
+            "config.json",
+            "configuration_performer.py",
+            "generation_config.json",
+            "model.safetensors",
+            "modeling_performer.py",
+            "tokenization_performer.py",
+            "tokenizer.json",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer.model",
+            "tokenizer_config.json",
+            *bundle,
+        ]
+    )
     for path in out.rglob("*"):
         if path.is_file():
             head = path.read_bytes()[:4]

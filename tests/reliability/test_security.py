@@ -21,6 +21,7 @@ import torch
 from jobs import BIN, REPO, TEST_SETTINGS, launch_environment
 
 from launcher.config import ConfigError, load_config
+from performer import hf_files
 
 PROJECT_DIRS = ("performer", "data", "launcher", "benchmarks", "examples", "slurm", "tests")
 
@@ -255,13 +256,21 @@ def test_a_real_export_holds_no_pickle(trained_run, tmp_path):
     assert completed.returncode == 0, completed.stderr
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert {p.name for p in files} >= {"model.safetensors", "config.json"}
+    # The only code is transformers' remote code, exactly as performer/hf_files.py writes it (run
+    # only under trust_remote_code=True; performer itself never imports it).
+    expected_code = tmp_path / "expected-code"
+    expected_code.mkdir()
+    hf_files.write_remote_code(expected_code)
     for path in files:
         head = path.read_bytes()[:4]
         # pickle protocol 2+ starts with 0x80; torch.save writes a zip (PK) holding a pickle.
         assert not head.startswith(b"\x80") and head != b"PK\x03\x04", f"{path} looks like a pickle / torch.save"
-        assert path.suffix in {".safetensors", ".json", ".md", ".model", ".vocab"}, path
+        assert path.suffix in {".safetensors", ".json", ".md", ".model", ".vocab", ".py"}, path
         if path.suffix == ".json":
             json.loads(path.read_text())
+        if path.suffix == ".py":
+            assert path.parent == out and path.read_bytes() == (expected_code / path.name).read_bytes(), path
+    assert {p.name for p in files if p.suffix == ".py"} == {p.name for p in expected_code.iterdir()}
     from safetensors.torch import load_file
 
     assert len(load_file(out / "model.safetensors")) > 0
