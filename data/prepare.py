@@ -35,7 +35,17 @@ from tqdm import tqdm
 
 from data.corpus import CorpusConfig, plan, split_of
 from data.errors import DataError
-from data.shards import INDEX_FILES, Manifest, Part, PartWriter, ShardConfig, ShardInfo, finish_split
+from data.shards import (
+    INDEX_FILES,
+    Manifest,
+    Part,
+    PartWriter,
+    ShardConfig,
+    ShardInfo,
+    finish_split,
+    save_array_atomically,
+    write_json_atomically,
+)
 from data.sources import Skipped, WorkUnit, read_unit
 from data.tokenizer import TOKENIZER_DIR, Tokenizer, TokenizerConfig, train_tokenizer
 from performer import strict
@@ -189,7 +199,7 @@ def _tokenizer(
             f"trained in {time.perf_counter() - started:.1f}s -> {target}"
         )
     state.mkdir(parents=True, exist_ok=True)
-    _write_json(plan_path, {**wanted, "tokenizer_fingerprint": tokenizer.fingerprint})
+    write_json_atomically(plan_path, {**wanted, "tokenizer_fingerprint": tokenizer.fingerprint})
     return tokenizer
 
 
@@ -306,14 +316,14 @@ def _prepare_part(task) -> dict:
     for split, writer in writers.items():
         written = writer.close()
         for name, array in written.arrays.items():
-            _save_array(state / f"part-{part.number:05d}-{split}-{name}.npy", array)
+            save_array_atomically(state / f"part-{part.number:05d}-{split}-{name}.npy", array)
         record[split] = {
             "shards": [dataclasses.asdict(shard) for shard in written.shards],
             "documents": int(len(written.arrays["documents"])),
             "tokens": int(written.arrays["documents"].sum(dtype=np.int64)),
         }
     record["skipped"] = [entry._asdict() for entry in skipped]
-    _write_json(_record_path(state, part.number), record)  # last: the part is done
+    write_json_atomically(_record_path(state, part.number), record)  # last: the part is done
     return record
 
 
@@ -362,19 +372,6 @@ def _load_part(state: Path, number: int, split: str) -> Part:
     shards = tuple(ShardInfo(**shard) for shard in record[split]["shards"])
     arrays = {name: np.load(state / f"part-{number:05d}-{split}-{name}.npy") for name in INDEX_FILES}
     return Part(shards, arrays)
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------- what was skipped

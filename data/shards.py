@@ -661,10 +661,7 @@ def finish_split(
     entries = {}
     for name, (filename, _, _) in INDEX_FILES.items():
         path = out / filename
-        tmp = out / (filename + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, arrays[name], allow_pickle=False)
-        os.replace(tmp, path)
+        save_array_atomically(path, arrays[name])
         entries[name] = {"path": filename, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     field = "u16" if token_dtype(special.vocab_size) == "uint16" else "u32"
     # The format's settings only: how many processes wrote the split does not change its bytes.
@@ -715,10 +712,23 @@ def write_shards(
 
 
 def _write_manifest(manifest: Manifest, out: Path) -> None:
-    # Write-then-rename: a reader never sees a half-written manifest.
-    tmp = out / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST_FILE)
+    write_json_atomically(out / MANIFEST_FILE, manifest.to_json())
+
+
+# Write-then-rename: a reader never sees a half-written manifest, index or prepare record.
+
+
+def write_json_atomically(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_array_atomically(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    os.replace(tmp, path)
 
 
 def write_shards_v1(
