@@ -35,7 +35,7 @@ class PerformerConfig(PreTrainedConfig):
     """
 
     model_type = hf_files.MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     format_version: int = FORMAT_VERSION
     model_kind: str = "seq2seq"

@@ -22,6 +22,7 @@ LM labels follow transformers' convention (``labels`` = the input ids, shifted i
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator
 
@@ -202,7 +203,7 @@ class PerformerPreTrainedModel(PreTrainedModel, ProjectionOwner):
         if past_key_values is not None:
             if not isinstance(past_key_values, PerformerCache):
                 raise TypeError(
-                    f"past_key_values is a {type(past_key_values).__name__}; a Performer decodes on a PerformerCache "
+                    f"the cache is a {type(past_key_values).__name__}; a Performer decodes on a PerformerCache "
                     "(pass the one a previous call returned, or none: the model makes its own)"
                 )
             return past_key_values
@@ -249,6 +250,7 @@ class PerformerForConditionalGeneration(PerformerPreTrainedModel, GenerationMixi
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: PerformerCache | None = None,
         past_key_values: PerformerCache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -272,7 +274,7 @@ class PerformerForConditionalGeneration(PerformerPreTrainedModel, GenerationMixi
             encoded = self.encode(input_ids, attention_mask)
         else:
             encoded = encoder_outputs[0]
-        cache = self._decoding_cache(past_key_values, use_cache, labels)
+        cache = self._decoding_cache(cache if cache is not None else past_key_values, use_cache, labels)
         if cache is not None:
             decoder_attention_mask = _unpadded(decoder_attention_mask, "decoder_attention_mask")
         hidden = self.decoder(
@@ -288,8 +290,8 @@ class PerformerForConditionalGeneration(PerformerPreTrainedModel, GenerationMixi
         output = Seq2SeqLMOutput(
             loss=self.loss(logits, labels),
             logits=logits,
-            past_key_values=cache,
             encoder_last_hidden_state=encoded,
+            **{_cache_field(Seq2SeqLMOutput): cache},
         )
         return self._output(output, return_dict)
 
@@ -310,6 +312,7 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        cache: PerformerCache | None = None,
         past_key_values: PerformerCache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -323,7 +326,7 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         inputs_embeds is accepted as None only (PEFT passes it)."""
         _check_no_extra_outputs(output_attentions, output_hidden_states)
         _check_no_embeds(inputs_embeds)
-        cache = self._decoding_cache(past_key_values, use_cache, labels)
+        cache = self._decoding_cache(cache if cache is not None else past_key_values, use_cache, labels)
         if cache is not None:
             attention_mask = _unpadded(attention_mask, "attention_mask")
         hidden = self.decoder(
@@ -335,8 +338,14 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.vocabulary_logits(hidden)
         loss = None if labels is None else self.loss(logits[:, :-1], labels[:, 1:])
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{_cache_field(CausalLMOutputWithPast): cache})
         return self._output(output, return_dict)
+
+
+def _cache_field(output_class: type) -> str:
+    """The outputs' name of the decoding state: "cache" since transformers renamed
+    "past_key_values" (5.2x); the forwards take both names."""
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(output_class)} else "past_key_values"
 
 
 def _unpadded(mask: torch.Tensor | None, name: str) -> None:
