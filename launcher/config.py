@@ -40,6 +40,16 @@ DERIVED_MODEL_FIELDS = {
     "auto_check_redraw": "the trainer, which redraws at optimizer steps (model.feature_redraw_interval)",
     "num_classes": "nothing: classification heads are for fine-tuning encoder-only models, not pretraining",
 }
+# Settings that were renamed (the guide's names): the old spelling's error names the new one, and
+# configs saved with it (checkpoints, run directories) still load (config_from_dict).
+RENAMED_MODEL_FIELDS = {
+    "redraw_interval": "feature_redraw_interval",
+    "activation_checkpointing": "gradient_checkpointing",
+}
+RENAMED_KEYS = {
+    **{f"model.{old}": f"model.{new}" for old, new in RENAMED_MODEL_FIELDS.items()},
+    "model.overrides": "the ModelConfig fields directly under model: (e.g. model.d_model)",
+}
 # What does not change parameter shapes: resuming with another value is allowed.
 NON_SHAPE_MODEL_FIELDS = ("dropout", "feature_redraw_interval", "redraw_mode", "gradient_checkpointing", "chunk_size")
 
@@ -378,21 +388,14 @@ def build_run_config(values: Any) -> RunConfig:
     if isinstance(values, Mapping):
         model = values.get("model")
         values = {**values, "model": _model_values({} if model is None else model)}
-    return strict.build(RunConfig, values)
-
-
-# Saved configs (checkpoints, run directories) written before the model section embedded ModelConfig.
-_SAVED_MODEL_RENAMES = {
-    "redraw_interval": "feature_redraw_interval",
-    "activation_checkpointing": "gradient_checkpointing",
-}
+    return strict.build(RunConfig, values, renamed=RENAMED_KEYS)
 
 
 def config_from_dict(values: Mapping) -> RunConfig:
     """A RunConfig from its to_dict() form (as saved with a run or a checkpoint), older layouts included."""
     model = dict(values.get("model") or {})
-    if "overrides" in model or any(old in model for old in _SAVED_MODEL_RENAMES):
-        model = {_SAVED_MODEL_RENAMES.get(key, key): value for key, value in model.items() if key != "overrides"}
+    if "overrides" in model or any(old in model for old in RENAMED_MODEL_FIELDS):
+        model = {RENAMED_MODEL_FIELDS.get(key, key): value for key, value in model.items() if key != "overrides"}
         model.update(values["model"].get("overrides") or {})
         values = {**values, "model": model}
     return build_run_config(values)

@@ -23,16 +23,10 @@ from performer.errors import ConfigError
 
 T = TypeVar("T")
 
-# Keys that were renamed: an old spelling gets the new name in its error, not only "unknown".
-RENAMED_KEYS: dict[str, str] = {
-    "model.redraw_interval": "model.feature_redraw_interval",
-    "model.activation_checkpointing": "model.gradient_checkpointing",
-    "model.overrides": "the ModelConfig fields directly under model: (e.g. model.d_model)",
-}
 
-
-def build(cls: type[T], values: Mapping[str, Any], path: str = "") -> T:
-    """Dataclass ``cls`` from ``values``; unknown keys and wrong types are ConfigErrors naming the key."""
+def build(cls: type[T], values: Mapping[str, Any], path: str = "", renamed: Mapping[str, str] | None = None) -> T:
+    """Dataclass ``cls`` from ``values``; unknown keys and wrong types are ConfigErrors naming the key.
+    ``renamed``: dotted keys that were renamed -> what to use instead (the error says so)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(values).__name__}: {values!r}")
     hints = typing.get_type_hints(cls)
@@ -40,9 +34,9 @@ def build(cls: type[T], values: Mapping[str, Any], path: str = "") -> T:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise unknown_key_error(str(key), path, list(fields))
+            raise unknown_key_error(str(key), path, list(fields), renamed)
         where = f"{path}.{key}" if path else str(key)
-        kwargs[key] = _field_value(value, hints[key], where)
+        kwargs[key] = _field_value(value, hints[key], where, renamed)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -64,20 +58,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def unknown_key_error(key: str, path: str, known: list[str]) -> ConfigError:
+def unknown_key_error(key: str, path: str, known: list[str], renamed: Mapping[str, str] | None = None) -> ConfigError:
     where = f"{path}.{key}" if path else key
-    if where in RENAMED_KEYS:
-        return ConfigError(f"config key {where!r} was renamed: use {RENAMED_KEYS[where]}")
+    if renamed and where in renamed:
+        return ConfigError(f"config key {where!r} was renamed: use {renamed[where]}")
     hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     suggestion = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
     return ConfigError(f"unknown config key {where!r}{suggestion} (known here: {', '.join(sorted(known))})")
 
 
-def _field_value(value: Any, annotation: Any, where: str) -> Any:
+def _field_value(value: Any, annotation: Any, where: str, renamed: Mapping[str, str] | None) -> Any:
     value = _yaml_float(value, annotation)
     if dataclasses.is_dataclass(annotation):
         # An empty section (`log:` with nothing under it) is its defaults; 0, [] or false are errors.
-        return build(annotation, {} if value is None else value, where)
+        return build(annotation, {} if value is None else value, where, renamed)
     if typing.get_origin(annotation) is tuple and isinstance(value, list):
         value = tuple(value)
     if not type_matches(value, annotation):
