@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
 from data.corpus import CorpusConfig, plan  # noqa: E402
-from data.prepare import PrepareSettings, _sample_texts  # noqa: E402
+from data.prepare import PrepareSettings, sample_texts, unit_bytes  # noqa: E402
 from data.shards import Manifest, ShardConfig  # noqa: E402
 from data.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
 from launcher.__main__ import main as performer  # noqa: E402
@@ -111,7 +111,7 @@ def train_shared_tokenizer(work: Path, vocab: int) -> dict:
     corpus = CorpusConfig(source="paths", paths=(str(work / "zst"),))
     settings = PrepareSettings(corpus=corpus, tokenizer=TokenizerConfig(vocab_size=vocab), shards=ShardConfig())
     units = plan(corpus)
-    train_tokenizer(_sample_texts(settings, units), settings.tokenizer, out)
+    train_tokenizer(sample_texts(settings, units, unit_bytes(units)), settings.tokenizer, out)
     return {"seconds": round(time.perf_counter() - started, 1), "path": out}
 
 

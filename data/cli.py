@@ -25,11 +25,11 @@ from typing import Iterator
 
 from data.corpus import OLD_SOURCES, SOURCES, CorpusConfig, Skipped, iter_documents, plan
 from data.objectives import OBJECTIVES
-from data.prepare import PrepareSettings, prepare, skip_record
+from data.prepare import PrepareSettings, prepare, skip_record, train_and_report
 from data.shards import Manifest, ShardConfig, tokenize_texts, verify_manifest, write_shards
 from data.sources import FORMATS, ON_ERROR
 from data.stream import DataError, ShardReader, StreamConfig, TokenStream, check_shard_paths
-from data.tokenizer import MODEL_TYPES, TOKENIZER_DIR, Tokenizer, TokenizerConfig, train_tokenizer
+from data.tokenizer import MODEL_TYPES, TOKENIZER_DIR, Tokenizer, TokenizerConfig
 from performer import strict
 
 
@@ -222,14 +222,7 @@ def _shard_config(args) -> ShardConfig:
 def _train(
     corpus: CorpusConfig, config: TokenizerConfig, out: Path, split: str | None, skipped: list[Skipped]
 ) -> Tokenizer:
-    started = time.perf_counter()
-    texts = (doc.text for doc in iter_documents(corpus, split, skipped))
-    tokenizer = train_tokenizer(texts, config, out)
-    print(
-        f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
-        f"trained in {time.perf_counter() - started:.1f}s -> {out}"
-    )
-    return tokenizer
+    return train_and_report((doc.text for doc in iter_documents(corpus, split, skipped)), config, out)
 
 
 MAX_SKIPS_PRINTED = 50

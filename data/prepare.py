@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -70,13 +70,12 @@ class PrepareSettings:
     tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES
 
     def record(self, tokenizer_source: str) -> dict:
-        layout = {k: v for k, v in strict.plain(self.shards).items() if k not in ("num_workers", "documents_per_task")}
         return {
             "version": STATE_VERSION,
             "corpus": strict.plain(self.corpus),
             "tokenizer": strict.plain(self.tokenizer),
             "tokenizer_source": tokenizer_source,
-            "shards": layout,
+            "shards": self.shards.layout(),
             "part_bytes": self.part_bytes,
             "tokenizer_sample_bytes": self.tokenizer_sample_bytes,
         }
@@ -104,12 +103,13 @@ def prepare(
         )
     skipped: list[Skipped] = []  # by the plan (unreadable Parquet footers), then by each part
     units = plan(corpus, skipped)
+    sizes = unit_bytes(units)
     if settings.part_bytes is None:
-        total = sum(unit_bytes(units))
+        total = sum(sizes)
         settings = dataclasses.replace(settings, part_bytes=min(max(total // 64, MIN_PART_BYTES), MAX_PART_BYTES))
-    parts = plan_parts(units, settings.part_bytes)
+    parts = plan_parts(units, sizes, settings.part_bytes)
     state = out / STATE_DIR
-    tokenizer = _tokenizer(settings, out, state, units, tokenizer_dir)
+    tokenizer = _tokenizer(settings, out, state, units, sizes, tokenizer_dir)
     records = _run_parts(settings, out, state, parts, tokenizer, workers, progress)
     skipped += [Skipped(**entry) for record in records for entry in record["skipped"]]
     source = {"corpus": strict.plain(corpus), **skip_record(corpus, skipped)}
@@ -139,10 +139,10 @@ def unit_bytes(units: list[WorkUnit]) -> list[int]:
     return [max(os.path.getsize(unit.path) // shares[unit.path], 1) for unit in units]
 
 
-def plan_parts(units: list[WorkUnit], part_bytes: int) -> list[PartPlan]:
+def plan_parts(units: list[WorkUnit], sizes: list[int], part_bytes: int) -> list[PartPlan]:
     """Consecutive units in plan order, each part closed once it holds `part_bytes` of input."""
     parts, current, size = [], [], 0
-    for unit, nbytes in zip(units, unit_bytes(units)):
+    for unit, nbytes in zip(units, sizes):
         current.append(unit)
         size += nbytes
         if size >= part_bytes:
@@ -164,8 +164,19 @@ def _part(number: int, units: list[WorkUnit], size: int) -> PartPlan:
 # ------------------------------------------------------------------------------------ tokenizer
 
 
+def train_and_report(texts: Iterable[str], config: TokenizerConfig, out: Path) -> Tokenizer:
+    """`train_tokenizer`, then one line saying what was trained, in how long, where."""
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(texts, config, out)
+    print(
+        f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
+        f"trained in {time.perf_counter() - started:.1f}s -> {out}"
+    )
+    return tokenizer
+
+
 def _tokenizer(
-    settings: PrepareSettings, out: Path, state: Path, units: list[WorkUnit], explicit: str | None
+    settings: PrepareSettings, out: Path, state: Path, units: list[WorkUnit], sizes: list[int], explicit: str | None
 ) -> Tokenizer:
     """The tokenizer of this prepare: resumed, copied from `explicit`, or trained on a sample; the
     state's plan.json is written (or checked against) once it is known."""
@@ -190,25 +201,17 @@ def _tokenizer(
             shutil.rmtree(target)
         shutil.copytree(explicit, target)
     else:
-        started = time.perf_counter()
-        texts = _sample_texts(settings, units)
-        tokenizer = train_tokenizer(texts, settings.tokenizer, target)
-        config = settings.tokenizer
-        print(
-            f"tokenizer: {config.model_type}, vocab {config.vocab_size} ({config.num_sentinels} sentinels), "
-            f"trained in {time.perf_counter() - started:.1f}s -> {target}"
-        )
+        tokenizer = train_and_report(sample_texts(settings, units, sizes), settings.tokenizer, target)
     state.mkdir(parents=True, exist_ok=True)
     write_json_atomically(plan_path, {**wanted, "tokenizer_fingerprint": tokenizer.fingerprint})
     return tokenizer
 
 
-def _sample_texts(settings: PrepareSettings, units: list[WorkUnit]) -> Iterator[str]:
+def sample_texts(settings: PrepareSettings, units: list[WorkUnit], sizes: list[int]) -> Iterator[str]:
     """Training documents of a seeded choice of units (read in plan order) holding about
     `tokenizer_sample_bytes`: all of a corpus smaller than that. Held-out text stays unseen. What
     it skips is skipped again, and counted, by the part that holds it."""
     corpus = settings.corpus
-    sizes = unit_bytes(units)
     order = np.random.default_rng(settings.tokenizer.seed).permutation(len(units))
     chosen, total = [], 0
     for position in order:
@@ -257,7 +260,10 @@ def _run_parts(
             totals[key] += sum(record[split][key] for split in SPLITS)
         bar.set_postfix(documents=f"{totals['documents']:,}", tokens=f"{totals['tokens']:,}")
 
-    tasks = [(settings, str(out), str(state), part, str(out / TOKENIZER_DIR), None) for part in todo]
+    def task(part: PartPlan, limit: int | None = None) -> tuple:
+        return settings, str(out), str(state), part, str(out / TOKENIZER_DIR), limit
+
+    tasks = [task(part) for part in todo]
     workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     try:
         if settings.corpus.max_documents is not None:
@@ -266,7 +272,7 @@ def _run_parts(
                 if part.number not in records:
                     kept = sum(records[number]["kept"] for number in range(part.number))
                     limit = max(settings.corpus.max_documents - kept, 0)
-                    finished(_prepare_part((settings, str(out), str(state), part, str(out / TOKENIZER_DIR), limit)))
+                    finished(_prepare_part(task(part, limit)))
         elif workers == 1:
             for record in map(_prepare_part, tasks):
                 finished(record)

@@ -94,6 +94,10 @@ class ShardConfig:
         """From a plain mapping (YAML); unknown keys are errors."""
         return strict.build(cls, values, "shards")
 
+    def layout(self) -> dict:
+        """The settings that shape the bytes written (how many processes wrote them does not)."""
+        return {k: v for k, v in strict.plain(self).items() if k not in ("num_workers", "documents_per_task")}
+
     def __post_init__(self) -> None:
         if min(self.max_samples_per_shard, self.max_bytes_per_shard, self.max_bytes_per_member) < 1:
             raise DataError(
@@ -665,7 +669,7 @@ def finish_split(
         entries[name] = {"path": filename, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     field = "u16" if token_dtype(special.vocab_size) == "uint16" else "u32"
     # The format's settings only: how many processes wrote the split does not change its bytes.
-    layout = {k: v for k, v in strict.plain(config).items() if k not in ("num_workers", "documents_per_task")}
+    layout = config.layout()
     manifest = Manifest(
         split=split,
         dtype=token_dtype(special.vocab_size),
