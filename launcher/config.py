@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from data.mixture import SourceConfig
 from performer import strict
 from performer.config import PRESETS, ModelConfig
 from performer.errors import ConfigError
@@ -27,6 +28,7 @@ from performer.errors import ConfigError
 __all__ = ["ConfigError", "RunConfig", "ModelSection", "load_config", "config_from_dict", "save_config"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MANIFEST = "runs/data/train"
 OFFLOADS = ("none", "optimizer", "all")
 MODEL_KINDS = ("seq2seq", "lm")
 
@@ -49,7 +51,10 @@ RENAMED_MODEL_FIELDS = {
 RENAMED_KEYS = {
     **{f"model.{old}": f"model.{new}" for old, new in RENAMED_MODEL_FIELDS.items()},
     "model.overrides": "the ModelConfig fields directly under model: (e.g. model.d_model)",
+    "data.shuffle_buffer": "data.interleave_shards (epochs are shuffled in windows of shards, data/plan.py)",
 }
+# Settings that no longer exist, dropped when a saved config (a checkpoint's, a run directory's) is loaded.
+RETIRED_DATA_KEYS = ("shuffle_buffer",)
 # What does not change parameter shapes: resuming with another value is allowed.
 NON_SHAPE_MODEL_FIELDS = ("dropout", "feature_redraw_interval", "redraw_mode", "gradient_checkpointing", "chunk_size")
 
@@ -114,7 +119,7 @@ def _model_values(values: Any) -> Any:
 
 @dataclass
 class DataSection:
-    manifest: str = "runs/data/train"
+    manifest: str = DEFAULT_MANIFEST
     "Training split: a manifest.json written by `performer data shards`, or its directory."
     eval_manifest: str | None = None
     "Held-out split for eval; null = the `heldout` directory beside the training split, if any."
@@ -122,10 +127,12 @@ class DataSection:
     "span_corruption (seq2seq) or causal_lm (lm)."
     input_length: int = 512
     "Tokens per input row (the encoder input for span corruption)."
+    sources: tuple[SourceConfig, ...] = ()
+    "Instead of data.manifest: a weighted mixture of prepared splits, a list of {manifest, weight, name}."
     num_workers: int = 0
     "DataLoader worker processes per rank."
-    shuffle_buffer: int = 1000
-    "Documents in the bounded shuffle buffer."
+    interleave_shards: int = 32
+    "Shards whose documents are interleaved in each window of an epoch's order (data/plan.py)."
     verify_sha256: bool = True
     "Hash every shard at start-up (sizes and structure are always checked)."
     allow_pipe: bool = False
@@ -134,6 +141,26 @@ class DataSection:
     "Accept http(s)/s3/gs shard URLs."
     allow_shell_characters: bool = False
     "Accept shard paths holding shell metacharacters (; & | $ ` ' \" < > ( ) { } \\ newline), e.g. signed URLs with &."
+
+    def __post_init__(self) -> None:
+        if self.sources and self.manifest != DEFAULT_MANIFEST:
+            raise ConfigError(
+                "data.manifest and data.sources are both set: train on one split (data.manifest) or on a mixture "
+                "(data.sources, each with its manifest), not both"
+            )
+        for i, source in enumerate(self.sources):
+            if not source.weight > 0:
+                raise ConfigError(
+                    f"data.sources[{i}].weight is {source.weight}; weights must be positive (a source's share of "
+                    "the rows is its weight over their sum); leave a source out to stop training on it"
+                )
+        if self.interleave_shards < 1:
+            raise ConfigError(f"data.interleave_shards must be >= 1, not {self.interleave_shards}")
+
+    @property
+    def train_manifest(self) -> str:
+        """The training split (the first source of a mixture): where the tokenizer is found."""
+        return self.sources[0].manifest if self.sources else self.manifest
 
 
 @dataclass
@@ -393,6 +420,9 @@ def build_run_config(values: Any) -> RunConfig:
 
 def config_from_dict(values: Mapping) -> RunConfig:
     """A RunConfig from its to_dict() form (as saved with a run or a checkpoint), older layouts included."""
+    data = values.get("data")
+    if isinstance(data, Mapping) and any(key in data for key in RETIRED_DATA_KEYS):
+        values = {**values, "data": {key: value for key, value in data.items() if key not in RETIRED_DATA_KEYS}}
     model = dict(values.get("model") or {})
     if "overrides" in model or any(old in model for old in RENAMED_MODEL_FIELDS):
         model = {RENAMED_MODEL_FIELDS.get(key, key): value for key, value in model.items() if key != "overrides"}

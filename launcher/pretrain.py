@@ -127,7 +127,7 @@ def check_inputs(config: RunConfig, resume: str | None, reshard: bool) -> None:
     output_dir = Path(config.train.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"train.output_dir={output_dir} is not a directory; choose another train.output_dir")
-    Manifest.load(config.data.manifest).tokenizer()
+    Manifest.load(config.data.train_manifest).tokenizer()
     eval_manifest = eval_manifest_path(config) if config.eval.interval else None
     if eval_manifest is not None:
         Manifest.load(eval_manifest)

@@ -19,22 +19,29 @@ def eval_manifest_path(config: RunConfig) -> Path | None:
 
     if config.data.eval_manifest is not None:
         return Path(config.data.eval_manifest)
-    return split_beside(config.data.manifest, "heldout")
+    return split_beside(config.data.train_manifest, "heldout")
 
 
-def make_stream(config: RunConfig, manifest: Path, topology: Topology, max_epochs=None):
-    """The rank's stream; every rank leaves out the shards that any rank found damaged."""
+def make_stream(config: RunConfig, manifest: Path | None, topology: Topology, max_epochs=None):
+    """The rank's stream of ``manifest``, or of the training data (a split or a mixture) when None.
+
+    The ranks verify a share of the shards each and act on the gathered verdicts: every rank leaves
+    out the same damaged shards (different step counts would hang the collectives)."""
     from data.stream import DataError, StreamConfig, TokenStream
 
     data = config.data
+    if manifest is None:
+        where = {"sources": data.sources} if data.sources else {"manifest": data.manifest}
+    else:
+        where = {"manifest": str(manifest)}
     stream_config = StreamConfig(
-        manifest=str(manifest),
+        **where,
         objective=data.objective,
         input_length=data.input_length,
         batch_size=config.train.micro_batch_size,
         seed=config.seed,
         num_workers=data.num_workers,
-        shuffle_buffer=data.shuffle_buffer,
+        interleave_shards=data.interleave_shards,
         verify_sha256=data.verify_sha256,
         allow_pipe=data.allow_pipe,
         allow_remote=data.allow_remote,
@@ -42,21 +49,14 @@ def make_stream(config: RunConfig, manifest: Path, topology: Topology, max_epoch
         max_epochs=max_epochs,
     )
     try:
-        stream = TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size)
-        # Each rank verified the files itself: one that changed in between must not give the ranks
-        # different epochs (different step counts hang the collectives). One gather, at start-up.
-        found = gather_objects(stream.bad_shards)
-        union = {path: reason for share in found for path, reason in share.items()}
-        if any(share.keys() != union.keys() for share in found):
-            stream.exclude_shards(union)
+        return TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size, gather=gather_objects)
     except DataError as error:
         raise ConfigError(f"data: {error}") from error
-    return stream
 
 
 def report_bad_shards(metrics: MetricsLogger, step: int, split: str, stream) -> None:
     """One event per skipped shard (name, reason, samples lost), in metrics.jsonl and on the console."""
-    samples = {shard.path: shard.samples for shard in stream.manifest.shards}
+    samples = stream.shard_documents
     for path, reason in sorted(stream.bad_shards.items()):
         metrics.log(
             "event", step, {"data_bad_shard": path, "split": split, "reason": reason, "samples_lost": samples[path]}
@@ -86,6 +86,16 @@ def report_lost_documents(metrics: MetricsLogger, step: int, stream, reported: d
             f"data: shard {path} {documents_phrase(documents)} unreadable ({reason}); replaced by the documents "
             "after them"
         )
+
+
+def source_tokens(stream) -> dict[str, int]:
+    """A mixture's tokens drawn from each source so far, by all ranks together (packed row tokens,
+    eos included), as train-record fields ``data_tokens_<name>``: a function of the stream's
+    cursor, so the same on every rank with no collective. Empty for a single split."""
+    if stream.mixture is None:
+        return {}
+    raw = stream.config.raw_length
+    return {f"data_tokens_{name}": rows * raw for name, rows in stream.source_rows().items()}
 
 
 def batch_tokens(batch: dict) -> int:

@@ -38,6 +38,7 @@ from launcher.streams import (
     make_stream,
     report_bad_shards,
     report_lost_documents,
+    source_tokens,
     to_device,
 )
 from performer.feature_maps import derive_seed
@@ -151,7 +152,7 @@ def build_run(
         checkpoint_dir / resume_tag, config, topology, reshard
     )
     load_dir = checkpoint.convert_to_universal(checkpoint_dir, resume_tag, topology) if convert else checkpoint_dir
-    model_config = build_model_config(config, Manifest.load(config.data.manifest).special)
+    model_config = build_model_config(config, Manifest.load(config.data.train_manifest).special)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model.kind, model_config)
     engine, parameter_groups = build_engine(config, model, topology.world_size, load_universal=convert)
@@ -159,7 +160,7 @@ def build_run(
     faults.instrument_saves(engine, topology.rank)
     # One integer decides every projection: drawn on rank 0, broadcast, stored in checkpoints.
     projection_seed = broadcast_int(derive_seed(config.seed, 0x5EED) if topology.is_main else 0)
-    stream = make_stream(config, Path(config.data.manifest), topology)
+    stream = make_stream(config, None, topology)
     progress, client = Progress(), None
     if resume_tag is not None:
         client = checkpoint.load(engine, load_dir, resume_tag)
@@ -383,6 +384,7 @@ def log_window(run: Run, step: int) -> None:
             "tokens": progress.tokens,
             "data_skipped_shards": len(stream.bad_shards),
             "data_lost_samples": stream.lost_samples - len(stream.lost_documents) + len(run.reported_lost),
+            **source_tokens(stream),
         },
     )
     log_memory(run.metrics, step, run.held)

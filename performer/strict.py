@@ -72,7 +72,10 @@ def _field_value(value: Any, annotation: Any, where: str, renamed: Mapping[str, 
     if dataclasses.is_dataclass(annotation):
         # An empty section (`log:` with nothing under it) is its defaults; 0, [] or false are errors.
         return build(annotation, {} if value is None else value, where, renamed)
-    if typing.get_origin(annotation) is tuple and isinstance(value, list):
+    if typing.get_origin(annotation) is tuple and isinstance(value, (list, tuple)):
+        item = typing.get_args(annotation)[0] if typing.get_args(annotation) else None
+        if dataclasses.is_dataclass(item):  # tuple[Section, ...]: a list of sections
+            return tuple(_field_value(v, item, f"{where}[{i}]", renamed) for i, v in enumerate(value))
         value = tuple(value)
     if not type_matches(value, annotation):
         expected = getattr(annotation, "__name__", str(annotation))

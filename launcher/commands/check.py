@@ -301,9 +301,26 @@ def run_checks(
     report = Report()
     config = check_config(report, run_dir, config_paths, overrides)
     if config is not None:
-        manifest = check_split(report, "train", Path(config.data.manifest), check_sha256, config)
-        if manifest is not None:
-            check_tokenizer(report, manifest)
+        sources, fingerprints = config.data.sources or [None], {}
+        for i, source in enumerate(sources):
+            name = "train" if source is None else f"train source {source.name or i} ({source.manifest})"
+            manifest = check_split(
+                report,
+                name,
+                Path(config.data.train_manifest if source is None else source.manifest),
+                check_sha256,
+                config,
+            )
+            if manifest is not None:
+                check_tokenizer(report, manifest)
+                fingerprints.setdefault(manifest.tokenizer_fingerprint, name)
+        if len(fingerprints) > 1:
+            report.add(
+                "data",
+                ERROR,
+                f"the mixture's sources were written with different tokenizers ({', '.join(fingerprints.values())})",
+                "prepare every source with one tokenizer: `performer data prepare --tokenizer DIR`",
+            )
         heldout = eval_manifest_path(config)
         if heldout is not None:
             check_split(report, "heldout", heldout, check_sha256, config)

@@ -65,7 +65,7 @@ def find_tokenizer(run_config, explicit: str | None) -> Path | None:
     them (None if there is none); it must load and have the fingerprint the manifest pins."""
     from data.shards import Manifest
 
-    tokenizer = Manifest.load(run_config.data.manifest).tokenizer(explicit)
+    tokenizer = Manifest.load(run_config.data.train_manifest).tokenizer(explicit)
     return tokenizer.directory if tokenizer is not None else None
 
 

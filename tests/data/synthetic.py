@@ -39,7 +39,7 @@ def write_synthetic(out: Path, lengths, samples_per_shard: int) -> list[np.ndarr
 def causal_config(manifest: Path, **overrides) -> StreamConfig:
     """Causal LM rows of 16 (+1) tokens: a row is input_ids plus the last label."""
     values = dict(
-        manifest=str(manifest), objective="causal_lm", input_length=16, batch_size=4, shuffle_buffer=16, seed=3
+        manifest=str(manifest), objective="causal_lm", input_length=16, batch_size=4, seed=3
     )
     values.update(overrides)
     return StreamConfig(**values)

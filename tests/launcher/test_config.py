@@ -644,7 +644,7 @@ def _mutated(value):
         return value + "x"
     if value is None:
         return 7
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [*value, 0.5]
     if isinstance(value, dict):
         return {**value, "extra": 1}
