@@ -4,10 +4,11 @@ An epoch of a split is a stream of tokens: its documents, each followed by eos, 
 order, cut into rows of `raw_length` tokens. The order is a pure function of (seed, epoch) and
 the good shards, and it is never written out document by document:
 
-1. **Shards.** The good shards, permuted (`shuffle`), then cut into *windows* of
-   `interleave_shards` consecutive shards. A window's place in the token stream is known from the
-   manifest's per-shard counts alone (tokens + one eos per document): planning an epoch is a
-   permutation and a cumulative sum over shards. Planning the next epoch costs the same.
+1. **Shards.** The good shards, permuted (`shuffle`), then cut into *windows* of at most
+   `interleave_shards` consecutive shards (spread evenly: no window is a remnant of a few). A
+   window's place in the token stream is known from the manifest's per-shard counts alone
+   (tokens + one eos per document): planning an epoch is a permutation and a cumulative sum over
+   shards. Planning the next epoch costs the same.
 2. **Windows, built lazily.** Only a reader that needs a row inside a window builds that window's
    document order, from the split index (memory-mapped) of its shards:
    - each shard's documents are cut into *blocks* of about BLOCK_TOKENS consecutive tokens (so the
@@ -74,14 +75,15 @@ class EpochLayout:
 
     epoch: int
     shards: np.ndarray  # int64 (S,): manifest positions in the epoch's order
+    window_bounds: np.ndarray  # int64 (windows + 1,): each window's first shard in that order; last = S
     window_start: np.ndarray  # int64 (windows + 1,): each window's first token in the stream; last = total
 
     @property
     def windows(self) -> int:
         return len(self.window_start) - 1
 
-    def window_shards(self, window: int, per_window: int) -> np.ndarray:
-        return self.shards[window * per_window : (window + 1) * per_window]
+    def window_shards(self, window: int) -> np.ndarray:
+        return self.shards[self.window_bounds[window] : self.window_bounds[window + 1]]
 
 
 class SplitOrder:
@@ -124,11 +126,15 @@ class SplitOrder:
         rng = np.random.default_rng([self.seed, epoch, _EPOCH_KEY])
         order = rng.permutation(len(self.sizes.positions)) if self.shuffle else np.arange(len(self.sizes.positions))
         per_shard = self.sizes.stream_tokens[order]
-        bounds = np.arange(0, len(order), self.interleave_shards)
-        window_tokens = np.add.reduceat(per_shard, bounds) if len(order) else np.zeros(0, np.int64)
+        # As many windows as interleave_shards asks, the shards spread evenly over them (no window
+        # of a few leftover shards): window w holds shards [w*S//n, (w+1)*S//n) of the order.
+        windows = -(-len(order) // self.interleave_shards)
+        bounds = np.arange(windows + 1, dtype=np.int64) * len(order) // max(windows, 1)
+        window_tokens = np.add.reduceat(per_shard, bounds[:-1]) if len(order) else np.zeros(0, np.int64)
         layout = EpochLayout(
             epoch=epoch,
             shards=self.sizes.positions[order],
+            window_bounds=bounds,
             window_start=np.concatenate(([0], np.cumsum(window_tokens))).astype(np.int64),
         )
         self._layouts[epoch] = layout
@@ -165,7 +171,7 @@ class SplitOrder:
             self._windows.popitem(last=False)
 
     def _build(self, layout: EpochLayout, window: int) -> Window:
-        shards = layout.window_shards(window, self.interleave_shards)
+        shards = layout.window_shards(window)
         sequences = [self._shard_sequence(layout.epoch, int(p)) for p in shards]
         counts = np.array([len(s[0]) for s in sequences], dtype=np.int64)
         documents = np.concatenate([s[0] for s in sequences])

@@ -823,7 +823,8 @@ class TokenStream:
         if self.mixture is not None:
             if self.config.max_epochs is not None:
                 raise DataError("stream.max_epochs counts epochs of one split; a mixture runs until stopped")
-            yield from self._run(lambda j: (0, self.cursor, j), None, self.cursor)
+            cursor = self.cursor
+            yield from self._run(lambda j: (0, cursor, j), None, cursor)
             return
         if self.steps_per_epoch == 0:
             # Otherwise an endless loop of empty epochs.
@@ -939,6 +940,12 @@ class TokenStream:
         mine = self.state_dict()
         if self.mixture is not None or state.get("manifest_fingerprint") != mine["sources"][0]["manifest_fingerprint"]:
             raise DataError("stream state (version 1) belongs to other data; resume with the shards it was saved with")
+        for key in ("seed", "raw_length"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"stream state has {key}={state.get(key)!r} but this stream has {mine[key]!r}; "
+                    "resume with the config and shards the state was saved with"
+                )
         warnings.warn(
             f"stream state saved by a release that ordered epochs with a shuffle buffer: continuing at epoch "
             f"{state['epoch']}, row {state['cursor']} of this release's order; in that epoch some rows are seen "

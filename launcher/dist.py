@@ -275,9 +275,14 @@ def all_mean(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def ranks_connected() -> bool:
+    """Whether this process is in a process group of more than one rank (collectives reach peers)."""
+    return torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
 def gather_objects(value) -> list:
     """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+    if ranks_connected():
         values = [None] * torch_dist.get_world_size()
         torch_dist.all_gather_object(values, value)
         return values

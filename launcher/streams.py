@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.config import ConfigError, RunConfig
-from launcher.dist import Topology, gather_objects
+from launcher.dist import Topology, gather_objects, ranks_connected
 from launcher.metrics import MetricsLogger
 
 
@@ -49,7 +49,9 @@ def make_stream(config: RunConfig, manifest: Path | None, topology: Topology, ma
         max_epochs=max_epochs,
     )
     try:
-        return TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size, gather=gather_objects)
+        # Without peers (a tool building one rank's stream) the stream verifies every shard itself.
+        gather = gather_objects if ranks_connected() else None
+        return TokenStream(stream_config, rank=topology.rank, world_size=topology.world_size, gather=gather)
     except DataError as error:
         raise ConfigError(f"data: {error}") from error
 

@@ -36,11 +36,10 @@ def write_synthetic(out: Path, lengths, samples_per_shard: int) -> list[np.ndarr
     return docs
 
 
-def causal_config(manifest: Path, **overrides) -> StreamConfig:
+def causal_config(manifest: Path | None, **overrides) -> StreamConfig:
     """Causal LM rows of 16 (+1) tokens: a row is input_ids plus the last label."""
-    values = dict(
-        manifest=str(manifest), objective="causal_lm", input_length=16, batch_size=4, seed=3
-    )
+    values = dict(manifest=None if manifest is None else str(manifest), objective="causal_lm", input_length=16)
+    values.update(batch_size=4, seed=3)
     values.update(overrides)
     return StreamConfig(**values)
 

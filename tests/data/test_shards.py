@@ -285,3 +285,18 @@ def test_version_1_splits_still_verify_and_stream(tmp_path):
     loaded = _rehash(tmp_path, loaded, 2)
     with pytest.raises(ShardError, match="9 samples, manifest says 10"):
         verify_shard(loaded, loaded.shards[2])
+
+
+def test_shard_token_sums_in_slices_equal_one_sum():
+    """SplitIndex.shard_tokens sums a slice of shards at a time (no int64 copy of the whole column)."""
+    from data.shards import SplitIndex
+
+    rng = np.random.default_rng(0)
+    documents = rng.integers(1, 1000, size=5000).astype(np.uint32)
+    shards = np.zeros((302, 2), dtype=np.int64)
+    shards[1:-1, 0] = np.sort(rng.choice(np.arange(1, 5000), size=300, replace=False))
+    shards[-1, 0] = len(documents)
+    index = SplitIndex(documents=documents, members=np.zeros((0, 3), dtype=np.int64), shards=shards)
+    want = np.add.reduceat(documents, shards[:-1, 0], dtype=np.int64)
+    for at_a_time in (1, 7, 300, 1024):
+        np.testing.assert_array_equal(index.shard_tokens(at_a_time), want)

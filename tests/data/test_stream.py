@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -217,3 +218,48 @@ def test_start_up_plans_from_the_index_without_parsing_a_tar(synthetic_shards, m
     monkeypatch.setattr(tarfile.TarFile, "getmembers", refuse)
     stream = TokenStream(causal_config(root))
     np.testing.assert_array_equal(np.stack([batch_rows(b) for b in stream.iter_epoch()]), np.stack(expected))
+
+
+def test_one_dataloader_runs_across_epoch_boundaries_with_the_same_batches(synthetic_shards):
+    """`for batch in stream` keeps its workers across epochs (no restart at the boundary); the
+    batches are those of epoch after epoch, and a state saved inside epoch 1 resumes there."""
+    root, _ = synthetic_shards
+    by_epoch = TokenStream(causal_config(root))
+    expected = [batch_rows(b) for _ in range(3) for b in by_epoch.iter_epoch()]
+    stream = TokenStream(causal_config(root, num_workers=2, max_epochs=3))
+    got, states = [], []
+    for batch in stream:
+        got.append(batch_rows(batch))
+        states.append(stream.state_dict())
+    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+    assert stream.epoch == 3 and stream.cursor == 0
+    middle = len(expected) // 2
+    resumed = TokenStream(causal_config(root, num_workers=1, max_epochs=3))
+    resumed.load_state_dict(states[middle - 1])
+    assert resumed.epoch == 1
+    np.testing.assert_array_equal(np.stack([batch_rows(b) for b in resumed]), np.stack(expected[middle:]))
+
+
+def test_a_state_saved_by_the_shuffle_buffer_planner_continues_with_a_warning(synthetic_shards):
+    root, _ = synthetic_shards
+    stream = TokenStream(causal_config(root))
+    old = {  # what the release that planned epochs with a shuffle buffer saved
+        "version": 1,
+        "epoch": 2,
+        "cursor": 8,
+        "seed": 3,
+        "raw_length": 17,
+        "shuffle_shards": True,
+        "shuffle_buffer": 1000,
+        "manifest_fingerprint": stream.manifest.fingerprint,
+        "skipped_shards": [],
+    }
+    with pytest.warns(RuntimeWarning, match="shuffle buffer: continuing at epoch 2, row 8"):
+        stream.load_state_dict(old)
+    assert (stream.epoch, stream.cursor) == (2, 8)
+    with pytest.raises(ValueError, match="other data"):
+        TokenStream(causal_config(root)).load_state_dict({**old, "manifest_fingerprint": "0" * 64})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before any warning
+        with pytest.raises(ValueError, match="seed=4"):
+            TokenStream(causal_config(root)).load_state_dict({**old, "seed": 4})

@@ -128,7 +128,10 @@ def run_pretrain(
     launcher: str = "deepspeed",
     extra_env: dict | None = None,
 ) -> Run:
-    overrides = [*TEST_SETTINGS, f"data.manifest={data / 'train'}", f"train.output_dir={output_dir}", *settings]
+    # A run on a mixture (data.sources=...) names its splits itself.
+    mixture = any(setting.startswith("data.sources=") for setting in settings)
+    split = [] if mixture else [f"data.manifest={data / 'train'}"]
+    overrides = [*TEST_SETTINGS, *split, f"train.output_dir={output_dir}", *settings]
     arguments = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", *overrides]
     if resume is not None:
         arguments += ["--resume", resume]

@@ -340,3 +340,24 @@ def test_the_real_engine_decays_matrices_only_at_the_scheduled_rate(tmp_path):
         assert result["rates"] == pytest.approx(expected_rates, rel=2e-3), setting
         assert result["groups"]["decay"]["tensors"] == len(result["moved"]) == 32
         assert result["groups"]["no_decay"]["tensors"] == len(result["still"])
+
+
+def test_a_two_source_mixture_trains_and_counts_tokens_per_source(prepared_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sources = (
+        f"data.sources=[{{manifest: {prepared_data / 'train'}, weight: 3, name: web}}, "
+        f"{{manifest: {prepared_data / 'heldout'}, weight: 1, name: code}}]"
+    )
+    run = run_pretrain(prepared_data, tmp_path / "mix", sources, "train.max_steps=6", "eval.interval=0")
+    assert run.returncode == 0, run.output[-4000:]
+    records = run.records("train")
+    assert [r["step"] for r in records] == list(range(1, 7)) and all(map(math.isfinite, run.losses().values()))
+    raw_length = 70  # span corruption's packed row for 64 input tokens
+    for record in records:  # every row of every global batch (2 ranks x 4 rows) counted once, by source
+        assert record["data_tokens_web"] + record["data_tokens_code"] == record["step"] * 2 * 4 * raw_length
+    last = records[-1]
+    assert last["data_tokens_web"] > last["data_tokens_code"] > 0
+    accumulator = EventAccumulator(str(run.directory / "tensorboard"))
+    accumulator.Reload()
+    assert {"train/data_tokens_web", "train/data_tokens_code"} <= set(accumulator.Tags()["scalars"])

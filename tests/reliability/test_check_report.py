@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import namedtuple
+from pathlib import Path
 
 from jobs import BIN, REPO
 
@@ -114,3 +115,27 @@ def test_usage_errors_exit_2(tmp_path):
     assert code == 2 and "is not a directory" in err
     code, out, _ = performer_check(str(tmp_path))  # a directory without config.yaml
     assert code == 1 and "FAIL config: no config" in out and "fix: pass --config" in out
+
+
+def test_a_mixture_checks_every_source_and_that_they_share_a_tokenizer(data_copy, tmp_path):
+    import shutil
+
+    config = REPO / "configs" / "tiny.yaml"
+    sources = (
+        f"data.sources=[{{manifest: {data_copy / 'train'}, weight: 2, name: web}}, "
+        f"{{manifest: {data_copy / 'heldout'}, weight: 1, name: code}}]"
+    )
+    report = check.run_checks(None, [str(config)], [sources, f"train.output_dir={tmp_path / 'run'}"])
+    lines = check.format_report(report)
+    assert "OK   data: train source web" in lines and "OK   data: train source code" in lines, lines
+    assert "different tokenizers" not in lines
+    # A third source written with another tokenizer: named, with the fix.
+    other = Path(shutil.copytree(data_copy / "heldout", tmp_path / "other" / "heldout"))
+    raw = json.loads((other / "manifest.json").read_text())
+    raw["tokenizer_fingerprint"] = "f" * 64
+    (other / "manifest.json").write_text(json.dumps(raw))
+    three = sources[:-1] + f", {{manifest: {other}, name: other}}]"
+    report = check.run_checks(None, [str(config)], [three, f"train.output_dir={tmp_path / 'run'}"])
+    lines = check.format_report(report)
+    assert not report.healthy and "different tokenizers (train source web" in lines, lines
+    assert "performer data prepare --tokenizer DIR" in lines
