@@ -13,9 +13,8 @@ One rank's view, as `TokenStream` builds it (span corruption 512: rows of 568 to
 8 ranks, so a global batch is 256 rows; interleave_shards 32; seed 0). The tars are not read: a
 stub reader fabricates each document's tokens (the shard's number mod 1000, + 10) at the length the
 index gives, and `data.stream.read_rows` assembles the rows through the real `Source` and
-`SplitOrder`. The shards' own verification at start-up (their sizes and, by default, sha256, each
-rank 1/W of them) is not measured: it reads the tars. Each measurement runs in a fresh process
-(`common.run_isolated`), the median of --repeats kept:
+`SplitOrder`. Each measurement runs in a fresh process (`common.run_isolated`), the median of
+--repeats kept:
 
 * start-up to first batch: `Manifest.load`, `manifest.split_index` (maps the index and checks it
   against the manifest, sha256 included: "index check"; sha256 alone is timed again afterwards),
@@ -39,6 +38,12 @@ the permuted shards), fed the same memory-mapped lengths. Its resume and its epo
 the whole epoch. It runs at 1e6 and 1e7; larger sizes only where an estimate extrapolated linearly
 from the largest measured size says under --old-max-seconds (180) and --old-max-gb (12 GB of peak
 anonymous memory), else the estimate is reported instead.
+
+* start-up verification of the shards (their sizes, first headers and sha256, which the synthetic
+  splits cannot show: no tars): on a real split (--verify-split, by default the 1 GB corpus
+  `benchmarks/data_prepare.py` prepares; skipped if absent), the time one rank takes when it
+  verifies every shard (a stream without peers) and when it verifies its 1/W share (the trainer's
+  ranks, verdicts gathered), W = 2 and 8.
 
 Targets (the issue's, at 1e9 documents): start-up to first batch < 10 s, anonymous memory < 256 MB,
 resume < 10 s, epoch-boundary stall < 100 ms.
@@ -81,6 +86,8 @@ from data.tokenizer import SpecialTokens  # noqa: E402
 
 NAME = "data_plan"
 CACHE = ROOT / "runs" / "bench-plan"
+# A real split (tars) for the verification figures: the 1 GB corpus `benchmarks/data_prepare.py` prepares.
+VERIFY_SPLIT = ROOT / "runs" / "bench-prepare" / "out" / "zst-w1" / "train"
 DOCS_PER_SHARD = 10_000
 DOCS_PER_MEMBER = 1_000
 CHUNK_SHARDS = 1_000  # shards generated at a time (1e7 documents)
@@ -635,6 +642,28 @@ def summarise(entry: dict) -> dict:
     }
 
 
+def measure_verification(split: Path, ranks: tuple[int, ...] = (1, 2, 8)) -> dict:
+    """Start-up verification of a real split (tars, sha256 on), as one rank does it: every shard
+    (a stream without peers) against the share of rank 0 of W (positions 0, W, 2W, ...), each
+    timed after one untimed pass so that the files are in the page cache (hashing, not the disk)."""
+    from data.shards import verify_manifest
+
+    manifest = Manifest.load(split)
+    verify_manifest(manifest, check_sha256=True, full=False)  # warm the page cache
+    shards = len(manifest.shards)
+    out = {"split": str(split.relative_to(ROOT)) if split.is_relative_to(ROOT) else split.name, "shards": shards}
+    out["bytes"] = sum(s.bytes for s in manifest.shards)
+    out["per_rank"] = []
+    for world in ranks:
+        positions = range(0, shards, world)
+        seconds = statistics.median(
+            timed(lambda: verify_manifest(manifest, check_sha256=True, full=False, positions=positions))
+            for _ in range(3)
+        )
+        out["per_rank"].append({"world_size": world, "shards_verified": len(positions), "seconds": seconds})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -651,6 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         "--old-max-gb", type=float, default=12.0, help="larger sizes: estimated peak anonymous GB limit"
     )
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per measurement process")
+    parser.add_argument(
+        "--verify-split",
+        default=str(VERIFY_SPLIT),
+        help="a real prepared split whose start-up verification is timed per rank (skipped if missing)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -696,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["old"] = {"run": False, "estimate": estimate}
         entry["summary"] = {"new": summarise(entry["new"]), "old": summarise(entry["old"])}
         results["sizes"].append(entry)
+    verify_split = Path(args.verify_split)
+    if (verify_split / MANIFEST_FILE).is_file():
+        results["verification"] = measure_verification(verify_split)
     common.publish(NAME, results, markdown(results))
     return 0
 
@@ -724,24 +761,8 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def markdown(results: dict) -> str:
-    machine, settings = results["machine"], results["settings"]
-    lines = [
-        "# Planning epochs at scale: O(shards) planner vs the per-document planner",
-        "",
-        f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, Python {machine['python']}; "
-        f"load average {machine['load_average_1m']:.2f} at the start. Commit {machine['commit']}"
-        f"{' (dirty)' if machine['dirty'] else ''}. Command: `{machine['command']}`.",
-        "",
-        f"Synthetic split indexes (no tars): {settings['documents_per_shard']:,} documents per shard, members of "
-        f"{settings['documents_per_member']:,}, lengths {settings['length_distribution']}. One rank of "
-        f"{settings['world_size']}, batch {settings['batch_size']} rows of {settings['raw_length']} tokens "
-        f"(global batch {settings['world_size'] * settings['batch_size']} rows), interleave_shards "
-        f"{settings['interleave_shards']}; old planner: shuffle buffer {settings['old_shuffle_buffer']} documents. "
-        "Index files in the page cache. Each cell is new / old (old over new where 2x or more); new: median of "
-        f"{settings['repeats']} processes, old: {settings['old_repeats']}.",
-        "",
-    ]
+def comparison_table(results: dict) -> str:
+    """One row per size: the new planner's figures / the old planner's."""
     rows = []
     for entry in results["sizes"]:
         new, old = entry["summary"]["new"], entry["summary"]["old"]
@@ -770,7 +791,7 @@ def markdown(results: dict) -> str:
                 f"{distinct_new} / {distinct_old}",
             ]
         )
-    lines += [
+    return (
         common.table(
             [
                 "documents",
@@ -784,7 +805,49 @@ def markdown(results: dict) -> str:
             ],
             rows,
             align="lrrrrrrr",
-        ).rstrip("\n"),
+        )
+    ).rstrip("\n")
+
+
+def verification_table(results: dict) -> str:
+    """Start-up verification of a real split by one rank, alone and as 1/W of the ranks."""
+    verification = results["verification"]
+    every = verification["per_rank"][0]["seconds"]
+    lines = [
+        f"Start-up verification of a real split ({verification['split']}: {verification['shards']} shards, "
+        f"{verification['bytes'] / 1e9:.2f} GB; size, first header and sha256 of each, page cache warm), as one "
+        "rank does it:",
+        "",
+        "| ranks | shards this rank verifies | seconds | vs every rank verifying every shard |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in verification["per_rank"]:
+        lines.append(
+            f"| {row['world_size']} | {row['shards_verified']} | {row['seconds']:.2f} | {every / row['seconds']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    machine, settings = results["machine"], results["settings"]
+    lines = [
+        "# Planning epochs at scale: O(shards) planner vs the per-document planner",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, Python {machine['python']}; "
+        f"load average {machine['load_average_1m']:.2f} at the start. Commit {machine['commit']}"
+        f"{' (dirty)' if machine['dirty'] else ''}. Command: `{machine['command']}`.",
+        "",
+        f"Synthetic split indexes (no tars): {settings['documents_per_shard']:,} documents per shard, members of "
+        f"{settings['documents_per_member']:,}, lengths {settings['length_distribution']}. One rank of "
+        f"{settings['world_size']}, batch {settings['batch_size']} rows of {settings['raw_length']} tokens "
+        f"(global batch {settings['world_size'] * settings['batch_size']} rows), interleave_shards "
+        f"{settings['interleave_shards']}; old planner: shuffle buffer {settings['old_shuffle_buffer']} documents. "
+        "Index files in the page cache. Each cell is new / old (old over new where 2x or more); new: median of "
+        f"{settings['repeats']} processes, old: {settings['old_repeats']}.",
+        "",
+    ]
+    lines += [
+        comparison_table(results),
         "",
         "Targets (new planner):",
         "",
@@ -859,11 +922,11 @@ def markdown(results: dict) -> str:
         "global batch of epoch 0 (the new planner built epoch 1's first window with epoch 0's last; the old "
         "planner plans epoch 1 whole). Mid-epoch batch: a batch in a window already built; window build: one "
         "window's order alone, what a batch pays where it enters a window nobody prepared.",
-        "- Distinct shards: the minimum comes from the epoch's last window, which holds the shards left over "
-        "(shards mod interleave_shards of them) when that is not 0.",
-        "- Not measured: the shards' own verification at start-up (sizes and sha256 of the tars, 1/W of them per "
-        "rank), which reads the tars.",
+        "- Distinct shards: the shards of an epoch are spread evenly over its windows (at most interleave_shards "
+        "each); a global batch draws from the window it lies in (two at a window boundary).",
     ]
+    if results.get("verification"):
+        lines += ["", verification_table(results)]
     return "\n".join(lines) + "\n"
 
 

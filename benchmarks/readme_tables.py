@@ -553,6 +553,24 @@ def data_prepare_table(r: Results) -> str:
     return head + common.table(header, rows, align="lrrrrr")
 
 
+def data_plan_table(r: Results) -> str:
+    """Planning at 1e6-1e9 documents, new / old planner; then the start-up verification per rank."""
+    from benchmarks import data_plan
+
+    results = r["data_plan"]
+    settings = results["settings"]
+    head = (
+        f"Synthetic split indexes of {settings['documents_per_shard']:,} documents per shard (no tars), one rank of "
+        f"{settings['world_size']}, batch {settings['batch_size']} rows of {settings['raw_length']} tokens, "
+        f"interleave_shards {settings['interleave_shards']}; each cell is ours / the replaced planner's "
+        f"(a {settings['old_shuffle_buffer']}-document shuffle buffer), the old one's larger sizes estimated:\n\n"
+    )
+    text = head + data_plan.comparison_table(results)
+    if results.get("verification"):
+        text += "\n\n" + data_plan.verification_table(results)
+    return text
+
+
 @dataclass(frozen=True)
 class Block:
     sources: tuple[str, ...]
@@ -572,6 +590,7 @@ BLOCKS = {
     "zero_memory": Block(("zero_memory",), zero_memory_table),
     "data_stream": Block(("data_stream",), data_stream_table),
     "data_prepare": Block(("data_prepare",), data_prepare_table),
+    "data_plan": Block(("data_plan",), data_plan_table),
 }
 
 
