@@ -815,6 +815,15 @@ def _web_like_stream(r: Results) -> tuple[str, ...]:
     )
 
 
+def _plan_largest(r: Results) -> dict:
+    return max(r["data_plan"]["sizes"], key=lambda entry: entry["size"])
+
+
+def _plan_summary(r: Results) -> dict:
+    """The new planner's figures at the largest size measured."""
+    return _plan_largest(r)["summary"]["new"]
+
+
 FIGURES: list[Figure] = [
     # Results: the main job
     Figure("`configs/tiny.yaml`, {} parameters", lambda r: f"{_main_job_parameters(r) / 1e6:.2f}M"),
@@ -1082,6 +1091,24 @@ FIGURES: list[Figure] = [
     Figure(
         "without workers the packed shards stream {} M raw tokens/s against {} M, and start in {} s against {} s",
         _web_like_stream,
+    ),
+    Figure(
+        "At 1e9 documents a rank is at its first batch {} s after it starts reading the manifest, {} s of it checking "
+        "the 4 GB index against the manifest ({} s its sha256), and holds {} MB beyond the mapped index",
+        lambda r: (
+            f"{_plan_summary(r)['startup_s']:.1f}",
+            f"{_plan_summary(r)['index_check_s']:.1f}",
+            f"{_plan_summary(r)['sha256_s']:.1f}",
+            f"{_plan_summary(r)['anon_mb']:.0f}",
+        ),
+    ),
+    Figure(
+        "the replaced planner would take ~{} s and ~{} GB per rank. A global batch draws from {} shards",
+        lambda r: (
+            f"{_plan_largest(r)['old']['estimate']['startup_s']:.0f}",
+            f"{_plan_largest(r)['old']['estimate']['anon_peak_bytes'] / 1e9:.0f}",
+            f"{_plan_summary(r)['distinct_mean']:.0f}",
+        ),
     ),
     Figure(
         "{} bytes/token on the stdlib corpus and {} on synthetic web-like documents of ~{} tokens (at most {}x the "

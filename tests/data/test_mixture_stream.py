@@ -225,3 +225,11 @@ def test_a_checksum_mismatch_found_by_one_rank_stops_every_rank(two_splits):
     )
     for outcome in outcomes:
         assert isinstance(outcome, DataError) and "sha256" in str(outcome) and "verify_sha256=false" in str(outcome)
+
+
+def test_a_mixture_resumes_with_another_batch_size(two_splits):
+    a, b = two_splits
+    head, states = take_rows(mixture_config(a, b, batch_size=4), world=2, batches=3)
+    tail, _ = take_rows(mixture_config(a, b, batch_size=3), world=3, batches=4, state=states[0])
+    reference = global_order(take_rows(mixture_config(a, b, batch_size=1), world=1, batches=24 + 36)[0])
+    assert global_order(head) + global_order(tail) == reference

@@ -263,3 +263,15 @@ def test_a_state_saved_by_the_shuffle_buffer_planner_continues_with_a_warning(sy
         warnings.simplefilter("error")  # refused before any warning
         with pytest.raises(ValueError, match="seed=4"):
             TokenStream(causal_config(root)).load_state_dict({**old, "seed": 4})
+
+
+def test_resume_with_another_batch_size_and_world_size_continues_at_the_row(synthetic_shards):
+    root, _ = synthetic_shards
+    head, states = rank_batches(causal_config(root, batch_size=4), world=2, steps=3)
+    tail, _ = rank_batches(causal_config(root, batch_size=3, num_workers=2), world=3, state=states[0])
+    reference = reference_rows(causal_config(root))
+    # Global order: batch i of rank r holds rows cursor + (i*W + r)*B ...
+    first = [tuple(row) for i in range(3) for rank in range(2) for row in head[rank][i]]
+    second = [tuple(row) for i in range(len(tail[0])) for rank in range(3) for row in tail[rank][i]]
+    assert first + second == reference[: len(first) + len(second)]
+    assert len(reference) - len(first) - len(second) < 3 * 3
