@@ -852,12 +852,18 @@ FIGURES: list[Figure] = [
         ),
     ),
     Figure(
-        "train loss {} at step 10, now {})",
-        lambda r: tuple(f"{r[name]['metrics']['train_loss']['10']:.2f}" for name in ("main_job-before", "main_job")),
+        "train loss {} at step 10, then {})",
+        lambda r: tuple(
+            f"{r[name]['metrics']['train_loss']['10']:.2f}" for name in ("main_job-before", "main_job-buffer-order")
+        ),
     ),
     Figure(
-        "exports its trained draw, {}, the best of the three it drew; fixed FAVOR++ features give {}.",
-        lambda r: tuple(f"{r[name]['export']['heldout_loss']:.3f}" for name in ("main_job-swap200", "main_job")),
+        "exports its trained draw, {}, the best of the three it drew; fixed FAVOR++ features gave {} on the same "
+        "held-out batches (`main_job-buffer-order.md`: the job at commit {}, before",
+        lambda r: (
+            *(f"{r[name]['export']['heldout_loss']:.3f}" for name in ("main_job-swap200", "main_job-buffer-order")),
+            r["main_job-buffer-order"]["trained_at_commit"][:7],
+        ),
     ),
     # Attention kernels
     Figure(

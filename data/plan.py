@@ -17,7 +17,9 @@ the good shards, and it is never written out document by document:
    - the shards' sequences are then interleaved document by document in a random order (a random
      merge), so every stretch of the window draws from all its shards in proportion to their
      size, while each shard is still read block by block (a reader keeps one or two members per
-     shard of the window in its cache).
+     shard of the window in its cache). A window of fewer than `interleave_shards` shards (a
+     small split) cuts each shard's permuted blocks into several runs and merges those, so that
+     a stretch of the stream still draws from up to `interleave_shards` places of the split.
    A window of 32 shards of 10,000 documents is 320,000 documents: a few MB, built in tens of ms.
    Memory is bounded by the windows a reader holds (the current one, and the next epoch's first
    once the current epoch's last window is built), whatever the size of the split.
@@ -172,16 +174,21 @@ class SplitOrder:
 
     def _build(self, layout: EpochLayout, window: int) -> Window:
         shards = layout.window_shards(window)
-        sequences = [self._shard_sequence(layout.epoch, int(p)) for p in shards]
-        counts = np.array([len(s[0]) for s in sequences], dtype=np.int64)
+        # A window merges `interleave_shards` sequences: one per shard, or, where a window holds
+        # fewer shards (a small split), each shard's blocks split into several runs, so that a
+        # split of a few shards is mixed as well as a large one.
+        runs = max(1, self.interleave_shards // len(shards))
+        sequences = [self._shard_sequence(layout.epoch, int(p), runs) for p in shards]
         documents = np.concatenate([s[0] for s in sequences])
         lengths = np.concatenate([s[1] for s in sequences])
-        owner = np.repeat(np.arange(len(shards)), counts)  # which shard of the window each entry is
-        if self.shuffle and len(shards) > 1:
-            # A random merge: a random order of the owners' labels; the k-th label of shard s takes
-            # s's k-th document, so each shard keeps its own block-by-block sequence.
+        owner = np.repeat(np.arange(len(shards)), [len(s[0]) for s in sequences])  # shard of the window
+        # Sequence of each entry, nondecreasing in this shard-major order (a shard's runs are in order).
+        sequence = owner * runs + np.concatenate([s[2] for s in sequences])
+        if self.shuffle and int(sequence[-1]) > 0:
+            # A random merge: a random order of the sequences' labels; the k-th label of sequence q
+            # takes q's k-th document, so each sequence keeps its own block-by-block order.
             rng = np.random.default_rng([self.seed, layout.epoch, window, _WINDOW_KEY])
-            labels = rng.permutation(owner)
+            labels = rng.permutation(sequence)
             slots = np.argsort(labels, kind="stable")  # entry i (shard-major) goes to stream slot slots[i]
             order = np.empty_like(slots)
             order[slots] = np.arange(len(slots))  # stream slot t holds entry order[t]
@@ -192,19 +199,23 @@ class SplitOrder:
         start[1:] += layout.window_start[window]
         return Window(shard=shards[owner].astype(np.int64), document=documents, length=lengths, start=start)
 
-    def _shard_sequence(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """One shard's documents in this epoch's order, and their lengths: blocks of ~BLOCK_TOKENS
-        consecutive tokens permuted, the documents of each block permuted."""
+    def _shard_sequence(self, epoch: int, position: int, runs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One shard's documents in this epoch's order, their lengths, and the run (0..runs-1,
+        nondecreasing) each belongs to: blocks of ~BLOCK_TOKENS consecutive tokens permuted, the
+        documents of each block permuted, the permuted blocks dealt into `runs` consecutive runs."""
         lengths = np.asarray(self.lengths(position), dtype=np.int64)
         if not self.shuffle or len(lengths) <= 1:
-            return np.arange(len(lengths), dtype=np.int64), lengths
+            return np.arange(len(lengths), dtype=np.int64), lengths, np.zeros(len(lengths), dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch, position, _BLOCK_KEY])
         before = np.cumsum(lengths) - lengths  # tokens of the shard before each document
         block = before // BLOCK_TOKENS
+        blocks = int(block[-1]) + 1
         # Sort by (permuted block, random key): blocks in a random order, documents shuffled inside.
-        block_rank = rng.permutation(int(block[-1]) + 1)[block]
+        block_rank = rng.permutation(blocks)[block]
         order = np.lexsort((rng.random(len(lengths)), block_rank))
-        return order.astype(np.int64), lengths[order]
+        runs = min(runs, blocks)
+        run = np.searchsorted(np.arange(runs) * blocks // runs, block_rank[order], side="right") - 1
+        return order.astype(np.int64), lengths[order], run.astype(np.int64)
 
     def documents(self, epoch: int, begin: int, end: int) -> list[tuple[Window, int, int]]:
         """The documents holding tokens [begin, end) of the epoch's stream, as (window, first, stop)

@@ -132,3 +132,21 @@ def test_mixture_quotas_are_exact_and_every_source_is_read_in_order():
 def test_mixture_weights_must_be_positive(weights):
     with pytest.raises(DataError, match="positive"):
         Mixture(weights, seed=0)
+
+
+def test_a_split_of_one_shard_is_mixed_from_all_its_blocks():
+    """Fewer shards than interleave_shards: each shard's blocks are cut into runs that are merged,
+    so the stream does not walk a small split block after block."""
+    order = SplitOrder(
+        ShardSizes(np.arange(1), np.array([600]), np.array([600 * 5000])),
+        lambda p: np.full(600, 5000, dtype=np.uint32),
+        seed=0,
+        raw_length=100,
+        interleave_shards=32,
+    )
+    window = order.window(0, 0)
+    blocks = window.document * 5000 // BLOCK_TOKENS
+    assert len(np.unique(blocks)) == 6
+    for first in range(0, 600 - 60, 60):  # every tenth of the epoch holds documents of every block
+        assert len(np.unique(blocks[first : first + 60])) == 6
+    assert sorted(window.document.tolist()) == list(range(600))
