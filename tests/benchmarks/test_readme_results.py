@@ -29,7 +29,8 @@ def test_readme_agrees_with_the_results_files():
 
 def test_a_hand_edited_table_cell_or_quoted_figure_is_caught():
     text = readme_tables.README.read_text()
-    for old, new in (("| 10 | 8.59 |", "| 10 | 8.60 |"), ("is **70x** faster", "is **71x** faster")):
+    first_row = re.search(r"^\| 10 \| [0-9.]+ \|", text, re.MULTILINE)[0]  # the main job's step-10 train loss
+    for old, new in ((first_row, "| 10 | 99.99 |"), ("is **70x** faster", "is **71x** faster")):
         assert text.count(old) == 1, old
         rendered, problems = readme_tables.render(text.replace(old, new))
         assert rendered == text and not problems, f"{old!r} -> {new!r} was not put right"
