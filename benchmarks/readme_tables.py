@@ -571,6 +571,13 @@ def data_plan_table(r: Results) -> str:
     return text
 
 
+def store_load_table(r: Results) -> str:
+    """Rank 0's store under N simulated ranks, the polling watchdog against the waiting one."""
+    from benchmarks import store_load
+
+    return store_load.table(r["store_load"])
+
+
 @dataclass(frozen=True)
 class Block:
     sources: tuple[str, ...]
@@ -591,6 +598,7 @@ BLOCKS = {
     "data_stream": Block(("data_stream",), data_stream_table),
     "data_prepare": Block(("data_prepare",), data_prepare_table),
     "data_plan": Block(("data_plan",), data_plan_table),
+    "store_load": Block(("store_load",), store_load_table),
 }
 
 

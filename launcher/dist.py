@@ -162,10 +162,18 @@ def _default_store():
     return torch_dist.distributed_c10d._get_default_store()
 
 
+def _rendezvous_tcp_store(store):
+    """The TCPStore under the default store's prefixes (abort flags are set and awaited there,
+    unprefixed, so that a second client of the same server sees them), or None."""
+    while store is not None and not isinstance(store, torch_dist.TCPStore):
+        store = getattr(store, "underlying_store", None)
+    return store
+
+
 def post_abort(rank: int, reason: str) -> None:
     """Tell every rank's PeerAbortWatchdog that this rank has given up on the job (best effort)."""
     try:
-        store = _default_store()
+        store = _rendezvous_tcp_store(_default_store())
         if store is not None:
             store.set(ABORT_KEY, f"rank {rank}: {reason}")
     except Exception:  # the store may be gone with rank 0; the watchdog treats that as an abort too
@@ -180,22 +188,46 @@ class PeerAbortWatchdog:
     (a deadlock, a stuck read, an injected sleep), where no timeout reaches it, and it defers the
     launcher's SIGTERM to a step boundary it never reaches: it would hold its devices until a
     SIGKILL (30 s later under the deepspeed launcher, never under srun without kill-on-bad-exit).
-    While the training loop is inside a step (`arm`), a daemon thread checks the flag every
-    `poll_s` and ends the process when it is set, or when the store itself is gone (rank 0, which
-    hosts it, has exited while this rank was mid-step). Nothing is timed here: a step may take as
-    long as it needs; the collectives' `dist.timeout_s` decides when a peer has waited too long.
-    The loop disarms it at step boundaries and before it ends, so a rank 0 that finishes or stops
-    first never trips the others.
+    A daemon thread waits for the flag in the store and ends the process when it is set, or when
+    the store itself is gone (rank 0, which hosts it, has exited), once the training loop is inside
+    a step (`arm`). Nothing is timed here: a step may take as long as it needs; the collectives'
+    `dist.timeout_s` decides when a peer has waited too long. The loop disarms it at step
+    boundaries and before it ends, so a rank 0 that finishes or stops first never trips the others.
+
+    The wait is one blocking request per rank, answered by rank 0's store when the flag is set
+    (`benchmarks/store_load.py`): rank 0's load does not grow with a polling rate times the number
+    of ranks. It runs on a client of its own, because a TCPStore client serves one request at a
+    time and a blocked wait would stall the process group's own store requests. The wait is
+    renewed every `renew_s` (an expired wait checks that the store still answers), so a rank 0
+    whose host vanished without closing its connections is noticed within that time.
     """
 
-    def __init__(self, rank: int, timeout_s: float, exit_code: int, poll_s: float = 0.5):
+    def __init__(
+        self,
+        rank: int,
+        timeout_s: float,
+        exit_code: int,
+        poll_s: float = 0.5,
+        renew_s: float = 3600.0,
+        store: torch_dist.TCPStore | None = None,
+    ):
+        """``store``: the TCPStore whose server holds the flag (default: the rendezvous store)."""
         import threading
 
         self.rank, self.timeout_s, self.exit_code, self.poll_s = rank, timeout_s, exit_code, poll_s
+        self.renew_s = renew_s
         self._step: int | None = None
-        self._store = _default_store()
-        if self._store is not None:
+        self._client = self._own_client(store or _rendezvous_tcp_store(_default_store()), timeout_s)
+        if self._client is not None:
             threading.Thread(target=self._watch, name="peer-abort-watchdog", daemon=True).start()
+
+    @staticmethod
+    def _own_client(store, timeout_s: float):
+        """A second client of the rendezvous store's server (None without one)."""
+        if store is None:
+            return None
+        timeout = datetime.timedelta(seconds=timeout_s)
+        return torch_dist.TCPStore(store.host, store.port, None, False, timeout, wait_for_workers=False)
 
     def arm(self, step: int) -> None:
         self._step = step
@@ -203,27 +235,36 @@ class PeerAbortWatchdog:
     def disarm(self) -> None:
         self._step = None
 
-    def _watch(self) -> None:
+    def _wait_for_abort(self) -> str:
+        """Block until a rank posts the abort flag (its reason) or the store is gone."""
         while True:
-            time.sleep(self.poll_s)
-            if self._step is None:
-                continue
             try:
-                reason = self._store.get(ABORT_KEY).decode() if self._store.check([ABORT_KEY]) else None
-            except Exception as error:  # noqa: BLE001 - any failure to reach the store means rank 0 is gone
-                reason = f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
-            step = self._step
-            if reason is None or step is None:
-                continue
-            print(
-                f"[rank {self.rank}] error: the job is over ({reason}) while this rank was still inside step "
-                f"{step}, so it stops too instead of waiting or holding the job. If this rank is the hung one "
-                f"(the others gave up after dist.timeout_s={self.timeout_s:g} s), find where it was (py-spy dump, "
-                "its log); raise dist.timeout_s if steps legitimately take longer",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(self.exit_code)
+                self._client.wait([ABORT_KEY], datetime.timedelta(seconds=self.renew_s))
+                return self._client.get(ABORT_KEY).decode()
+            except torch_dist.DistStoreError:  # the wait expired: renew it if the store still answers
+                try:
+                    self._client.check([ABORT_KEY])
+                    continue
+                except Exception as error:  # noqa: BLE001 - any failure to reach the store means rank 0 is gone
+                    return f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
+            except Exception as error:  # noqa: BLE001
+                return f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
+
+    def _watch(self) -> None:
+        reason = self._wait_for_abort()
+        if reason.startswith(f"rank {self.rank}: "):
+            return  # this rank gave up itself: its own error path reports and exits
+        while (step := self._step) is None:  # act only inside a step: between steps the loop decides
+            time.sleep(self.poll_s)
+        print(
+            f"[rank {self.rank}] error: the job is over ({reason}) while this rank was still inside step "
+            f"{step}, so it stops too instead of waiting or holding the job. If this rank is the hung one "
+            f"(the others gave up after dist.timeout_s={self.timeout_s:g} s), find where it was (py-spy dump, "
+            "its log); raise dist.timeout_s if steps legitimately take longer",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(self.exit_code)
 
 
 def _skip_shared_memory_inference_op() -> None:
