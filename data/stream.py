@@ -295,6 +295,7 @@ class Source:
     def plan(self, config: "StreamConfig") -> None:
         """The good shards' sizes and the order over them (O(shards))."""
         good = [p for p, shard in enumerate(self.manifest.shards) if shard.path not in self.bad]
+        self.indices, self.order = None, None
         if not good:
             return
         self.indices = ShardIndices(self.manifest, self.parsed, good)

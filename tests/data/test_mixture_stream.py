@@ -233,3 +233,18 @@ def test_a_mixture_resumes_with_another_batch_size(two_splits):
     tail, _ = take_rows(mixture_config(a, b, batch_size=3), world=3, batches=4, state=states[0])
     reference = global_order(take_rows(mixture_config(a, b, batch_size=1), world=1, batches=24 + 36)[0])
     assert global_order(head) + global_order(tail) == reference
+
+
+def test_shards_another_rank_found_bad_are_left_out_by_label(two_splits):
+    a, b = two_splits
+    stream = TokenStream(mixture_config(a, b))
+    paths = [shard.path for shard in stream.sources[0].manifest.shards]
+    before = stream.sources[0].order.rows
+    with pytest.warns(RuntimeWarning, match=f"skipping corrupt shard a:{paths[0]}"):
+        stream.exclude_shards({f"a:{paths[0]}": "truncated on rank 3"})
+    assert stream.bad_shards == {f"a:{paths[0]}": "truncated on rank 3"}
+    assert stream.sources[0].order.rows < before and stream.sources[1].bad == {}
+    assert 0 not in stream.sources[0].indices
+    with pytest.raises(DataError, match="all 6 shards of .* failed verification"):
+        with pytest.warns(RuntimeWarning):
+            stream.exclude_shards({f"a:{path}": "gone" for path in paths})
