@@ -14,6 +14,7 @@ exact (to 1/PERIOD of the weights); inside a period they are within one period's
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -35,6 +36,15 @@ class SourceConfig:
     "Share of the mixture's rows: this weight over the sum of the weights (> 0)."
     name: str | None = None
     "Name in reports and metrics (data_tokens_<name>); default: the directory holding the split."
+
+    def __post_init__(self) -> None:
+        # One check for every way a source is given (run config, StreamConfig, code).
+        weight = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise DataError(
+                f"source {self.manifest} has weight {weight!r}; weights must be positive numbers (a source's share "
+                "of the rows is its weight over their sum); leave a source out to stop training on it"
+            )
 
 
 def quotas(weights: Sequence[float], period: int = PERIOD) -> np.ndarray:

@@ -72,7 +72,6 @@ been yielded: take state_dict() after the step that used it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 import zlib
@@ -150,12 +149,6 @@ class StreamConfig:
             )
         if (self.manifest is None) == (not self.sources):
             raise DataError("give stream.manifest (one split) or stream.sources (a mixture), not both or neither")
-        for source in self.sources:
-            if not (isinstance(source.weight, (int, float)) and math.isfinite(source.weight) and source.weight > 0):
-                raise DataError(
-                    f"data.sources: {source.manifest} has weight {source.weight!r}; weights must be positive "
-                    "numbers (a source's share is its weight over their sum)"
-                )
 
     @property
     def raw_length(self) -> int:

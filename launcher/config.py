@@ -148,12 +148,6 @@ class DataSection:
                 "data.manifest and data.sources are both set: train on one split (data.manifest) or on a mixture "
                 "(data.sources, each with its manifest), not both"
             )
-        for i, source in enumerate(self.sources):
-            if not source.weight > 0:
-                raise ConfigError(
-                    f"data.sources[{i}].weight is {source.weight}; weights must be positive (a source's share of "
-                    "the rows is its weight over their sum); leave a source out to stop training on it"
-                )
         if self.interleave_shards < 1:
             raise ConfigError(f"data.interleave_shards must be >= 1, not {self.interleave_shards}")
 

@@ -237,18 +237,15 @@ class PeerAbortWatchdog:
 
     def _wait_for_abort(self) -> str:
         """Block until a rank posts the abort flag (its reason) or the store is gone."""
-        while True:
-            try:
-                self._client.wait([ABORT_KEY], datetime.timedelta(seconds=self.renew_s))
-                return self._client.get(ABORT_KEY).decode()
-            except torch_dist.DistStoreError:  # the wait expired: renew it if the store still answers
+        try:
+            while True:
                 try:
+                    self._client.wait([ABORT_KEY], datetime.timedelta(seconds=self.renew_s))
+                    return self._client.get(ABORT_KEY).decode()
+                except torch_dist.DistStoreError:  # the wait expired: renew it if the store still answers
                     self._client.check([ABORT_KEY])
-                    continue
-                except Exception as error:  # noqa: BLE001 - any failure to reach the store means rank 0 is gone
-                    return f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
-            except Exception as error:  # noqa: BLE001
-                return f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
+        except Exception as error:  # noqa: BLE001 - any failure to reach the store means rank 0 is gone
+            return f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
 
     def _watch(self) -> None:
         reason = self._wait_for_abort()

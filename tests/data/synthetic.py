@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from data.shards import ShardConfig, write_shards
-from data.stream import StreamConfig
+from data.stream import StreamConfig, TokenStream
 from data.tokenizer import SpecialTokens
 
 FIRST_TOKEN = 10
@@ -47,3 +47,22 @@ def causal_config(manifest: Path | None, **overrides) -> StreamConfig:
 def batch_rows(batch) -> np.ndarray:
     """The packed raw rows of a causal-LM batch, (B, L + 1)."""
     return np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], axis=1)
+
+
+def rank_batches(config: StreamConfig, world: int, *, state: dict | None = None, steps: int | None = None):
+    """Per rank, the list of its batches' raw rows (after loading `state`), up to `steps` each, and
+    each rank's state after them: the rest of a split's current epoch, or a mixture's batches (a
+    blend has no epochs: give `steps`)."""
+    out, states = [], []
+    for rank in range(world):
+        stream = TokenStream(config, rank=rank, world_size=world)
+        if state is not None:
+            stream.load_state_dict(state)
+        rows = []
+        for batch in stream.iter_epoch() if stream.mixture is None else stream:
+            rows.append(batch_rows(batch))
+            if steps is not None and len(rows) == steps:
+                break
+        out.append(rows)
+        states.append(stream.state_dict())
+    return out, states

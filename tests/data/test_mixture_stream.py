@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config
+from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, rank_batches
 
 from data.errors import DataError
 from data.mixture import SourceConfig
@@ -51,23 +51,6 @@ def mixture_config(a, b, weights=(3.0, 1.0), **overrides):
     return causal_config(None, sources=sources, **overrides)
 
 
-def take_rows(config, world, batches, state=None):
-    """Per rank, `batches` batches of raw rows, and the state after them."""
-    out, states = [], []
-    for rank in range(world):
-        stream = TokenStream(config, rank=rank, world_size=world)
-        if state is not None:
-            stream.load_state_dict(state)
-        rows = []
-        for batch in stream:
-            rows.append(batch_rows(batch))
-            if len(rows) == batches:
-                break
-        out.append(rows)
-        states.append(stream.state_dict())
-    return out, states
-
-
 def global_order(per_rank):
     """Rows in the blend's global order: batch i of rank r is global batch i*W + r."""
     world = len(per_rank)
@@ -95,7 +78,7 @@ def source_of(row) -> str:
 def test_each_source_streams_its_own_epochs_in_order_at_the_weights(two_splits, workers):
     a, b = two_splits
     config = mixture_config(a, b, num_workers=workers)
-    per_rank, states = take_rows(config, world=2, batches=40)  # 320 rows: several epochs of b
+    per_rank, states = rank_batches(config, world=2, steps=40)  # 320 rows: several epochs of b
     rows = global_order(per_rank)
     by_source = {"a": [r for r in rows if source_of(r) == "a"], "b": [r for r in rows if source_of(r) == "b"]}
     # Each source's rows are its own stream's, in order, across its epoch boundaries: nothing
@@ -114,15 +97,15 @@ def test_each_source_streams_its_own_epochs_in_order_at_the_weights(two_splits, 
 def test_a_mixture_resumes_exactly_and_with_another_world_size(two_splits):
     a, b = two_splits
     config = mixture_config(a, b, num_workers=1)
-    full, _ = take_rows(config, world=2, batches=12)
-    head, states = take_rows(config, world=2, batches=5)
+    full, _ = rank_batches(config, world=2, steps=12)
+    head, states = rank_batches(config, world=2, steps=5)
     state = json.loads(json.dumps(states[0]))
-    tail, _ = take_rows(config, world=2, batches=7, state=state)
+    tail, _ = rank_batches(config, world=2, steps=7, state=state)
     for rank in range(2):
         np.testing.assert_array_equal(np.stack(head[rank] + tail[rank]), np.stack(full[rank]))
     # 2 ranks -> 3 ranks: the blend continues at the global cursor, none repeated, none skipped.
-    three, _ = take_rows(config, world=3, batches=4, state=state)
-    reference = global_order(take_rows(config, world=1, batches=(5 * 2 + 4 * 3) * 4 // 4)[0])
+    three, _ = rank_batches(config, world=3, steps=4, state=state)
+    reference = global_order(rank_batches(config, world=1, steps=(5 * 2 + 4 * 3) * 4 // 4)[0])
     assert global_order(head) + global_order(three) == reference[: len(global_order(head) + global_order(three))]
 
 
@@ -229,9 +212,9 @@ def test_a_checksum_mismatch_found_by_one_rank_stops_every_rank(two_splits):
 
 def test_a_mixture_resumes_with_another_batch_size(two_splits):
     a, b = two_splits
-    head, states = take_rows(mixture_config(a, b, batch_size=4), world=2, batches=3)
-    tail, _ = take_rows(mixture_config(a, b, batch_size=3), world=3, batches=4, state=states[0])
-    reference = global_order(take_rows(mixture_config(a, b, batch_size=1), world=1, batches=24 + 36)[0])
+    head, states = rank_batches(mixture_config(a, b, batch_size=4), world=2, steps=3)
+    tail, _ = rank_batches(mixture_config(a, b, batch_size=3), world=3, steps=4, state=states[0])
+    reference = global_order(rank_batches(mixture_config(a, b, batch_size=1), world=1, steps=24 + 36)[0])
     assert global_order(head) + global_order(tail) == reference
 
 

@@ -9,29 +9,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, synthetic_documents, write_synthetic
+from synthetic import SYNTHETIC_SPECIAL, batch_rows, causal_config, rank_batches, synthetic_documents, write_synthetic
 
 from data.shards import ShardConfig, write_shards, write_shards_v1
 from data.stream import StreamConfig, TokenStream
 
 EOS = SYNTHETIC_SPECIAL.eos_id
-
-
-def rank_batches(config, world, *, state=None, steps=None):
-    """Per rank, the list of its batches' raw rows (after loading `state`), up to `steps` each."""
-    out, states = [], []
-    for rank in range(world):
-        stream = TokenStream(config, rank=rank, world_size=world)
-        if state is not None:
-            stream.load_state_dict(state)
-        rows = []
-        for batch in stream.iter_epoch():
-            rows.append(batch_rows(batch))
-            if steps is not None and len(rows) == steps:
-                break
-        out.append(rows)
-        states.append(stream.state_dict())
-    return out, states
 
 
 def reference_rows(config) -> list[tuple]:

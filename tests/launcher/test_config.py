@@ -818,3 +818,9 @@ def test_readme_configs_section_lists_each_setting_once():
     expected = [key for key in _every_leaf_field() if key != "deepspeed"]
     assert sorted(listed) == sorted(expected)
     assert len(listed) == len(set(listed)), [key for key in listed if listed.count(key) > 1]
+
+
+@pytest.mark.parametrize("weight", [0, -1.5, ".nan"])
+def test_a_mixture_source_without_a_positive_weight_is_refused_with_its_key(weight):
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\].*weights must be positive"):
+        load_config([CONFIG_DIR / "tiny.yaml"], [f"data.sources=[{{manifest: a}}, {{manifest: b, weight: {weight}}}]"])
