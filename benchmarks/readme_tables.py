@@ -578,6 +578,13 @@ def store_load_table(r: Results) -> str:
     return store_load.table(r["store_load"])
 
 
+def tokenizer_parity_table(r: Results) -> str:
+    """The export's fast tokenizer against SentencePiece, scores unrounded and rounded."""
+    from benchmarks import tokenizer_parity
+
+    return tokenizer_parity.table(r["tokenizer_parity"])
+
+
 @dataclass(frozen=True)
 class Block:
     sources: tuple[str, ...]
@@ -599,6 +606,7 @@ BLOCKS = {
     "data_prepare": Block(("data_prepare",), data_prepare_table),
     "data_plan": Block(("data_plan",), data_plan_table),
     "store_load": Block(("store_load",), store_load_table),
+    "tokenizer_parity": Block(("tokenizer_parity",), tokenizer_parity_table),
 }
 
 

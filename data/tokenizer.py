@@ -21,6 +21,17 @@ keeps training time and memory bounded (SentencePiece needs ~1 GB and ~400 s for
 Code-friendly settings: identity normalisation and kept whitespace (indentation is text),
 whitespace-only pieces allowed (runs of spaces become single pieces), byte fallback (no text is
 ever <unk>; newlines become the byte piece <0x0A>), digits split. `decode(encode(text)) == text`.
+
+Exact scores: SentencePiece adds piece scores in float32, Hugging Face ``tokenizers`` (an export's
+fast tokenizer) in float64, so where two segmentations score within float32's rounding of each
+other (often the same whitespace pieces in another order) the two could pick differently. Training
+therefore rounds every score to a multiple of `SCORE_STEP` (1/16; the pieces and the compression
+stay as trained), and `encode` hands SentencePiece a long text in runs of whole lines short enough
+that every sum stays under 2**20, where float32 adds multiples of 1/16 exactly. A newline is in no
+piece (the model is trained on lines), so every segmentation breaks after it and the runs' ids are
+the whole text's. Both libraries then compute the same exact sums and break ties alike, and give
+the same ids on any text whose lines are each shorter than `Tokenizer.exact_chars` (~46k characters).
+Tokenizers trained before (scores not rounded) encode as they always did.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from data.errors import DataError
 from performer import strict
@@ -43,6 +55,10 @@ INFO_FILE = "tokenizer.json"
 TOKENIZER_DIR = "tokenizer"  # `performer data prepare` writes OUT/tokenizer beside OUT/train and OUT/heldout
 MODEL_TYPES = ("unigram", "bpe")
 SENTINEL_FORMAT = "<extra_id_{}>"
+SCORE_STEP = 2.0**-4  # trained piece scores are rounded to multiples of this (see "Exact scores")
+# float32 holds every multiple of SCORE_STEP up to this size exactly (a 24-bit significand).
+_EXACT_FLOAT32_SUM = 2.0**24 * SCORE_STEP
+_UNKNOWN_PENALTY = 10.0  # SentencePiece scores a character no piece covers min_score - 10 (then bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +137,10 @@ class Tokenizer:
                 f"SentencePiece model has {self._sp.get_piece_size()} pieces but the special-token "
                 f"table expects {special.num_model_pieces}; tokenizer.json and tokenizer.model differ"
             )
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+        self.exact_chars = _exact_chars(proto)
+        # The same model without its dummy prefix: a run of lines after the first, or text after a sentinel.
+        self._sp_continued = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
 
     def __getstate__(self):
         return {"proto": self._proto, "special": self.special}
@@ -173,10 +193,30 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos added)."""
-        return self._sp.encode(text)
+        if self.exact_chars is None or len(text) <= self.exact_chars:
+            return self._sp.encode(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        texts = list(texts)
+        if self.exact_chars is None or all(len(text) <= self.exact_chars for text in texts):
+            return self._sp.encode(texts)
+        # Long texts in runs of lines: the first run as a text's start, the others as continuations.
+        runs = [_line_runs(text, self.exact_chars) for text in texts]
+        firsts = iter(self._sp.encode([text_runs[0] for text_runs in runs]))
+        continued = iter(self._sp_continued.encode([run for text_runs in runs for run in text_runs[1:]]))
+        encoded = []
+        for text_runs in runs:
+            ids = next(firsts)
+            for _ in text_runs[1:]:
+                ids.extend(next(continued))
+            encoded.append(ids)
+        return encoded
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` read as the middle of a document: no dummy prefix (SentencePiece's space
+        before a text), as after a sentinel in a span-corrupted input."""
+        return [token for run in _line_runs(text, self.exact_chars) for token in self._sp_continued.encode(run)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; sentinels are rendered as <extra_id_i>, pad/bos/eos/mask as nothing."""
@@ -211,6 +251,56 @@ class Tokenizer:
         return self._sp.id_to_piece(int(token))
 
 
+def _exact_chars(proto) -> int | None:
+    """Longest run of text whose scores float32 adds exactly: None unless the model is unigram,
+    every ordinary piece's score is a multiple of SCORE_STEP and no piece holds a newline."""
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        return None
+    scores = [piece.score for piece in proto.pieces if piece.type == normal]
+    if any(score % SCORE_STEP for score in scores) or any("\n" in piece.piece for piece in proto.pieces):
+        return None
+    # A character costs at most min_score + the unknown penalty, so every sum over a run (the best
+    # path's and each candidate's) stays under the bound.
+    per_char = _UNKNOWN_PENALTY - min(scores, default=0.0)
+    return int(_EXACT_FLOAT32_SUM // per_char) - 1
+
+
+def _line_runs(text: str, limit: int | None) -> list[str]:
+    """`text` cut after newlines into runs of at most `limit` characters (a longer line is one run)."""
+    if limit is None or len(text) <= limit:
+        return [text]
+    runs, start = [], 0
+    while len(text) - start > limit:
+        cut = text.rfind("\n", start, start + limit)
+        if cut < 0:  # a line longer than the limit: the run ends with it
+            cut = text.find("\n", start + limit)
+            if cut < 0:
+                break
+        runs.append(text[start : cut + 1])
+        start = cut + 1
+    if start < len(text):
+        runs.append(text[start:])
+    return runs
+
+
+def _without_dummy_prefix(proto) -> bytes:
+    continued = sentencepiece_model_pb2.ModelProto()
+    continued.CopyFrom(proto)
+    continued.normalizer_spec.add_dummy_prefix = False
+    return continued.SerializeToString()
+
+
+def _rounded_scores(model_proto: bytes) -> bytes:
+    """The model with every ordinary piece's score rounded to a multiple of SCORE_STEP."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    for piece in proto.pieces:
+        if piece.type == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL:
+            piece.score = round(piece.score / SCORE_STEP) * SCORE_STEP
+    return proto.SerializeToString()
+
+
 def sample_training_lines(texts: Iterable[str], config: TokenizerConfig) -> list[str]:
     """Uniform reservoir sample of non-blank lines (order of first appearance kept)."""
     rng = np.random.default_rng(config.seed)
@@ -239,6 +329,8 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, out_dir: str 
         raise DataError("the corpus has no non-blank lines to train a tokenizer on")
     special = SpecialTokens(vocab_size=config.vocab_size, num_sentinels=config.num_sentinels)
     model = _train_sentencepiece(lines, config, special)
+    if config.model_type == "unigram":
+        model = _rounded_scores(model)
     tokenizer = Tokenizer(model, special)
     out.mkdir(parents=True, exist_ok=True)  # only now: a corpus that fails leaves nothing behind
     (out / MODEL_FILE).write_bytes(model)

@@ -149,17 +149,11 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def _encode_segment(tokenizer: Tokenizer, segment: str, at_start: bool) -> list[int]:
-    """Ids of a piece of the prompt. SentencePiece puts a space (its dummy prefix) before every
-    text it encodes; after a sentinel the text is mid-document, as in training (spans are cut
-    from encoded documents), so the segment is encoded behind a newline (a byte piece that
-    joins nothing) and the pieces of that newline are dropped."""
-    if not segment or at_start:
-        return tokenizer.encode(segment) if segment else []
-    ids = tokenizer.encode("\n" + segment)
-    for cut in range(1, min(len(ids), 4)):
-        if tokenizer.decode(ids[:cut]) == "\n":
-            return ids[cut:]
-    return tokenizer.encode(segment)  # the newline merged with the text: keep the prefix
+    """Ids of a piece of the prompt. After a sentinel the text is mid-document, as in training
+    (spans are cut from encoded documents): no dummy prefix (SentencePiece's space before a text)."""
+    if not segment:
+        return []
+    return tokenizer.encode(segment) if at_start else tokenizer.encode_continuation(segment)
 
 
 def _until_eos(ids: list[int], eos_id: int) -> list[int]:

@@ -96,6 +96,55 @@ def test_tokenizer_special_ids_and_sentinels(tiny_tokenizer):
     assert SpecialTokens.from_dict(info["special"]) == special and info["fingerprint"] == tokenizer.fingerprint
 
 
+def test_trained_scores_are_rounded_so_float32_adds_them_exactly(tiny_tokenizer):
+    from sentencepiece import sentencepiece_model_pb2
+
+    from data.tokenizer import SCORE_STEP
+
+    tokenizer, directory = tiny_tokenizer
+    proto = sentencepiece_model_pb2.ModelProto.FromString((directory / "tokenizer.model").read_bytes())
+    scores = [piece.score for piece in proto.pieces if piece.type == 1]
+    assert scores and all(score % SCORE_STEP == 0 for score in scores)
+    assert len(set(scores)) > 50  # still the trained scores, not a handful of levels
+    # Every sum over a run of exact_chars characters stays where float32 holds multiples of 1/16 exactly.
+    assert (tokenizer.exact_chars + 1) * (10 - min(scores)) <= 2**20
+
+
+LINE_RUN_TEXTS = [
+    "def f(x):\n    return x\n\n\n    # after blank lines\n",
+    "\nstarts with a newline\nand ends with two\n\n",
+    "crlf line\r\nnext\r\n  indented\r\n",
+    "one line far longer than the limit, no newline anywhere in it at all, " * 3 + "\nthen a short one",
+    "a\nb\nc\nd\ne\nf\ng\nh\ni\nj\nk\nl\nm\nn\no\np\nq\nr\ns\nt\nu\nv\nw",
+    "    x = 1\n" * 40,
+]
+
+
+def test_long_texts_are_encoded_in_runs_of_lines_with_the_whole_texts_ids(tiny_tokenizer):
+    # The runs start after a newline (in no piece, so every segmentation breaks there) and all but
+    # the first have no dummy prefix: short texts, where float32 is exact either way, show the
+    # runs give the whole text's ids whatever the limit.
+    tokenizer, _ = tiny_tokenizer
+    whole = pickle.loads(pickle.dumps(tokenizer))
+    whole.exact_chars = None
+    cut = pickle.loads(pickle.dumps(tokenizer))
+    for limit in (1, 7, 30, 64):
+        cut.exact_chars = limit
+        expected = [whole.encode(text) for text in LINE_RUN_TEXTS]
+        assert cut.encode_batch(LINE_RUN_TEXTS) == expected, limit
+        assert [cut.encode(text) for text in LINE_RUN_TEXTS] == expected, limit
+        assert cut.encode_batch(["", *LINE_RUN_TEXTS[:2]]) == [[], *expected[:2]]
+
+
+def test_continuation_has_no_dummy_prefix(tiny_tokenizer):
+    tokenizer, _ = tiny_tokenizer
+    newline = tokenizer.encode("\n")  # the dummy prefix and the newline's byte piece
+    for text in ("x = 1", "  two spaces", "a\nb"):
+        ids = tokenizer.encode("\n" + text)
+        assert ids[: len(newline)] == newline and tokenizer.encode_continuation(text) == ids[len(newline) :]
+        assert tokenizer.decode([tokenizer.special.sentinel_id(0), *tokenizer.encode_continuation(text)]).endswith(text)
+
+
 def test_tokenizer_training_is_reproducible(tmp_path):
     from data.tokenizer import TokenizerConfig, train_tokenizer
 
