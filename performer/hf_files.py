@@ -27,7 +27,7 @@ the model covers those ASCII characters, as any model trained on real text does)
 Same ids, ties included: ``tokenizers`` adds scores in float64, SentencePiece in float32. The
 project's tokenizers have scores rounded to multiples of 1/16 and encode long texts in runs of
 lines (data/tokenizer.py, "Exact scores"), so both add exactly and break ties alike. A tokenizer
-trained before that (scores not rounded) converts with a warning: on about 1 text in 100 the two
+trained before that (scores not rounded) converts with a warning: on a few texts in 100 the two
 pick another segmentation of equal or near-equal score.
 """
 
@@ -233,7 +233,7 @@ def fast_tokenizer(tokenizer_dir: Path, special: Mapping[str, int], model_kind: 
     if any(piece.score % _EXACT_SCORE_STEP for piece in pieces if piece.type in _MATCHED_PIECE_TYPES):
         warnings.warn(
             f"{tokenizer_dir / 'tokenizer.model'} was trained before scores were rounded: the fast tokenizer "
-            "gives its ids except on about 1 text in 100, where two segmentations score alike and float32 "
+            "gives its ids except on a few texts in 100, where two segmentations score alike and float32 "
             "(SentencePiece) and float64 (tokenizers) break the tie differently; a tokenizer trained now "
             "(performer data tokenizer) gives the same ids on any text",
             stacklevel=2,
