@@ -152,7 +152,13 @@ QUIET_TRAINER_SETTINGS = [
 
 
 def run_trainer(
-    configs: list[str], settings: list[str], run_dir: Path, ranks: int, threads_per_rank: int, timeout_s: float
+    configs: list[str],
+    settings: list[str],
+    run_dir: Path,
+    ranks: int,
+    threads_per_rank: int,
+    timeout_s: float,
+    environment: dict[str, str] | None = None,
 ) -> dict:
     """The real trainer under the deepspeed launcher on ``ranks`` CPU ranks, writing into ``run_dir``.
 
@@ -174,8 +180,9 @@ def run_trainer(
         *QUIET_TRAINER_SETTINGS,
         *settings,
     ]
+    extra = environment or {}
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environment.update(OMP_NUM_THREADS=str(threads_per_rank), PYTHONUNBUFFERED="1")
+    environment.update(OMP_NUM_THREADS=str(threads_per_rank), PYTHONUNBUFFERED="1", **extra)
     started = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout_s)

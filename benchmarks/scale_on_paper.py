@@ -509,7 +509,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The options (every assumption) with their defaults; benchmarks/step_overhead.py projects with them too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zero-memory", default="benchmarks/results/zero_memory.json")
     parser.add_argument("--model-step", default="benchmarks/results/model_step-gpu.json")
@@ -536,7 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collectives-zero012", type=int, default=10)
     parser.add_argument("--collectives-zero3", type=int, default=216)
     parser.add_argument("--name", default="scale_on_paper")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     results = {**compute(args), "machine": common.machine()}  # the machine for the commit and command
     common.publish(args.name, results, markdown(results))
     return 0

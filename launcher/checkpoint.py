@@ -11,8 +11,9 @@ DeepSpeed's own ``latest`` is written by rank 0 before other ranks finish, and a
 has COMPLETE (whatever ``latest`` says), an explicit tag that is missing or incomplete is an
 error, and retention deletes only older complete tags after a newer one is committed.
 
-Integrity: the COMPLETE marker records the size and sha256 of every file of the tag (the
-hashing is dealt round-robin over the ranks). Before anything is unpickled, the files are
+Integrity: the COMPLETE marker records the size and sha256 of every file of the tag, hashed as
+DeepSpeed writes it (launcher/hashed_writes.py; a file written another way is read back, the
+reading dealt round-robin over the ranks). Before anything is unpickled, the files are
 checked against it: ``--resume auto`` skips a tag that fails (a torn or corrupted file, a file
 swapped or added) and falls back to the previous complete one, saying so; an explicit tag that
 fails is an error naming the file; if complete tags exist but none verifies, that is an error
@@ -35,6 +36,7 @@ from typing import Any
 
 from launcher.config import NON_SHAPE_MODEL_FIELDS, ConfigError, RunConfig, config_from_dict
 from launcher.dist import Topology, barrier, gather_objects
+from launcher.hashed_writes import take_written_digests
 from performer.errors import InputError
 
 COMPLETE_MARKER = "COMPLETE"
@@ -78,15 +80,19 @@ def _tag_files(tag_directory: Path) -> list[str]:
     )
 
 
-def file_digests(tag_directory: Path, topology: Topology) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file of a tag; rank r hashes files r, r + W, ... (collective)."""
-    files = _tag_files(tag_directory)
+def file_digests(
+    tag_directory: Path, topology: Topology, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a tag: ``known`` ones (hashed as they were written, the same
+    on every rank) as given, the others read back, rank r taking files r, r + W, ... (collective)."""
+    known = known or {}
+    files = [name for name in _tag_files(tag_directory) if name not in known]
     mine = {
         name: _file_digest(tag_directory / name)
         for index, name in enumerate(files)
         if index % topology.world_size == topology.rank
     }
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, dict[str, Any]] = dict(known)
     for share in gather_objects(mine):
         merged.update(share)
     return dict(sorted(merged.items()))
@@ -199,9 +205,12 @@ def save(
             raise  # not a file write: a collective failed, which has its own message
         failure = f"rank {topology.rank}: {failure}"
         barrier()  # the one DeepSpeed's save ends with, where the ranks that wrote their files wait
-    # Every rank's files are written (or failed) before anyone hashes them or calls it complete.
-    _raise_if_any_failed(directory, tag, gather_objects(failure), topology)
-    digests = file_digests(directory / tag, topology)
+    # Every rank's files are written (or failed) before anyone hashes the rest or calls it complete;
+    # the same gather hands every rank the digests of what each rank wrote.
+    shares = gather_objects((failure, take_written_digests(engine, directory / tag)))
+    _raise_if_any_failed(directory, tag, [share_failure for share_failure, _ in shares], topology)
+    written = {name: digest for _, share in shares for name, digest in share.items()}
+    digests = file_digests(directory / tag, topology, known=written)
     failure = None
     if topology.is_main:
         marker = {

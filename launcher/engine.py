@@ -7,6 +7,7 @@ engine from the one DeepSpeed JSON (``launcher.ds_config``) and AdamW over the w
 
 from __future__ import annotations
 
+from launcher import hashed_writes
 from launcher.config import RunConfig
 from launcher.ds_config import build_deepspeed_config
 
@@ -39,6 +40,7 @@ def build_engine(config: RunConfig, model, world_size: int, load_universal: bool
     groups = weight_decay_groups(model, config.optimizer.weight_decay, config.optimizer.no_decay)
     described = describe_groups(groups)  # before ZeRO replaces the groups' tensors by flat partitions
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    hashed_writes.install(engine)  # checkpoint files hashed as they are written (launcher/checkpoint.py)
     return engine, described
 
 

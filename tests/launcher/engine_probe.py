@@ -7,7 +7,8 @@ the trainer's schedule on a loss multiplied by 0. With zero gradients AdamW's up
 so the only change a step makes is decoupled weight decay, w <- w x (1 - lr x weight_decay): which
 parameters moved says which decay, and by how much says the rate the step really used. Rank 0
 writes, per setting, the names that moved, the names that did not, and each step's rate measured
-that way.
+that way. Then each setting saves a checkpoint: which of its files were hashed as DeepSpeed wrote
+them (launcher/hashed_writes.py) and whether those digests equal the files read back.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().clone() for name, p in parameters.items()}
 
 
-def probe(name: str, overrides: list[str], world_size: int) -> dict:
+def probe(name: str, overrides: list[str], world_size: int, checkpoints: Path) -> dict:
     from data.tokenizer import SpecialTokens
     from launcher.config import load_config
     from launcher.engine import build_engine, build_model_config
@@ -90,14 +91,34 @@ def probe(name: str, overrides: list[str], world_size: int) -> dict:
                 shrink.append((1 - value[mask] / before[parameter][mask]).median().item())
         measured_rates.append(sum(shrink) / len(shrink) / WEIGHT_DECAY if shrink else 0.0)
         before = after
-    return {"moved": sorted(moved), "still": sorted(set(before) - moved), "rates": measured_rates, "groups": groups}
+    result = {"moved": sorted(moved), "still": sorted(set(before) - moved), "rates": measured_rates, "groups": groups}
+    return {**result, **saved_digests(engine, checkpoints / name)}
+
+
+def saved_digests(engine, directory: Path) -> dict:
+    """Save a checkpoint; the files hashed while written (by any rank), the others, and any whose
+    written digest differs from the file read back."""
+    from launcher.checkpoint import _file_digest, _tag_files
+    from launcher.hashed_writes import take_written_digests
+
+    engine.save_checkpoint(str(directory), tag="probe", save_latest=False)
+    shares = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shares, take_written_digests(engine, directory / "probe"))
+    written = {name: digest for share in shares for name, digest in share.items()}
+    files = _tag_files(directory / "probe")
+    return {
+        "hashed_while_written": sorted(written),
+        "read_back": sorted(set(files) - set(written)),
+        "digests_differing": sorted(n for n, d in written.items() if _file_digest(directory / "probe" / n) != d),
+    }
 
 
 def main() -> int:
     from launcher.dist import init_distributed
 
     topology = init_distributed(60.0)
-    results = {name: probe(name, overrides, topology.world_size) for name, overrides in SETTINGS.items()}
+    checkpoints = Path(sys.argv[-1]).parent / "checkpoints"
+    results = {name: probe(name, overrides, topology.world_size, checkpoints) for name, overrides in SETTINGS.items()}
     if topology.is_main:
         Path(sys.argv[-1]).write_text(json.dumps(results, indent=1))
     torch.distributed.barrier()

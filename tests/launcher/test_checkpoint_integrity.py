@@ -89,3 +89,35 @@ def test_no_checkpoint_at_all_is_a_fresh_start_with_auto_only(tmp_path):
     assert resolve_resume_tag(tmp_path / "checkpoints", "auto", ONE_RANK) is None
     with pytest.raises(CheckpointError, match="no checkpoint"):
         resolve_resume_tag(tmp_path / "checkpoints", "step00000004", ONE_RANK)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_file_hashed_while_torch_saves_it_has_the_digest_of_the_file_read_back(tmp_path, zip_format):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from launcher.checkpoint import _file_digest
+    from launcher.hashed_writes import HashingWriter
+
+    # One tensor over the 1 MiB at which blocks are hashed beside the write, the rest small.
+    state = {"big": torch.randn(512, 1024), "small": [torch.arange(7), {"half": torch.ones(3, dtype=torch.bfloat16)}]}
+    path = tmp_path / "states.pt"
+    with ThreadPoolExecutor(1) as pool, HashingWriter(path, pool) as handle:
+        torch.save(state, handle, _use_new_zipfile_serialization=zip_format)
+    assert handle.digest() == _file_digest(path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded["big"], state["big"]) and torch.equal(
+        loaded["small"][1]["half"], state["small"][1]["half"]
+    )
+
+
+def test_files_hashed_as_written_are_not_read_again(tmp_path):
+    tag = tmp_path / tag_for_step(3)
+    tag.mkdir()
+    (tag / "written.pt").write_bytes(b"states")
+    (tag / "copied.py").write_bytes(b"script")
+    known = {"written.pt": {"bytes": 6, "sha256": "as hashed while written"}}
+    digests = file_digests(tag, ONE_RANK, known=known)
+    assert digests["written.pt"] == known["written.pt"]  # taken as given, not read back
+    assert digests["copied.py"]["bytes"] == 6 and len(digests["copied.py"]["sha256"]) == 64

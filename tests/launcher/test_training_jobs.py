@@ -308,9 +308,11 @@ def test_memory_records_count_what_each_rank_holds(runs, name):
         assert all(abs(bytes_ - 12 * parameters / 2) < 0.01 * 12 * parameters / 2 for bytes_ in optimizer), optimizer
 
 
-def test_the_real_engine_decays_matrices_only_at_the_scheduled_rate(tmp_path):
+def test_the_real_engine_decays_matrices_only_at_the_scheduled_rate_and_hashes_checkpoints_as_written(tmp_path):
     """ZeRO 0-3 and offload on 2 ranks: zero gradients leave only decoupled weight decay, so what
-    moved says which parameters decay and by how much says each step's rate (engine_probe.py)."""
+    moved says which parameters decay and by how much says each step's rate (engine_probe.py).
+    Each setting's checkpoint: every file hashed while DeepSpeed wrote it, with the digest of the
+    file on disk, none left to read back."""
     import re
 
     from jobs import BIN, free_port, launch_environment
@@ -340,6 +342,13 @@ def test_the_real_engine_decays_matrices_only_at_the_scheduled_rate(tmp_path):
         assert result["rates"] == pytest.approx(expected_rates, rel=2e-3), setting
         assert result["groups"]["decay"]["tensors"] == len(result["moved"]) == 32
         assert result["groups"]["no_decay"]["tensors"] == len(result["still"])
+        optimizer = [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]
+        written = {
+            "zero0": ["mp_rank_00_model_states.pt"],
+            "zero3": sorted([f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)] + optimizer),
+        }.get(setting, ["mp_rank_00_model_states.pt", *optimizer])
+        assert result["hashed_while_written"] == written, setting
+        assert result["read_back"] == [] and result["digests_differing"] == [], setting
 
 
 def test_a_two_source_mixture_trains_and_counts_tokens_per_source(prepared_data, tmp_path):
