@@ -1,12 +1,12 @@
 """Checkpoints at size: what a save costs the step loop, what hashing adds, and what a resume takes.
 
-    python benchmarks/checkpoint_io.py [--sizes 100,1000,4000] [--stages 2,3] [--repeats 2]
+    python benchmarks/checkpoint_io.py [--sizes 100,1000,4000] [--stages 2,3] [--repeats 3]
 
 2 CPU ranks under the deepspeed launcher, each (checkpoint size, ZeRO stage) in one job: the
 trainer's own engine (`launcher.engine.build_engine`, fp32 AdamW as configs/tiny.yaml trains)
 over a seq2seq model whose width is chosen so that its checkpoint (fp32 weights + AdamW's master
 copy and two moments: ~16 bytes per parameter) is about --sizes MB; one optimizer step so every
-state exists. Then, each timed between barriers (the slowest rank), alternating, --repeats times:
+state exists. Then, each timed between barriers (the slowest rank), after one untimed save, --repeats times, each variant first in turn:
 
 * ds_write: DeepSpeed's own write (`engine.save_checkpoint`, its plain torch writer), the floor;
 * read_back: `launcher.checkpoint.save` as before this change: DeepSpeed's write, then every file
@@ -125,11 +125,17 @@ def worker(args) -> None:
         else:
             checkpoint.save(engine, directory, step, client_state, topology, keep=1, config=config)
 
-    for _ in range(args.repeats):
-        for variant in VARIANTS:
+    def drop_ds_tag() -> None:  # not a complete tag: never resumed from
+        if topology.is_main:
+            shutil.rmtree(directory / checkpoint.tag_for_step(step))
+
+    save("ds_write")  # untimed: the first save of a process pays for directories and allocations
+    drop_ds_tag()
+    for repeat in range(args.repeats):
+        for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:  # each variant first in turn
             times[variant].append(_timed(lambda: save(variant)))
-            if topology.is_main and variant == "ds_write":  # not a complete tag: never resumed from
-                shutil.rmtree(directory / checkpoint.tag_for_step(step))
+            if variant == "ds_write":
+                drop_ds_tag()
     engine.checkpoint_engine = hashing
     tag = checkpoint.complete_tags(directory)[-1]
     checkpoint_bytes = sum(p.stat().st_size for p in (directory / tag).rglob("*") if p.is_file())
@@ -255,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,4000", help="checkpoint sizes in MB")
     parser.add_argument("--stages", default="2,3")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per job")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--megabytes", type=int, help=argparse.SUPPRESS)
