@@ -6,18 +6,25 @@
 trainer's own engine (`launcher.engine.build_engine`, fp32 AdamW as configs/tiny.yaml trains)
 over a seq2seq model whose width is chosen so that its checkpoint (fp32 weights + AdamW's master
 copy and two moments: ~16 bytes per parameter) is about --sizes MB; one optimizer step so every
-state exists. Then, each timed between barriers (the slowest rank), after one untimed save, --repeats times, each variant first in turn:
+state exists. Then, each timed between barriers (the slowest rank), after one untimed save,
+--repeats times, each variant first in turn:
 
 * ds_write: DeepSpeed's own write (`engine.save_checkpoint`, its plain torch writer), the floor;
 * read_back: `launcher.checkpoint.save` as before this change: DeepSpeed's write, then every file
-  read back and hashed (dealt round-robin over the ranks), then the COMPLETE marker;
-* hashed_writes: `launcher.checkpoint.save` now: each file hashed while DeepSpeed writes it
-  (launcher/hashed_writes.py), the marker from those digests;
+  read back and hashed (dealt round-robin over the ranks), then rank 0's commit (the COMPLETE
+  marker and pointer, each fsynced, and the retention of older tags) before the step loop goes on;
+* hashed_writes: each file hashed (XXH3-128) while DeepSpeed writes it (launcher/hashed_writes.py),
+  the commit still in the step loop;
+* background_commit: what the trainer does now at a periodic save: hashed while written, rank 0
+  commits on a thread; timed until the step loop goes on, the commit's own time apart (commit_s,
+  waited for by `finish_commit` before the next save);
 * resume: `--resume auto` on the last tag: verification (every file read back and hashed against
   the marker) and DeepSpeed's load, timed apart.
 
-The files go to the page cache of this machine's disk (no fsync, as DeepSpeed writes): a
-parallel filesystem is slower to write and to read back. Writes benchmarks/results/checkpoint_io.json,
+Each measurement starts after a sync (nothing waiting to be written back); the files then go to
+the page cache of this machine's disk (DeepSpeed does not fsync; the commit's fsync of the marker
+makes the filesystem write the checkpoint out). A parallel filesystem is slower to write and to
+read back. Writes benchmarks/results/checkpoint_io.json,
 checkpoint_io.md and checkpoint_io.png.
 """
 
@@ -41,7 +48,7 @@ from benchmarks import common  # noqa: E402
 NAME = "checkpoint_io"
 VOCAB = 8000
 BYTES_PER_PARAMETER = 16  # fp32 weights (model states file) + fp32 master, exp_avg, exp_avg_sq (optimizer files)
-VARIANTS = ("ds_write", "read_back", "hashed_writes")
+VARIANTS = ("ds_write", "read_back", "hashed_writes", "background_commit")
 
 
 def model_settings(megabytes: int) -> list[str]:
@@ -66,6 +73,7 @@ def model_settings(megabytes: int) -> list[str]:
 def _timed(fn) -> float:
     import torch.distributed as dist
 
+    os.sync()  # every measurement starts with nothing waiting to be written back
     dist.barrier()
     started = time.perf_counter()
     fn()
@@ -116,14 +124,17 @@ def worker(args) -> None:
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     step = 0
 
+    commit_seconds: list[float] = []
+
     def save(variant: str) -> None:
         nonlocal step
         step += 1
-        engine.checkpoint_engine = hashing if variant == "hashed_writes" else plain
+        engine.checkpoint_engine = plain if variant in ("ds_write", "read_back") else hashing
         if variant == "ds_write":
             engine.save_checkpoint(str(directory), tag=checkpoint.tag_for_step(step), save_latest=False)
         else:
-            checkpoint.save(engine, directory, step, client_state, topology, keep=1, config=config)
+            background = variant == "background_commit"
+            checkpoint.save(engine, directory, step, client_state, topology, 1, config, background=background)
 
     def drop_ds_tag() -> None:  # not a complete tag: never resumed from
         if topology.is_main:
@@ -132,10 +143,13 @@ def worker(args) -> None:
     save("ds_write")  # untimed: the first save of a process pays for directories and allocations
     drop_ds_tag()
     for repeat in range(args.repeats):
-        for variant in VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]:  # each variant first in turn
+        turn = repeat % len(VARIANTS)
+        for variant in VARIANTS[turn:] + VARIANTS[:turn]:  # each variant first in turn
             times[variant].append(_timed(lambda: save(variant)))
             if variant == "ds_write":
                 drop_ds_tag()
+            if variant == "background_commit":
+                commit_seconds.append(_timed(lambda: checkpoint.finish_commit(directory, topology)))
     engine.checkpoint_engine = hashing
     tag = checkpoint.complete_tags(directory)[-1]
     checkpoint_bytes = sum(p.stat().st_size for p in (directory / tag).rglob("*") if p.is_file())
@@ -151,6 +165,7 @@ def worker(args) -> None:
             "files": len([p for p in (directory / tag).rglob("*") if p.is_file()]),
             "seconds": times,
             "median_s": {variant: statistics.median(values) for variant, values in times.items()},
+            "commit_s": statistics.median(commit_seconds),
             "resume_verify_s": verify_s,
             "resume_load_s": load_s,
         }
@@ -206,7 +221,7 @@ def table(results: dict) -> str:
     rows = []
     for r in results["records"]:
         if "error" in r:
-            rows.append([f"{r['megabytes']:,} MB", f"ZeRO-{r['stage']}", r["error"], "", "", "", ""])
+            rows.append([f"{r['megabytes']:,} MB", f"ZeRO-{r['stage']}", r["error"], "", "", "", "", ""])
             continue
         median = r["median_s"]
         rows.append(
@@ -214,18 +229,21 @@ def table(results: dict) -> str:
                 f"{r['checkpoint_bytes'] / 1e6:,.0f} MB ({r['parameters'] / 1e6:,.0f}M params)",
                 f"ZeRO-{r['stage']}",
                 common.seconds(median["ds_write"]),
-                f"{common.seconds(median['read_back'])} ({overhead(r, 'read_back') * 100:+.0f}%)",
-                f"{common.seconds(median['hashed_writes'])} ({overhead(r, 'hashed_writes') * 100:+.0f}%)",
-                common.seconds(r["resume_verify_s"]),
-                common.seconds(r["resume_load_s"]),
+                *(
+                    f"{common.seconds(median[variant])} ({overhead(r, variant) * 100:+.0f}%)"
+                    for variant in ("read_back", "hashed_writes", "background_commit")
+                ),
+                common.seconds(r["commit_s"]),
+                f"{common.seconds(r['resume_verify_s'])} + {common.seconds(r['resume_load_s'])}",
             ]
         )
-    header = ["checkpoint", "stage", "DeepSpeed write", "save, read back (before)", "save, hashed while written"]
-    header += ["resume: verify", "resume: load"]
+    header = ["checkpoint", "stage", "DeepSpeed write", "save before: read back", "hashed while written"]
+    header += ["+ commit in background (now)", "the commit, behind", "resume: verify + load"]
     settings = results["settings"]
     return (
         f"2 CPU ranks, fp32 AdamW; medians of {settings['repeats']} saves each, the slowest rank, into the page "
-        "cache; in brackets the save's cost over DeepSpeed's own write:\n\n" + common.table(header, rows, "llrrrrr")
+        "cache; what the step loop waits for, in brackets over DeepSpeed's own write:\n\n"
+        + common.table(header, rows, "llrrrrrr")
     )
 
 
@@ -242,8 +260,9 @@ def plot(results: dict, path: Path) -> None:
         sizes = [r["checkpoint_bytes"] / 1e9 for r in mine]
         for variant, label in (
             ("ds_write", "DeepSpeed write"),
-            ("read_back", "save, read back"),
-            ("hashed_writes", "save, hashed while written"),
+            ("read_back", "save before (read back)"),
+            ("hashed_writes", "hashed while written"),
+            ("background_commit", "+ commit in background (now)"),
         ):
             axis.plot(sizes, [r["median_s"][variant] for r in mine], marker="o", label=label)
         axis.plot(sizes, [r["resume_verify_s"] + r["resume_load_s"] for r in mine], marker="s", label="resume")

@@ -11,7 +11,8 @@ DeepSpeed's own ``latest`` is written by rank 0 before other ranks finish, and a
 has COMPLETE (whatever ``latest`` says), an explicit tag that is missing or incomplete is an
 error, and retention deletes only older complete tags after a newer one is committed.
 
-Integrity: the COMPLETE marker records the size and sha256 of every file of the tag, hashed as
+Integrity: the COMPLETE marker records the size and XXH3-128 digest of every file of the tag
+(sha256 in markers written before; both verify), hashed as
 DeepSpeed writes it (launcher/hashed_writes.py; a file written another way is read back, the
 reading dealt round-robin over the ranks). Before anything is unpickled, the files are
 checked against it: ``--resume auto`` skips a tag that fails (a torn or corrupted file, a file
@@ -30,13 +31,16 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from launcher.config import NON_SHAPE_MODEL_FIELDS, ConfigError, RunConfig, config_from_dict
 from launcher.dist import Topology, barrier, gather_objects
-from launcher.hashed_writes import take_written_digests
+from launcher.hashed_writes import DIGEST, take_written_digests
 from performer.errors import InputError
 
 COMPLETE_MARKER = "COMPLETE"
@@ -64,12 +68,12 @@ def complete_tags(directory: Path) -> list[str]:
     return sorted(tags, key=lambda tag: int(TAG_PATTERN.match(tag).group(1)))
 
 
-def _file_digest(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
+def _file_digest(path: Path, algorithm: str = DIGEST) -> dict[str, Any]:
+    digest = xxhash.xxh3_128() if algorithm == DIGEST else hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 23), b""):
             digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, algorithm: digest.hexdigest()}
 
 
 def _tag_files(tag_directory: Path) -> list[str]:
@@ -83,7 +87,7 @@ def _tag_files(tag_directory: Path) -> list[str]:
 def file_digests(
     tag_directory: Path, topology: Topology, known: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file of a tag: ``known`` ones (hashed as they were written, the same
+    """Size and digest of every file of a tag: ``known`` ones (hashed as they were written, the same
     on every rank) as given, the others read back, rank r taking files r, r + W, ... (collective)."""
     known = known or {}
     files = [name for name in _tag_files(tag_directory) if name not in known]
@@ -119,11 +123,12 @@ def verification_problems(tag_directory: Path, topology: Topology) -> list[str]:
         if not path.is_file():
             mine.append(f"{path}: missing")
             continue
-        found = _file_digest(path)
+        algorithm = DIGEST if DIGEST in wanted else "sha256"  # markers written before XXH3
+        found = _file_digest(path, algorithm)
         if found["bytes"] != wanted["bytes"]:
             mine.append(f"{path}: {found['bytes']} bytes, {wanted['bytes']} written (torn or truncated)")
-        elif found["sha256"] != wanted["sha256"]:
-            mine.append(f"{path}: sha256 differs from the one written (corrupted or replaced)")
+        elif found[algorithm] != wanted.get(algorithm):
+            mine.append(f"{path}: {algorithm} digest differs from the one written (corrupted or replaced)")
     return problems + sorted(p for share in gather_objects(mine) for p in share)
 
 
@@ -181,13 +186,27 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def save(
-    engine, directory: Path, step: int, client_state: dict[str, Any], topology: Topology, keep: int, config: RunConfig
+    engine,
+    directory: Path,
+    step: int,
+    client_state: dict[str, Any],
+    topology: Topology,
+    keep: int,
+    config: RunConfig,
+    background: bool = False,
 ) -> str:
-    """Save on every rank, then commit on rank 0: COMPLETE marker, pointer, retention.
+    """Save on every rank, then commit on rank 0: COMPLETE marker, pointer, retention (collective).
 
     The COMPLETE marker is JSON: step, world size, the resolved run config and the model config,
-    so a checkpoint can be checked and exported without unpickling anything.
+    so a checkpoint can be checked and exported without unpickling anything. With ``background``
+    rank 0 commits on a thread and the step loop goes on: the marker's fsync (which on most
+    filesystems waits for the whole checkpoint to reach the disk) and the retention's deletions
+    then cost it nothing. The tag counts as saved once its marker is written; the next save, and
+    `finish_commit` (which the trainer calls before it exits), wait for it and raise on every rank
+    if it failed. A process killed before that leaves the tag without a marker: a resume takes the
+    one before.
     """
+    finish_commit(directory, topology)
     tag = tag_for_step(step)
     if topology.is_main:
         directory.mkdir(parents=True, exist_ok=True)
@@ -211,7 +230,6 @@ def save(
     _raise_if_any_failed(directory, tag, [share_failure for share_failure, _ in shares], topology)
     written = {name: digest for _, share in shares for name, digest in share.items()}
     digests = file_digests(directory / tag, topology, known=written)
-    failure = None
     if topology.is_main:
         marker = {
             "files": digests,
@@ -222,16 +240,54 @@ def save(
             "model_config": client_state["model_config"],
             "projection": client_state.get("projection"),
         }
-        try:
-            _write_atomically(directory / tag / COMPLETE_MARKER, json.dumps(marker) + "\n")
-            _write_atomically(directory / POINTER, tag + "\n")
-        except OSError as error:
-            failure = f"rank 0 committing: {error}"
+        commit = _Commit(directory, tag, json.dumps(marker) + "\n", keep)
+        if background:
+            _pending[directory] = commit.start()
         else:
-            for old in complete_tags(directory)[:-keep]:
-                shutil.rmtree(directory / old, ignore_errors=True)
-    _raise_if_any_failed(directory, tag, gather_objects(failure), topology)
+            commit.run()
+    if not background:
+        _raise_if_any_failed(directory, tag, gather_objects(commit.failure if topology.is_main else None), topology)
     return tag
+
+
+class _Commit:
+    """Rank 0's part of a save once every file is written and hashed: the marker, the pointer, the
+    retention of older tags; on the caller's thread or its own."""
+
+    def __init__(self, directory: Path, tag: str, marker: str, keep: int):
+        self.directory, self.tag, self.marker, self.keep = directory, tag, marker, keep
+        self.failure: str | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        try:
+            _write_atomically(self.directory / self.tag / COMPLETE_MARKER, self.marker)
+            _write_atomically(self.directory / POINTER, self.tag + "\n")
+        except OSError as error:
+            self.failure = f"rank 0 committing: {error}"
+            return
+        for old in complete_tags(self.directory)[: -self.keep]:
+            shutil.rmtree(self.directory / old, ignore_errors=True)
+
+    def start(self) -> "_Commit":
+        self.thread = threading.Thread(target=self.run, name=f"commit-{self.tag}", daemon=True)
+        self.thread.start()
+        return self
+
+
+_pending: dict[Path, _Commit] = {}  # rank 0: the commit still running, by checkpoint directory
+
+
+def finish_commit(directory: Path, topology: Topology) -> None:
+    """Wait for a save's background commit; every rank raises CheckpointSaveError if it failed
+    (collective; a no-op on every rank when no save was started with ``background``)."""
+    commit = _pending.pop(directory, None)
+    if commit is not None and commit.thread is not None:
+        commit.thread.join()
+    pending_anywhere = gather_objects(None if commit is None else (commit.tag, commit.failure))
+    for entry in pending_anywhere:
+        if entry is not None:
+            _raise_if_any_failed(directory, entry[0], [entry[1]], topology)
 
 
 def _write_failure(error: BaseException) -> str | None:

@@ -123,7 +123,8 @@ class Run:
             ],
         }
 
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
+        """A checkpoint of this step; with ``background`` rank 0 commits it while training goes on."""
         checkpoint.save(
             self.engine,
             self.checkpoint_dir,
@@ -132,8 +133,13 @@ class Run:
             self.topology,
             self.config.checkpoint.keep,
             self.config,
+            background=background,
         )
         self.last_saved_step = self.engine.global_steps
+
+    def finish_saves(self) -> None:
+        """Wait for a background commit (collective; raises on every rank if it failed)."""
+        checkpoint.finish_commit(self.checkpoint_dir, self.topology)
 
 
 # ------------------------------------------------------------------------------ building
@@ -264,6 +270,7 @@ def train(run: Run) -> bool:
     run.watchdog.disarm()
     if run.last_saved_step != run.engine.global_steps:
         run.save()
+    run.finish_saves()
     run.metrics.close()
     barrier()
     return finished
@@ -317,6 +324,7 @@ def _skip_nonfinite(run: Run) -> None:
         run.watchdog.disarm()
         if run.last_saved_step != step:
             run.save()
+        run.finish_saves()
         raise TooManyNonFinite(
             f"{run.consecutive_nonfinite} non-finite losses in a row at step {step}; the last good weights are "
             "checkpointed. Lower optimizer.lr, raise schedule.warmup_steps, or use precision=bf16 instead of "
@@ -334,12 +342,13 @@ def at_boundary(run: Run) -> bool:
     if run.eval_stream is not None and (step % config.eval.interval == 0 or last):
         run.metrics.log("eval", step, evaluate(run.engine, run.eval_stream, run.eval_start, config.eval.batches))
     if step % config.checkpoint.interval == 0 or last:
-        run.save()
+        run.save(background=True)  # finished by the next save, or before the run ends
     budget = config.train.time_budget_s
     over_budget = budget is not None and time.monotonic() - run.started_at > budget
     if all_agree(bool(run.progress.stop_requested) or over_budget) and not last:
         if run.last_saved_step != step:
             run.save()
+        run.finish_saves()
         reason = ",".join(run.progress.stop_requested) or "time budget"
         run.metrics.message(f"stopping at step {step} ({reason}): checkpoint saved; resume with --resume auto")
         return False

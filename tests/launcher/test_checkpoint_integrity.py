@@ -64,7 +64,7 @@ def test_damage_is_named_and_auto_falls_back_to_the_previous_checkpoint(two_chec
     problems = verification_problems(newer, ONE_RANK)
     assert len(problems) == 1
     expected_word = {
-        "flip_byte": "sha256",
+        "flip_byte": "xxh3_128 digest differs",
         "truncate": "truncated",
         "delete": "missing",
         "add_file": "not written",
@@ -117,7 +117,22 @@ def test_files_hashed_as_written_are_not_read_again(tmp_path):
     tag.mkdir()
     (tag / "written.pt").write_bytes(b"states")
     (tag / "copied.py").write_bytes(b"script")
-    known = {"written.pt": {"bytes": 6, "sha256": "as hashed while written"}}
+    known = {"written.pt": {"bytes": 6, "xxh3_128": "as hashed while written"}}
     digests = file_digests(tag, ONE_RANK, known=known)
     assert digests["written.pt"] == known["written.pt"]  # taken as given, not read back
-    assert digests["copied.py"]["bytes"] == 6 and len(digests["copied.py"]["sha256"]) == 64
+    assert digests["copied.py"]["bytes"] == 6 and len(digests["copied.py"]["xxh3_128"]) == 32
+
+
+def test_a_marker_written_with_sha256_digests_still_verifies_and_catches_damage(two_checkpoints):
+    import hashlib
+
+    directory, _, newer = two_checkpoints
+    marker = json.loads((newer / COMPLETE_MARKER).read_text())
+    for name in marker["files"]:
+        content = (newer / name).read_bytes()
+        marker["files"][name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    (newer / COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert verification_problems(newer, ONE_RANK) == []
+    optimizer = newer / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[::-1])
+    assert "sha256 digest differs" in " ".join(verification_problems(newer, ONE_RANK))

@@ -80,7 +80,7 @@ def test_damaged_run_directory_names_every_problem_and_its_fix(run_copy, data_co
         "FAIL checkpoint: step00000002 cannot continue this config: "
         "checkpoint step00000002 was trained with another model",
         "FAIL checkpoint: step00000004: corrupted: ",
-        "mp_rank_00_model_states.pt: sha256 differs",
+        "mp_rank_00_model_states.pt: xxh3_128 digest differs",
         "WARN checkpoint: step00000006: incomplete",
         "WARN resume: --resume auto takes step00000002 (skipping step00000004: failed verification)",
         "fix: restore the shard from its source",
