@@ -2,6 +2,7 @@
 recorded before anything is unpickled (single process; the multi-rank path is in the job tests)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,36 @@ def test_a_marker_written_with_sha256_digests_still_verifies_and_catches_damage(
     optimizer = newer / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optimizer.write_bytes(optimizer.read_bytes()[::-1])
     assert "sha256 digest differs" in " ".join(verification_problems(newer, ONE_RANK))
+
+
+class _WritingEngine:
+    """What checkpoint.save needs of a DeepSpeed engine: files written into the tag."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+
+
+def test_a_background_commit_is_complete_after_finish_and_its_failure_is_raised_there(tmp_path):
+    from launcher.checkpoint import POINTER, CheckpointSaveError, complete_tags, finish_commit, save
+    from launcher.config import load_config
+
+    config = load_config([Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"], [])
+    state = {"model_config": {}}
+    directory = tmp_path / "checkpoints"
+    save(_WritingEngine(), directory, 2, state, ONE_RANK, keep=3, config=config, background=True)
+    finish_commit(directory, ONE_RANK)
+    assert (
+        complete_tags(directory) == ["step00000002"]
+        and verification_problems(directory / "step00000002", ONE_RANK) == []
+    )
+    # The pointer cannot be replaced: the commit of step 4 fails on its thread and is reported at the finish.
+    (directory / POINTER).unlink()
+    (directory / POINTER).mkdir()
+    save(_WritingEngine(), directory, 4, state, ONE_RANK, keep=3, config=config, background=True)
+    with pytest.raises(
+        CheckpointSaveError, match="checkpoint step00000004 could not be written.*step00000002, is untouched"
+    ):
+        finish_commit(directory, ONE_RANK)
+    assert complete_tags(directory) == ["step00000002"] and not (directory / "step00000004").exists()
+    finish_commit(directory, ONE_RANK)  # nothing left to wait for
