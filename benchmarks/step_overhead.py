@@ -81,7 +81,9 @@ def profile(stage: int, data: Path, scratch: Path, steps: int, log_interval: int
     if "error" in run or run["returncode"] != 0:
         error = run.get("error") or f"exit {run['returncode']}"
         return {"stage": stage, "error": error, "tail": run.get("output_tail")}
-    ranks = [json.loads(path.read_text()) for path in sorted(counts.glob("rank*.json"))]
+    ranks = [json.loads(path.read_text()) for path in sorted(counts.glob("rank*-*.json"))]
+    if len(ranks) != 2:
+        return {"stage": stage, "error": f"{len(ranks)} ranks' counts, not 2", "tail": run.get("output_tail")}
     train = [r for r in run["metrics"] if r["kind"] == "train"]
     step_seconds = []
     for previous, record in zip(train, train[1:]):  # the first window (warm-up) is left out
@@ -89,8 +91,10 @@ def profile(stage: int, data: Path, scratch: Path, steps: int, log_interval: int
         step_seconds.append(window_tokens / record["tokens_per_s"] / log_interval)
     rows = [{**row, "phase": phase(row)} for row in ranks[0]]  # rank 0's; the others' are compared
 
-    def shape(rank: list[dict]) -> list[tuple]:
-        return sorted((r["kind"], r["bytes"], r["count"]) for r in rank)
+    def shape(rank: list[dict]) -> list[tuple]:  # payloads aside: pickled objects differ in size by rank
+        return sorted(
+            collections.Counter((r["kind"], r["ours"], r["deepspeed"]) for r in rank for _ in range(r["count"])).items()
+        )
 
     same_on_every_rank = all(shape(rank) == shape(ranks[0]) for rank in ranks[1:])
     return {

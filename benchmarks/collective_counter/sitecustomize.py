@@ -4,8 +4,9 @@ Active when PERFORMER_COLLECTIVES_DIR is set: each collective function of torch.
 wrapped to record its kind, its payload (bytes of the tensors it was handed), its wall time and
 where it was called from: the first frame in the project (launcher/, performer/, data/) and the
 first in DeepSpeed. A collective called inside another (all_gather_object's all_gathers) counts
-once, as the outer one. The records go to <dir>/rank<RANK>.json when the process ends, by
-os._exit too (the trainer ends that way).
+once, as the outer one. The records go to <dir>/rank<RANK>-<pid>.json when the process ends, by
+os._exit too (the trainer ends that way); processes that ran none (data loader workers, which
+inherit RANK) write nothing.
 """
 
 from __future__ import annotations
@@ -89,12 +90,14 @@ if DIRECTORY:
             setattr(dist, _kind, _wrap(_kind, getattr(dist, _kind)))
 
     def _dump() -> None:
+        if not records:
+            return
         rank = os.environ.get("RANK", "0")
         rows = [
             {"kind": k, "bytes": b, "ours": o, "deepspeed": d, "async": a, "count": c, "seconds": s}
             for (k, b, o, d, a), (c, s) in sorted(records.items(), key=lambda item: -item[1][0])
         ]
-        with open(os.path.join(DIRECTORY, f"rank{rank}.json"), "w") as handle:
+        with open(os.path.join(DIRECTORY, f"rank{rank}-{os.getpid()}.json"), "w") as handle:
             json.dump(rows, handle)
 
     _exit = os._exit
