@@ -9,7 +9,9 @@
    ("step"), every log interval ("log"), at a save ("checkpoint"), once ("setup"). The step time
    comes from the run's own train records (the first window left out).
 2. Latency: a 2-rank gloo all-reduce on this machine, payloads of 4 B to 4 MiB (median of many).
-3. Share: the small collectives (payload under 64 KiB: latency-bound) of one step, times their
+3. Share: the small collectives of one step (payload under 64 KiB, so latency-bound, and
+   synchronous: ZeRO-3's asynchronous parameter gathers are prefetched beside compute and counted
+   with the weights' traffic in scale_on_paper), times their
    measured latency, over the measured step time; and, from the latency model of
    benchmarks/scale_on_paper.py (a tree of log2 N hops at --hop-latency-us each, NCCL-like), over
    the step time that scale_on_paper projects for its `large` model at 64 / 512 / 4,096 GPUs.
@@ -194,7 +196,7 @@ def shares(records: list[dict], latency: dict[int, float]) -> list[dict]:
     for record in records:
         if "error" in record:
             continue
-        small = [row for row in per_step(record) if row["bytes"] < SMALL_BYTES]
+        small = [row for row in per_step(record) if row["bytes"] < SMALL_BYTES and not row["async"]]
         count = sum(row["per_step"] for row in small)
         modelled = sum(row["per_step"] * latency_at(latency, max(row["bytes"], 4)) for row in small)
         row = {

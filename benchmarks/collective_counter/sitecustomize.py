@@ -43,6 +43,8 @@ if DIRECTORY:
         "monitored_barrier",
     )
     PROJECT = tuple(os.sep + part + os.sep for part in ("launcher", "performer", "data", "benchmarks"))
+    # Thin wrappers that say nothing about who asked: DeepSpeed's comm layer, our dist helpers, this file.
+    WRAPPERS = (f"deepspeed{os.sep}comm{os.sep}", f"launcher{os.sep}dist.py", "collective_counter")
     records: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     local = threading.local()
 
@@ -58,9 +60,9 @@ if DIRECTORY:
         frame = sys._getframe(2)
         while frame is not None and not (ours and deepspeed):
             name = frame.f_code.co_filename
-            if not deepspeed and f"{os.sep}deepspeed{os.sep}" in name:
+            if not deepspeed and f"{os.sep}deepspeed{os.sep}" in name and WRAPPERS[0] not in name:
                 deepspeed = f"{name.rsplit(os.sep + 'deepspeed' + os.sep, 1)[1]}:{frame.f_code.co_name}"
-            elif not ours and any(part in name for part in PROJECT) and "collective_counter" not in name:
+            elif not ours and any(part in name for part in PROJECT) and not any(w in name for w in WRAPPERS[1:]):
                 module = name.rsplit(os.sep, 2)
                 ours = f"{module[-2]}/{module[-1]}:{frame.f_code.co_name}"
             frame = frame.f_back
