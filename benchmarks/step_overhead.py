@@ -11,7 +11,7 @@
 2. Latency: a 2-rank gloo all-reduce on this machine, payloads of 4 B to 4 MiB (median of many).
 3. Share: the small collectives of one step (payload under 64 KiB, so latency-bound, and
    synchronous: ZeRO-3's asynchronous parameter gathers are prefetched beside compute and counted
-   with the weights' traffic in scale_on_paper), times their
+   with the weights' traffic in scale_on_paper; a group of one rank reaches nobody), times their
    measured latency, over the measured step time; and, from the latency model of
    benchmarks/scale_on_paper.py (a tree of log2 N hops at --hop-latency-us each, NCCL-like), over
    the step time that scale_on_paper projects for its `large` model at 64 / 512 / 4,096 GPUs.
@@ -116,12 +116,12 @@ def per_step(record: dict) -> list[dict]:
         if row["phase"] != "step":
             continue
         site = row["deepspeed"] or row["ours"]
-        key = (row["kind"], row["bytes"], site, row["async"])
+        key = (row["kind"], row["bytes"], site, row["async"], row["ranks"])
         grouped[key][0] += row["count"] / record["steps"]
         grouped[key][1] += row["seconds"] / record["steps"]
     return [
-        {"kind": k, "bytes": b, "site": s, "async": a, "per_step": c, "seconds_per_step": t}
-        for (k, b, s, a), (c, t) in sorted(grouped.items(), key=lambda item: (-item[1][0], item[0][1]))
+        {"kind": k, "bytes": b, "site": s, "async": a, "ranks": n, "per_step": c, "seconds_per_step": t}
+        for (k, b, s, a, n), (c, t) in sorted(grouped.items(), key=lambda item: (-item[1][0], item[0][1]))
     ]
 
 
@@ -196,7 +196,11 @@ def shares(records: list[dict], latency: dict[int, float]) -> list[dict]:
     for record in records:
         if "error" in record:
             continue
-        small = [row for row in per_step(record) if row["bytes"] < SMALL_BYTES and not row["async"]]
+        small = [
+            row
+            for row in per_step(record)
+            if row["bytes"] < SMALL_BYTES and not row["async"] and row["ranks"] > 1  # a group of one is local
+        ]
         count = sum(row["per_step"] for row in small)
         modelled = sum(row["per_step"] * latency_at(latency, max(row["bytes"], 4)) for row in small)
         row = {
@@ -235,7 +239,7 @@ def collectives_table(results: dict) -> str:
             continue
         rows = [
             [
-                row["kind"] + (" (async)" if row["async"] else ""),
+                row["kind"] + (" (async)" if row["async"] else "") + (" (group of 1)" if row["ranks"] == 1 else ""),
                 size_text(row["bytes"]),
                 row["site"],
                 f"{row['per_step']:g}",

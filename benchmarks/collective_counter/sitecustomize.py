@@ -55,6 +55,13 @@ if DIRECTORY:
             total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
         return total
 
+    def _ranks(group) -> int:
+        """The ranks the collective spans (a group of one rank reaches nobody)."""
+        try:
+            return dist.get_world_size(group)
+        except Exception:  # noqa: BLE001 - a group this process is not in, or no process group yet
+            return 0
+
     def _sites() -> tuple[str, str]:
         ours = deepspeed = ""
         frame = sys._getframe(2)
@@ -80,7 +87,8 @@ if DIRECTORY:
                 elapsed = time.perf_counter() - started
                 local.inside = False
                 ours, deepspeed = _sites()
-                record = records[(kind, _payload(arguments, keywords), ours, deepspeed, bool(keywords.get("async_op")))]
+                payload, asynchronous = _payload(arguments, keywords), bool(keywords.get("async_op"))
+                record = records[(kind, payload, ours, deepspeed, asynchronous, _ranks(keywords.get("group")))]
                 record[0] += 1
                 record[1] += elapsed
 
@@ -96,8 +104,8 @@ if DIRECTORY:
             return
         rank = os.environ.get("RANK", "0")
         rows = [
-            {"kind": k, "bytes": b, "ours": o, "deepspeed": d, "async": a, "count": c, "seconds": s}
-            for (k, b, o, d, a), (c, s) in sorted(records.items(), key=lambda item: -item[1][0])
+            {"kind": k, "bytes": b, "ours": o, "deepspeed": d, "async": a, "ranks": n, "count": c, "seconds": s}
+            for (k, b, o, d, a, n), (c, s) in sorted(records.items(), key=lambda item: -item[1][0])
         ]
         with open(os.path.join(DIRECTORY, f"rank{rank}-{os.getpid()}.json"), "w") as handle:
             json.dump(rows, handle)
