@@ -31,7 +31,7 @@ setup: $(VENV)/.installed
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 $(DATA)/train/manifest.json: | setup
 	$(VENV)/bin/performer data prepare --source stdlib --out $(DATA)

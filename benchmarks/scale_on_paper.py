@@ -1,4 +1,4 @@
-"""Scale on paper: the largest model per 80 GB GPU at each ZeRO stage, and `large`'s step time at 8-512 GPUs.
+"""Scale on paper: the largest model per 80 GB GPU at each ZeRO stage, and `large`'s step time at 8-4,096 GPUs.
 
     python benchmarks/scale_on_paper.py       # pure computation from committed measurements, seconds
 
@@ -8,7 +8,10 @@ No training. Inputs, all measured and committed:
 * benchmarks/results/model_step-gpu.json: an H200 run of the `medium` seq2seq (bf16 autocast,
   FAVOR+, batch 1, encoder L / decoder L/4): tokens/s, peak memory, the dense bf16 matmul rate
   and hence MFU;
-* benchmarks/results/attention-gpu.json: FAVOR+ vs SDPA on the same GPU (for the attention's share).
+* benchmarks/results/attention-gpu.json: FAVOR+ vs SDPA on the same GPU (for the attention's share);
+* benchmarks/results/step_overhead.json: the small (latency-bound) collectives of one optimizer
+  step, counted per ZeRO stage on the real trainer (the control plane's per-step cost);
+* benchmarks/results/checkpoint_io.json: what hashing adds to DeepSpeed's checkpoint write.
 
 Every assumption the projection rests on is a named constant or option below and is printed in
 the markdown output beside the tables. Writes benchmarks/results/<name>.json and <name>.md.
@@ -197,6 +200,50 @@ def offload_seconds(parameters: int, gpus: int, args) -> float:
     return partition * 8 / (args.pcie_gbs * 1e9) + partition / args.host_adam_params_per_s
 
 
+def small_collectives_per_step(path: Path) -> dict[str, float]:
+    """The latency-bound collectives of one optimizer step per ZeRO stage (step_overhead.json): our
+    non-finite / stop all-reduce and DeepSpeed's own (gradient norm, overflow), which do not grow
+    with the model."""
+    shares = json.loads(path.read_text())["shares"]
+    return {f"zero{row['stage']}": row["small_per_step"] for row in shares}
+
+
+def hashing_overhead(path: Path) -> float:
+    """What a save with hashing costs over DeepSpeed's own write, at the largest checkpoint measured
+    (checkpoint_io.json; the larger of the stages), never below 0."""
+    records = [r for r in json.loads(path.read_text())["records"] if "error" not in r]
+    largest = max(r["checkpoint_bytes"] for r in records)
+    near = [r for r in records if r["checkpoint_bytes"] >= largest / 2]
+    return max(0.0, max(r["median_s"]["hashed_writes"] / r["median_s"]["ds_write"] - 1 for r in near))
+
+
+def checkpoint_seconds(stage: str, parameters: int, gpus: int, hashing: float, args) -> dict[str, float]:
+    """A checkpoint of `large` at N GPUs: bf16 weights (2 bytes per parameter) and fp32 master + Adam
+    moments (12), as DeepSpeed lays them out. ZeRO-0: rank 0 writes everything; ZeRO-1/2: rank 0
+    writes the whole weights file, every rank its optimizer partition; ZeRO-3: every rank its
+    partition of both. A save takes the longer of rank 0's share over one GPU's part of its node's
+    storage bandwidth and the whole over the filesystem's (the nodes' sum, capped by the aggregate),
+    plus the measured hashing overhead. A resume reads every file once to verify it (round-robin over
+    the ranks) and DeepSpeed's load reads the weights file on every rank at ZeRO 0-2 (the optimizer
+    partition each), at the same bandwidths."""
+    weights, optimizer = 2.0 * parameters, 12.0 * parameters
+    total = weights + optimizer
+    if stage == "zero0":
+        rank0 = total
+    elif stage.startswith("zero3"):
+        rank0 = total / gpus
+    else:
+        rank0 = weights + optimizer / gpus
+    per_gpu = args.storage_gbs_per_node * 1e9 / min(gpus, args.gpus_per_node)
+    nodes = math.ceil(gpus / args.gpus_per_node)
+    aggregate = min(nodes * args.storage_gbs_per_node, args.storage_aggregate_gbs) * 1e9
+    save = max(rank0 / per_gpu, total / aggregate) * (1 + hashing)
+    loaded = total if stage == "zero0" or stage.startswith("zero3") else gpus * weights + optimizer
+    rank0_loaded = rank0 if stage == "zero0" or stage.startswith("zero3") else weights + optimizer / gpus
+    resume = total / aggregate + max(rank0_loaded / per_gpu, loaded / aggregate)
+    return {"checkpoint_bytes": total, "save_s": save, "resume_s": resume, "resume_bytes_read": total + loaded}
+
+
 def favor_seconds_per_token_head(attention: dict) -> dict[str, float]:
     """Our fused FAVOR+ op's forward + backward time per (token x head), bidirectional and causal,
     at the longest length measured on the GPU (attention-gpu.json, M=256, D=64), where the op is
@@ -296,6 +343,8 @@ def compute(args) -> dict:
     favor_s = favor_step_seconds(
         favor_rates, args.micro_batch, args.input_length, target, large, args.large_checkpointing
     )
+    small_per_step = small_collectives_per_step(ROOT / args.step_overhead)
+    hashing = hashing_overhead(ROOT / args.checkpoint_io)
     projections = []
     for stage in STAGES:
         if stage not in per_parameter:
@@ -315,6 +364,12 @@ def compute(args) -> dict:
                 row[f"step_s_{name}"] = compute_s + communication  # the trainer sets overlap_comm=False
                 row[f"step_s_{name}_overlapped"] = max(compute_s, communication)
                 row[f"tokens_per_s_{name}"] = tokens_per_micro * gpus / row[f"step_s_{name}"]
+            small = small_per_step[stage.split("-")[0]]
+            row["control_collectives"] = small
+            row["control_s"] = small * args.hop_latency_us * 1e-6 * math.log2(max(gpus, 2))
+            row.update(checkpoint_seconds(stage, large_parameters, gpus, hashing, args))
+            row["checkpoint_amortized_s"] = row["save_s"] * row["step_s_assumed"] / args.checkpoint_every_s
+            row["step_s_assumed_all_in"] = row["step_s_assumed"] + row["control_s"] + row["checkpoint_amortized_s"]
             projections.append(row)
     return {
         "settings": {key: getattr(args, key) for key in vars(args)},
@@ -327,6 +382,8 @@ def compute(args) -> dict:
             "gemm_flop_rate": peak,
             "favor_seconds_per_token_head": favor_rates,
             "zero_memory_measured_parameters": zero_memory["counts"]["parameters"],
+            "small_collectives_per_step": small_per_step,
+            "checkpoint_hashing_overhead": hashing,
         },
         "large": {
             "parameters": large_parameters,
@@ -445,6 +502,10 @@ def markdown(results: dict) -> str:
         )
     )
 
+    lines.append(
+        "\n## Control plane and checkpoints at scale (`large`, the assumed-MFU step)\n\n" + control_table(results)
+    )
+
     mfu_points = ", ".join(f"{int(t):,} tokens/step: {m:.1%}" for t, m in inputs["mfu_by_tokens_per_step"].items())
     acts = ", ".join(
         f"L={length}: {value:.1f}" for length, value in inputs["activation_bytes_per_token_layer_width"].items()
@@ -500,6 +561,16 @@ def markdown(results: dict) -> str:
         f"{s['hop_latency_us']:.0f} us x log2 N hops per collective, {s['collectives_zero012']} collectives per "
         f"step for ZeRO 0-2 (gradient buckets), {s['collectives_zero3']} for ZeRO-3 (a gather per module and "
         f"pass, 24 layers x 3 modules x 3 passes, coalesced by DeepSpeed's prefetch buckets).",
+        "- Control plane: the small collectives of a step (step_overhead.json: "
+        + ", ".join(f"{stage} {count:g}" for stage, count in inputs["small_collectives_per_step"].items())
+        + f") at {s['hop_latency_us']:.0f} us x log2 N each, in the step (they sit between its phases); the "
+        "store behind rendezvous and the hang watchdog takes one blocking wait per rank for the whole job "
+        "(store_load.json), nothing per step.",
+        f"- Checkpoints: every {s['checkpoint_every_s'] / 60:.0f} minutes of training, amortized over the steps "
+        f"between; storage at {s['storage_gbs_per_node']:.0f} GB/s per node (shared by its GPUs), "
+        f"{s['storage_aggregate_gbs']:.0f} GB/s for the whole filesystem, the same for reads; hashing adds "
+        f"{inputs['checkpoint_hashing_overhead']:.1%} to DeepSpeed's write (checkpoint_io.json, largest size). "
+        "A resume verifies every file (one read) and loads; at ZeRO 0-2 every rank reads the whole weights file.",
         "- Step time = compute + communication: the trainer sets overlap_comm=False (launcher/ds_config.py); "
         "the 'comm overlapped' column is max(compute, communication), the bound with overlap. Weak scaling: "
         "the global batch grows with the GPUs (micro batch per GPU fixed, grad_accum 1).",
@@ -509,13 +580,37 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def control_table(results: dict) -> str:
+    """Per stage and GPUs: the control plane's and the checkpoints' share of a step, and a resume."""
+    rows = []
+    for row in results["projections"]:
+        if row["stage"] not in ("zero0", "zero1", "zero2", "zero3"):
+            continue
+        step = row["step_s_assumed"]
+        rows.append(
+            [
+                row["stage"],
+                f"{row['gpus']:,}",
+                common.seconds(step),
+                f"{row['control_collectives']:g} x {common.seconds(row['control_s'] / row['control_collectives'])} = "
+                f"{common.seconds(row['control_s'])} ({row['control_s'] / step:.2%})",
+                f"{row['checkpoint_bytes'] / 1e9:.1f} GB in {common.seconds(row['save_s'])}",
+                f"{common.seconds(row['checkpoint_amortized_s'])} ({row['checkpoint_amortized_s'] / step:.2%})",
+                common.seconds(row["resume_s"]),
+                common.seconds(row["step_s_assumed_all_in"]),
+            ]
+        )
+    header = ["ZeRO", "GPUs", "step", "small collectives", "checkpoint", "per step", "resume", "step, all in"]
+    return common.table(header, rows, "lrrrrrrr")
+
+
 def parser() -> argparse.ArgumentParser:
     """The options (every assumption) with their defaults; benchmarks/step_overhead.py projects with them too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zero-memory", default="benchmarks/results/zero_memory.json")
     parser.add_argument("--model-step", default="benchmarks/results/model_step-gpu.json")
     parser.add_argument("--attention", default="benchmarks/results/attention-gpu.json")
-    parser.add_argument("--gpus", type=lambda text: [int(n) for n in text.split(",")], default=[8, 64, 512])
+    parser.add_argument("--gpus", type=lambda text: [int(n) for n in text.split(",")], default=[8, 64, 512, 4096])
     parser.add_argument("--gpu-gib", type=float, default=80.0)
     parser.add_argument("--reserve-fraction", type=float, default=0.10)
     parser.add_argument("--runtime-gib", type=float, default=1.5, help="CUDA context, NCCL buffers")
@@ -536,6 +631,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--host-adam-params-per-s", type=float, default=3e8, help="host AdamW rate per GPU")
     parser.add_argument("--collectives-zero012", type=int, default=10)
     parser.add_argument("--collectives-zero3", type=int, default=216)
+    parser.add_argument("--step-overhead", default="benchmarks/results/step_overhead.json")
+    parser.add_argument("--checkpoint-io", default="benchmarks/results/checkpoint_io.json")
+    parser.add_argument("--checkpoint-every-s", type=float, default=1800.0, help="seconds of training between saves")
+    parser.add_argument("--storage-gbs-per-node", type=float, default=5.0, help="a node's write (and read) rate")
+    parser.add_argument("--storage-aggregate-gbs", type=float, default=500.0, help="the filesystem's, all nodes")
     parser.add_argument("--name", default="scale_on_paper")
     return parser
 

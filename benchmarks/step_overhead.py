@@ -60,8 +60,11 @@ def phase(row: dict) -> str:
     return "setup"
 
 
-def profile(stage: int, data: Path, scratch: Path, steps: int, log_interval: int, timeout_s: float) -> dict:
-    counts = scratch / f"counts-zero{stage}"
+def profile(
+    stage: int, data: Path, scratch: Path, steps: int, log_interval: int, timeout_s: float, overlap: bool = False
+) -> dict:
+    name = f"zero{stage}" + ("-overlap" if overlap else "")
+    counts = scratch / f"counts-{name}"
     shutil.rmtree(counts, ignore_errors=True)
     counts.mkdir(parents=True)
     python_path = os.pathsep.join(filter(None, [str(COUNTER), str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -73,8 +76,9 @@ def profile(stage: int, data: Path, scratch: Path, steps: int, log_interval: int
             f"train.max_steps={steps}",
             f"log.interval={log_interval}",
             "train.micro_batch_size=8",
+            *(["zero.overlap_comm=true"] if overlap else []),
         ],
-        scratch / f"run-zero{stage}",
+        scratch / f"run-{name}",
         ranks=2,
         threads_per_rank=1,
         timeout_s=timeout_s,
@@ -82,10 +86,11 @@ def profile(stage: int, data: Path, scratch: Path, steps: int, log_interval: int
     )
     if "error" in run or run["returncode"] != 0:
         error = run.get("error") or f"exit {run['returncode']}"
-        return {"stage": stage, "error": error, "tail": run.get("output_tail")}
+        return {"stage": stage, "overlap_comm": overlap, "error": error, "tail": run.get("output_tail")}
     ranks = [json.loads(path.read_text()) for path in sorted(counts.glob("rank*-*.json"))]
     if len(ranks) != 2:
-        return {"stage": stage, "error": f"{len(ranks)} ranks' counts, not 2", "tail": run.get("output_tail")}
+        error = f"{len(ranks)} ranks' counts, not 2"
+        return {"stage": stage, "overlap_comm": overlap, "error": error, "tail": run.get("output_tail")}
     train = [r for r in run["metrics"] if r["kind"] == "train"]
     step_seconds = []
     for previous, record in zip(train, train[1:]):  # the first window (warm-up) is left out
@@ -101,6 +106,7 @@ def profile(stage: int, data: Path, scratch: Path, steps: int, log_interval: int
     same_on_every_rank = all(shape(rank) == shape(ranks[0]) for rank in ranks[1:])
     return {
         "stage": stage,
+        "overlap_comm": overlap,
         "steps": steps,
         "log_interval": log_interval,
         "step_s": statistics.median(step_seconds),
@@ -194,7 +200,7 @@ def shares(records: list[dict], latency: dict[int, float]) -> list[dict]:
     projected = scale_on_paper.compute(arguments)["projections"]
     out = []
     for record in records:
-        if "error" in record:
+        if "error" in record or record.get("overlap_comm"):
             continue
         small = [
             row
@@ -234,6 +240,8 @@ def size_text(payload: int) -> str:
 def collectives_table(results: dict) -> str:
     lines = []
     for record in results["records"]:
+        if record.get("overlap_comm"):
+            continue
         if "error" in record:
             lines.append(f"ZeRO-{record['stage']}: {record['error']}\n")
             continue
@@ -282,11 +290,26 @@ def latency_table(results: dict) -> str:
     return common.table(["payload", "all-reduce, 2 ranks (gloo)"], rows, "lr")
 
 
+def overlap_table(results: dict) -> str:
+    """Step time with DeepSpeed's overlap_comm off (the default) and on, per stage measured both ways."""
+    by_stage = collections.defaultdict(dict)
+    for record in results["records"]:
+        if "error" not in record:
+            by_stage[record["stage"]][bool(record.get("overlap_comm"))] = record["step_s"]
+    rows = [
+        [f"ZeRO-{stage}", common.seconds(off), common.seconds(on), f"{on / off:.3f}"]
+        for stage, (off, on) in sorted((stage, (t[False], t[True])) for stage, t in by_stage.items() if len(t) == 2)
+    ]
+    return common.table(["stage", "overlap_comm off", "on", "on / off"], rows, "lrrr")
+
+
 def markdown(results: dict) -> str:
+    overlap = overlap_table(results)
     return (
         "# Per-step overhead\n\n"
         "## Small collectives' share of the step\n\n"
         + share_table(results)
+        + ("\n## overlap_comm (2 CPU ranks, tiny config)\n\n" + overlap if overlap.count("\n") > 2 else "")
         + "\n## Every collective of an optimizer step (2 CPU ranks, tiny config, rank 0)\n\n"
         + collectives_table(results)
         + "\n## Latency on this machine\n\n"
@@ -300,6 +323,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--log-interval", type=int, default=4)
     parser.add_argument("--stages", default=",".join(map(str, STAGES)))
+    parser.add_argument("--overlap-stages", default="2,3", help="stages also run with zero.overlap_comm=true")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--name", default="step_overhead")
     args = parser.parse_args()
@@ -309,6 +333,10 @@ def main() -> None:
     records = []
     for stage in (int(stage) for stage in args.stages.split(",")):
         record = profile(stage, args.data, scratch, args.steps, args.log_interval, args.timeout)
+        print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
+        records.append(record)
+    for stage in (int(stage) for stage in filter(None, args.overlap_stages.split(","))):
+        record = profile(stage, args.data, scratch, args.steps, args.log_interval, args.timeout, overlap=True)
         print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
         records.append(record)
     results = {

@@ -17,7 +17,8 @@ clients), the server process's CPU (its /proc stat; the share of one core), and 
 store operation sees meanwhile (a set and a get by another client every 10 ms: median and 99th
 percentile); then the time from the abort until the last rank noticed it, and the rendezvous time.
 The rendezvous time runs from the last simulated rank's start (its process's imports done) to
-the last arrival: each rank's connections (two with the waiting watchdog) and its `add`.
+the last arrival: each rank's connection and its `add` (the waiting watchdog's second connection
+comes after, on its own thread).
 All processes share this machine's cores, so the server's CPU and the latencies include the
 clients' contention: compare the two watchdogs at the same N.
 
@@ -83,9 +84,11 @@ def ranks(port: int, count: int, mode: str) -> None:
     def rank(i: int) -> None:
         started_at = time.time()
         store = client(port)
-        own = client(port) if mode == "wait" else None  # the watchdog's client of its own, made at start-up
         store.add("rendezvous/arrived", 1)
         store.wait(["rendezvous/go"])
+        # The watchdog's client of its own connects on the watchdog's thread once training starts,
+        # after the rendezvous (as launcher.dist.PeerAbortWatchdog does).
+        own = client(port) if mode == "wait" else None
         requests = 0
         if mode == "poll":
             while True:

@@ -216,6 +216,11 @@ class ZeroSection:
         "Stage 3: parameters with fewer elements stay whole on every rank instead of partitioned "
         "(stage3_param_persistence_threshold); null = DeepSpeed's 1e5."
     )
+    overlap_comm: bool = False
+    (
+        "Stages 1-3: reduce gradients while the backward runs (DeepSpeed's overlap_comm), at the cost of buffers of "
+        "about 4.5x bucket_elements; off: on CPU ranks it measured no faster (benchmarks/step_overhead.py)."
+    )
 
 
 @dataclass

@@ -197,7 +197,8 @@ class PeerAbortWatchdog:
     The wait is one blocking request per rank, answered by rank 0's store when the flag is set
     (`benchmarks/store_load.py`): rank 0's load does not grow with a polling rate times the number
     of ranks. It runs on a client of its own, because a TCPStore client serves one request at a
-    time and a blocked wait would stall the process group's own store requests. The wait is
+    time and a blocked wait would stall the process group's own store requests; that client
+    connects on the watchdog's thread, so a rank's start-up waits for one connection, not two. The wait is
     renewed every `renew_s` (an expired wait checks that the store still answers), so a rank 0
     whose host vanished without closing its connections is noticed within that time.
     """
@@ -217,9 +218,11 @@ class PeerAbortWatchdog:
         self.rank, self.timeout_s, self.exit_code, self.poll_s = rank, timeout_s, exit_code, poll_s
         self.renew_s = renew_s
         self._step: int | None = None
-        self._client = self._own_client(store or _rendezvous_tcp_store(_default_store()), timeout_s)
-        if self._client is not None:
-            threading.Thread(target=self._watch, name="peer-abort-watchdog", daemon=True).start()
+        self._client = None
+        self.connected = threading.Event()  # set once the watchdog's own client reaches the store
+        server = store or _rendezvous_tcp_store(_default_store())
+        if server is not None:  # connected on the thread: start-up does not wait for a second connection
+            threading.Thread(target=self._watch, args=(server,), name="peer-abort-watchdog", daemon=True).start()
 
     @staticmethod
     def _own_client(store, timeout_s: float):
@@ -235,9 +238,11 @@ class PeerAbortWatchdog:
     def disarm(self) -> None:
         self._step = None
 
-    def _wait_for_abort(self) -> str:
+    def _wait_for_abort(self, server) -> str:
         """Block until a rank posts the abort flag (its reason) or the store is gone."""
         try:
+            self._client = self._own_client(server, self.timeout_s)
+            self.connected.set()
             while True:
                 try:
                     self._client.wait([ABORT_KEY], datetime.timedelta(seconds=self.renew_s))
@@ -247,8 +252,8 @@ class PeerAbortWatchdog:
         except Exception as error:  # noqa: BLE001 - any failure to reach the store means rank 0 is gone
             return f"rank 0, which hosts the rendezvous store, is gone ({type(error).__name__})"
 
-    def _watch(self) -> None:
-        reason = self._wait_for_abort()
+    def _watch(self, server) -> None:
+        reason = self._wait_for_abort(server)
         if reason.startswith(f"rank {self.rank}: "):
             return  # this rank gave up itself: its own error path reports and exits
         while (step := self._step) is None:  # act only inside a step: between steps the loop decides
@@ -296,12 +301,12 @@ def broadcast_int(value: int, source: int = 0) -> int:
     return int(tensor.item())
 
 
-def all_agree(flag: bool, op=torch_dist.ReduceOp.MAX) -> bool:
-    """Combine a boolean over ranks: MAX = any rank says yes, MIN = every rank says yes."""
-    tensor = torch.tensor([int(flag)], dtype=torch.int64)
+def any_rank(flags: list[bool]) -> list[bool]:
+    """For each flag, whether any rank set it: one all-reduce however many flags."""
+    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64)
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(tensor, op=op)
-    return bool(tensor.item())
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
 
 
 def all_mean(values: list[float]) -> list[float]:

@@ -43,7 +43,7 @@ def global_batch_size(config: RunConfig, data_parallel_size: int) -> int:
 def _zero_section(config: RunConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": config.zero.stage}
     if config.zero.stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero.update(overlap_comm=config.zero.overlap_comm, contiguous_gradients=True)
     if config.zero.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if config.zero.offload == "all":

@@ -68,7 +68,7 @@ def report_bad_shards(metrics: MetricsLogger, step: int, split: str, stream) -> 
 
 def report_lost_documents(metrics: MetricsLogger, step: int, stream, reported: dict, new_anywhere: bool) -> None:
     """Gather the documents the ranks found unreadable since the last report (only when one did:
-    the count rides on the log interval's all-reduce) and log each once; `reported` stays the same
+    whether one did rides on the log interval's gather) and log each once; `reported` stays the same
     on every rank."""
     from data.stream import documents_phrase
 

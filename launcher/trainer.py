@@ -24,7 +24,7 @@ import torch
 
 from launcher import checkpoint
 from launcher.config import RunConfig, save_config
-from launcher.dist import PeerAbortWatchdog, Topology, all_agree, all_mean, barrier, broadcast_int, gather_objects
+from launcher.dist import PeerAbortWatchdog, Topology, all_mean, any_rank, barrier, broadcast_int, gather_objects
 from launcher.engine import build_engine, build_model_config, flops_per_micro_batch
 from launcher.errors import EXIT_FAILED
 from launcher.faults import Faults
@@ -98,6 +98,7 @@ class Run:
     held: dict | None = None  # model-state bytes of the step being logged
     watchdog: PeerAbortWatchdog | None = None
     started_at: float = field(default_factory=time.monotonic)
+    stop_after_step: bool = False  # agreed by every rank at the step's last micro-step
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -289,11 +290,15 @@ def micro_step(run: Run, batches: Iterator[dict]) -> bool:
     loss = engine(**batch).loss
     run.attempts += 1
     loss = run.faults.corrupt_loss(loss, run.attempts)
-    if not all_agree(bool(torch.isfinite(loss)), op=torch.distributed.ReduceOp.MIN):
+    boundary = engine.is_gradient_accumulation_boundary()
+    # One small all-reduce per micro-step carries both flags: whether any rank's loss is not
+    # finite and, at a step's last micro-step, whether any rank must stop after the step.
+    nonfinite, stop = any_rank([not bool(torch.isfinite(loss)), boundary and _wants_to_stop(run)])
+    if nonfinite:
         _skip_nonfinite(run)
         return False
+    run.stop_after_step = stop
     run.consecutive_nonfinite = 0
-    boundary = engine.is_gradient_accumulation_boundary()
     engine.backward(loss)
     if boundary:
         step = engine.global_steps + 1
@@ -313,6 +318,12 @@ def micro_step(run: Run, batches: Iterator[dict]) -> bool:
     run.window.tokens += batch_tokens(batch)
     run.progress.samples += batch["input_ids"].shape[0] * run.topology.world_size
     return boundary
+
+
+def _wants_to_stop(run: Run) -> bool:
+    """A stop signal arrived, or the time budget is spent (this rank's view)."""
+    budget = run.config.train.time_budget_s
+    return bool(run.progress.stop_requested) or (budget is not None and time.monotonic() - run.started_at > budget)
 
 
 def _skip_nonfinite(run: Run) -> None:
@@ -343,9 +354,7 @@ def at_boundary(run: Run) -> bool:
         run.metrics.log("eval", step, evaluate(run.engine, run.eval_stream, run.eval_start, config.eval.batches))
     if step % config.checkpoint.interval == 0 or last:
         run.save(background=True)  # finished by the next save, or before the run ends
-    budget = config.train.time_budget_s
-    over_budget = budget is not None and time.monotonic() - run.started_at > budget
-    if all_agree(bool(run.progress.stop_requested) or over_budget) and not last:
+    if run.stop_after_step and not last:
         if run.last_saved_step != step:
             run.save()
         run.finish_saves()
@@ -371,11 +380,14 @@ def log_window(run: Run, step: int) -> None:
     engine, stream, window, progress = run.engine, run.stream, run.window, run.progress
     elapsed = time.perf_counter() - window.started
     new_lost = sum(key not in run.reported_lost for key in stream.lost_documents)
-    # One all-reduce for the loss, the tokens and whether any rank lost documents.
-    mean_loss, tokens, new_lost = all_mean([window.loss / max(window.micro, 1), window.tokens, new_lost])
-    report_lost_documents(run.metrics, step, stream, run.reported_lost, new_lost > 0)
+    # One gather per log interval: each rank's mean loss, tokens, whether it lost documents, memory.
+    mine = {"loss": window.loss / max(window.micro, 1), "tokens": window.tokens, "new_lost": new_lost}
+    ranks = gather_objects({**mine, "memory": memory_of_rank(run.held)})
     world_size = run.topology.world_size
-    progress.tokens += int(tokens * world_size)
+    mean_loss = sum(rank["loss"] for rank in ranks) / world_size
+    report_lost_documents(run.metrics, step, stream, run.reported_lost, any(rank["new_lost"] for rank in ranks))
+    all_tokens = sum(rank["tokens"] for rank in ranks)
+    progress.tokens += all_tokens
     grad_norm = engine.get_global_grad_norm()
     fp16 = run.config.precision == "fp16"
     run.metrics.log(
@@ -386,7 +398,7 @@ def log_window(run: Run, step: int) -> None:
             "lr": run.step_lr,  # the rate this step used
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if fp16 else 1.0,
-            "tokens_per_s": tokens * world_size / elapsed,
+            "tokens_per_s": all_tokens / elapsed,
             "mfu": run.micro_batch_flops * window.micro / elapsed / run.peak_flops,
             "data_wait_fraction": window.wait / elapsed,
             "skipped_steps": progress.skipped_nonfinite + int(getattr(engine, "skipped_steps", 0)),
@@ -396,7 +408,7 @@ def log_window(run: Run, step: int) -> None:
             **source_tokens(stream),
         },
     )
-    log_memory(run.metrics, step, run.held)
+    log_memory(run.metrics, step, [rank["memory"] for rank in ranks])
     run.window = MetricsWindow()
 
 
@@ -421,12 +433,15 @@ def evaluate(engine, stream, start_state: dict, batches: int) -> dict[str, float
     return {"loss": mean_loss, "perplexity": float(torch.tensor(mean_loss).exp())}
 
 
-def log_memory(metrics: MetricsLogger, step: int, held: dict[str, int] | None) -> None:
-    """One "memory" record per log interval: each rank's model-state bytes by role (taken after the
-    backward of this step, before the optimizer step), resident set and peak resident set; the
-    maxima over ranks as scalars. One gather of a few integers per rank."""
-    mine = {**(held or {}), "rss_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes()}
-    ranks = gather_objects(mine)
+def memory_of_rank(held: dict[str, int] | None) -> dict[str, int]:
+    """This rank's model-state bytes by role (taken after the backward of the logged step, before
+    the optimizer step), resident set and peak resident set."""
+    return {**(held or {}), "rss_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes()}
+
+
+def log_memory(metrics: MetricsLogger, step: int, ranks: list[dict[str, int]]) -> None:
+    """One "memory" record per log interval: every rank's `memory_of_rank` (gathered with the
+    interval's loss and tokens) and the maxima over ranks as scalars."""
     metrics.log(
         "memory",
         step,

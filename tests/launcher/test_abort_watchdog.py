@@ -28,6 +28,7 @@ RANK = textwrap.dedent(
     port = int(sys.argv[1])
     store = torch_dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=10))
     watchdog = PeerAbortWatchdog(rank=1, timeout_s=10, exit_code=7, poll_s=0.05, store=store)
+    assert watchdog.connected.wait(10)  # (its client connects on its thread)
     print("ready", flush=True)
     for line in sys.stdin:  # "arm" arms step 3, "disarm" disarms
         if line.strip() == "arm":
