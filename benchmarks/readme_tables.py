@@ -578,6 +578,30 @@ def store_load_table(r: Results) -> str:
     return store_load.table(r["store_load"])
 
 
+def step_overhead_table(r: Results) -> str:
+    """The small collectives of a step before and after the fold, and overlap_comm on and off."""
+    from benchmarks import step_overhead
+
+    results = r["step_overhead"]
+    text = step_overhead.comparison_table(results, r["step_overhead-before"])
+    overlap = step_overhead.overlap_table(results)
+    return text + "\nStep time with DeepSpeed's overlap_comm (2 CPU ranks, tiny config):\n\n" + overlap
+
+
+def checkpoint_io_table(r: Results) -> str:
+    """Saves and resumes at 0.1-4 GB: DeepSpeed's write against the save before and now."""
+    from benchmarks import checkpoint_io
+
+    return checkpoint_io.table(r["checkpoint_io"])
+
+
+def scale_control_table(r: Results) -> str:
+    """The control plane's and the checkpoints' share of `large`'s step at 8-4,096 GPUs."""
+    from benchmarks import scale_on_paper
+
+    return scale_on_paper.control_table(r["scale_on_paper"])
+
+
 def tokenizer_parity_table(r: Results) -> str:
     """The export's fast tokenizer against SentencePiece, scores unrounded and rounded."""
     from benchmarks import tokenizer_parity
@@ -607,6 +631,9 @@ BLOCKS = {
     "data_plan": Block(("data_plan",), data_plan_table),
     "store_load": Block(("store_load",), store_load_table),
     "tokenizer_parity": Block(("tokenizer_parity",), tokenizer_parity_table),
+    "step_overhead": Block(("step_overhead", "step_overhead-before"), step_overhead_table),
+    "checkpoint_io": Block(("checkpoint_io",), checkpoint_io_table),
+    "scale_control": Block(("scale_on_paper",), scale_control_table),
 }
 
 
@@ -1087,7 +1114,7 @@ FIGURES: list[Figure] = [
         _scale_fits,
     ),
     Figure(
-        "step time at 8 / 64 / 512 GPUs ({}-{} ms at an assumed {}% dense MFU, of which {} ms are our float32 "
+        "step time at 8 / 64 / 512 / 4,096 GPUs ({}-{} ms at an assumed {}% dense MFU, of which {} ms are our float32 "
         "FAVOR+ ops; {}-{} s at the {}% MFU measured",
         _scale_steps,
     ),

@@ -196,7 +196,8 @@ def latency_at(latency: dict[int, float], payload: int) -> float:
 def shares(records: list[dict], latency: dict[int, float]) -> list[dict]:
     """Per stage: the small collectives per step, their time at 2 ranks, and their share of the
     step at 64 / 512 / 4,096 GPUs (scale_on_paper's latency model and projected step times)."""
-    arguments = scale_on_paper.parser().parse_args(["--gpus", ",".join(map(str, PROJECTED_GPUS))])
+    gpus = ",".join(map(str, PROJECTED_GPUS))
+    arguments = scale_on_paper.parser().parse_args(["--gpus", gpus, "--step-overhead", "", "--checkpoint-io", ""])
     projected = scale_on_paper.compute(arguments)["projections"]
     out = []
     for record in records:
@@ -301,6 +302,33 @@ def overlap_table(results: dict) -> str:
         for stage, (off, on) in sorted((stage, (t[False], t[True])) for stage, t in by_stage.items() if len(t) == 2)
     ]
     return common.table(["stage", "overlap_comm off", "on", "on / off"], rows, "lrrr")
+
+
+def comparison_table(results: dict, before: dict) -> str:
+    """Before and after the fold, per stage: the small collectives of a step and of a log interval,
+    and their share of the step now, measured on 2 CPU ranks and projected for `large`."""
+    earlier = {row["stage"]: row for row in before["shares"]}
+    logs_before = {r["stage"]: phase_counts(r)["per_log"] for r in before["records"] if "error" not in r}
+    logs_now = {
+        r["stage"]: phase_counts(r)["per_log"]
+        for r in results["records"]
+        if "error" not in r and not r.get("overlap_comm")
+    }
+    rows = []
+    for row in results["shares"]:
+        stage = row["stage"]
+        rows.append(
+            [
+                f"ZeRO-{stage}",
+                f"{earlier[stage]['small_per_step']:g} -> {row['small_per_step']:g}",
+                f"{logs_before[stage]:g} -> {logs_now[stage]:g}",
+                f"{earlier[stage]['share_2_ranks'] * 100:.2f}% -> {row['share_2_ranks'] * 100:.2f}%",
+                " / ".join(f"{row[f'share_{gpus}'] * 100:.3f}%" for gpus in PROJECTED_GPUS),
+            ]
+        )
+    header = ["stage", "small collectives per step", "per log interval", "share of the step, 2 CPU ranks"]
+    header.append("share, " + " / ".join(f"{gpus:,}" for gpus in PROJECTED_GPUS) + " GPUs (`large`)")
+    return common.table(header, rows, "lrrrr")
 
 
 def markdown(results: dict) -> str:

@@ -17,8 +17,9 @@ clients), the server process's CPU (its /proc stat; the share of one core), and 
 store operation sees meanwhile (a set and a get by another client every 10 ms: median and 99th
 percentile); then the time from the abort until the last rank noticed it, and the rendezvous time.
 The rendezvous time runs from the last simulated rank's start (its process's imports done) to
-the last arrival: each rank's connection and its `add` (the waiting watchdog's second connection
-comes after, on its own thread).
+the last arrival: each rank's connection and its `add`. The waiting watchdog's second connection
+per rank comes after, on its own thread (as in the trainer), and is timed apart: from the go to the
+last watchdog connected, before the watched seconds begin.
 All processes share this machine's cores, so the server's CPU and the latencies include the
 clients' contention: compare the two watchdogs at the same N.
 
@@ -87,8 +88,9 @@ def ranks(port: int, count: int, mode: str) -> None:
         store.add("rendezvous/arrived", 1)
         store.wait(["rendezvous/go"])
         # The watchdog's client of its own connects on the watchdog's thread once training starts,
-        # after the rendezvous (as launcher.dist.PeerAbortWatchdog does).
+        # after the rendezvous (as launcher.dist.PeerAbortWatchdog does); measured apart.
         own = client(port) if mode == "wait" else None
+        store.add("watchdog/connected", 1)
         requests = 0
         if mode == "poll":
             while True:
@@ -146,6 +148,9 @@ def measure(count: int, mode: str, seconds: float) -> dict:
             time.sleep(0.01)
         arrived_at = time.time()
         parent.set("rendezvous/go", "1")
+        while parent.add("watchdog/connected", 0) < count:
+            time.sleep(0.01)
+        connected_at = time.time()
         time.sleep(1.0)  # every rank in its watchdog loop
         cpu_before, window_started = cpu_seconds(server.pid), time.monotonic()
         latencies = probe_latencies(parent, window_started + seconds)
@@ -169,6 +174,8 @@ def measure(count: int, mode: str, seconds: float) -> dict:
         "client_processes": processes,
         # From the last rank's start (its process's imports done) to the last arrival: connections + add.
         "rendezvous_s": arrived_at - max(r["started_at"] for r in ranks_reports),
+        # From the go to the last watchdog connected (the waiting one's second connection per rank).
+        "watchdog_connected_s": connected_at - arrived_at,
         "watchdog_requests_per_s": requests / watched,
         "server_cpu_share_of_a_core": server_cpu,
         "probe_round_trips": len(latencies),
@@ -207,6 +214,7 @@ def table(results: dict) -> str:
             f"{r['probe_latency_median_ms']:.2f} / {r['probe_latency_p99_ms']:.2f}",
             f"{r['abort_noticed_by_all_after_ms']:,.0f}",
             f"{r['rendezvous_s']:.2f}",
+            f"{r['watchdog_connected_s']:.2f}" if "watchdog_connected_s" in r else "-",
         ]
         for r in results["records"]
     ]
@@ -218,8 +226,9 @@ def table(results: dict) -> str:
         "a store operation, median / p99 (ms)",
         "abort noticed by all after (ms)",
         "rendezvous (s)",
+        "watchdogs connected after (s)",
     ]
-    return common.table(header, rows, align="lrrrrrr").rstrip("\n")
+    return common.table(header, rows, align="lrrrrrrr").rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

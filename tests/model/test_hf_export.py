@@ -21,7 +21,7 @@ pytest.importorskip("peft", reason="the hf extra is not installed")
 
 import performer  # noqa: E402
 import performer.hf  # noqa: E402
-from data.tokenizer import SpecialTokens, Tokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
+from data.tokenizer import SCORE_STEP, SpecialTokens, Tokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
 from launcher.__main__ import main as performer_main  # noqa: E402
 from launcher.commands.generate import encode_prompt  # noqa: E402
 from performer import hf_files  # noqa: E402
@@ -195,6 +195,7 @@ def test_a_tokenizer_with_unrounded_scores_converts_with_a_warning(tmp_path, tok
     (legacy / "tokenizer.model").write_bytes(proto.SerializeToString())
     (legacy / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     assert Tokenizer.load(legacy).exact_chars is None  # encodes whole texts, as it always did
+    assert hf_files._EXACT_SCORE_STEP == SCORE_STEP  # the export's check is the trainer's rounding
     with pytest.warns(UserWarning, match="trained before scores were rounded.*performer data tokenizer"):
         hf_files.fast_tokenizer(legacy, SPECIAL.to_dict(), "seq2seq")
 
