@@ -209,39 +209,50 @@ def small_collectives_per_step(path: Path) -> dict[str, float]:
 
 
 def hashing_overhead(path: Path) -> float:
-    """What a save with hashing costs over DeepSpeed's own write, at the largest checkpoint measured
-    (checkpoint_io.json; the larger of the stages), never below 0."""
+    """What a save as the trainer makes it (hashed while written, commit behind the loop) costs the
+    step loop over DeepSpeed's own write, at the largest checkpoints measured (checkpoint_io.json;
+    the larger of the stages), never below 0."""
     records = [r for r in json.loads(path.read_text())["records"] if "error" not in r]
     largest = max(r["checkpoint_bytes"] for r in records)
     near = [r for r in records if r["checkpoint_bytes"] >= largest / 2]
-    return max(0.0, max(r["median_s"]["hashed_writes"] / r["median_s"]["ds_write"] - 1 for r in near))
+    return max(0.0, max(r["median_s"]["background_commit"] / r["median_s"]["ds_write"] - 1 for r in near))
 
 
 def checkpoint_seconds(stage: str, parameters: int, gpus: int, hashing: float, args) -> dict[str, float]:
     """A checkpoint of `large` at N GPUs: bf16 weights (2 bytes per parameter) and fp32 master + Adam
     moments (12), as DeepSpeed lays them out. ZeRO-0: rank 0 writes everything; ZeRO-1/2: rank 0
     writes the whole weights file, every rank its optimizer partition; ZeRO-3: every rank its
-    partition of both. A save takes the longer of rank 0's share over one GPU's part of its node's
+    partition of both. A save takes the longer of the busiest node's bytes (rank 0's) over a node's
     storage bandwidth and the whole over the filesystem's (the nodes' sum, capped by the aggregate),
-    plus the measured hashing overhead. A resume reads every file once to verify it (round-robin over
-    the ranks) and DeepSpeed's load reads the weights file on every rank at ZeRO 0-2 (the optimizer
-    partition each), at the same bandwidths."""
+    plus the measured overhead of hashing. A resume reads every file once to verify it (spread over
+    the ranks), then DeepSpeed's load: every rank reads the whole weights file at ZeRO-1/2 and the
+    whole checkpoint at ZeRO-0, its partition at ZeRO-3; at the same bandwidths."""
     weights, optimizer = 2.0 * parameters, 12.0 * parameters
     total = weights + optimizer
-    if stage == "zero0":
-        rank0 = total
-    elif stage.startswith("zero3"):
-        rank0 = total / gpus
-    else:
-        rank0 = weights + optimizer / gpus
-    per_gpu = args.storage_gbs_per_node * 1e9 / min(gpus, args.gpus_per_node)
+    on_node = min(gpus, args.gpus_per_node)
     nodes = math.ceil(gpus / args.gpus_per_node)
+    node_rate = args.storage_gbs_per_node * 1e9
     aggregate = min(nodes * args.storage_gbs_per_node, args.storage_aggregate_gbs) * 1e9
-    save = max(rank0 / per_gpu, total / aggregate) * (1 + hashing)
-    loaded = total if stage == "zero0" or stage.startswith("zero3") else gpus * weights + optimizer
-    rank0_loaded = rank0 if stage == "zero0" or stage.startswith("zero3") else weights + optimizer / gpus
-    resume = total / aggregate + max(rank0_loaded / per_gpu, loaded / aggregate)
-    return {"checkpoint_bytes": total, "save_s": save, "resume_s": resume, "resume_bytes_read": total + loaded}
+    if stage == "zero0":
+        node_writes, rank_reads = total, total
+    elif stage.startswith("zero3"):
+        node_writes, rank_reads = total * on_node / gpus, total / gpus
+    else:
+        node_writes, rank_reads = weights + optimizer * on_node / gpus, weights + optimizer / gpus
+    # Files: ZeRO-0 one (rank 0's); ZeRO-1/2 the weights file and an optimizer partition per rank;
+    # ZeRO-3 a weights and an optimizer partition per rank. Each is created once and opened by a resume.
+    files = 1 if stage == "zero0" else (1 + gpus if not stage.startswith("zero3") else 2 * gpus)
+    opened = files if stage.startswith("zero3") else gpus * (1 if stage == "zero0" else 2)
+    metadata = args.storage_files_per_s
+    save = (max(node_writes / node_rate, total / aggregate) + files / metadata) * (1 + hashing)
+    load = max(rank_reads * on_node / node_rate, rank_reads * gpus / aggregate) + opened / metadata
+    resume = total / aggregate + files / metadata + load
+    return {
+        "checkpoint_bytes": total,
+        "save_s": save,
+        "resume_s": resume,
+        "resume_bytes_read": total + rank_reads * gpus,
+    }
 
 
 def favor_seconds_per_token_head(attention: dict) -> dict[str, float]:
@@ -573,8 +584,12 @@ def markdown(results: dict) -> str:
         f"- Checkpoints: every {s['checkpoint_every_s'] / 60:.0f} minutes of training, amortized over the steps "
         f"between; storage at {s['storage_gbs_per_node']:.0f} GB/s per node (shared by its GPUs), "
         f"{s['storage_aggregate_gbs']:.0f} GB/s for the whole filesystem, the same for reads; hashing adds "
-        f"{inputs['checkpoint_hashing_overhead']:.1%} to DeepSpeed's write (checkpoint_io.json, largest size). "
-        "A resume verifies every file (one read) and loads; at ZeRO 0-2 every rank reads the whole weights file.",
+        f"{inputs['checkpoint_hashing_overhead']:.1%} to DeepSpeed's write as the step loop sees it "
+        "(checkpoint_io.json, largest size, hashed while written with the commit behind the loop). A save takes the "
+        "busiest node's bytes over its bandwidth or the whole over the filesystem's, the longer, plus its files' "
+        f"creation at {s['storage_files_per_s']:,.0f} files/s (the metadata server; one file per rank and stage "
+        "role); a resume verifies every file (one read, spread) and loads (every rank reads the whole weights file "
+        "at ZeRO-1/2, the whole checkpoint at ZeRO-0), opening the files at the same rate.",
         "- Step time = compute + communication: the trainer sets overlap_comm=False (launcher/ds_config.py); "
         "the 'comm overlapped' column is max(compute, communication), the bound with overlap. Weak scaling: "
         "the global batch grows with the GPUs (micro batch per GPU fixed, grad_accum 1).",
@@ -640,6 +655,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every-s", type=float, default=1800.0, help="seconds of training between saves")
     parser.add_argument("--storage-gbs-per-node", type=float, default=5.0, help="a node's write (and read) rate")
     parser.add_argument("--storage-aggregate-gbs", type=float, default=500.0, help="the filesystem's, all nodes")
+    parser.add_argument("--storage-files-per-s", type=float, default=5000.0, help="file creates (or opens) per second")
     parser.add_argument("--name", default="scale_on_paper")
     return parser
 

@@ -327,7 +327,7 @@ def comparison_table(results: dict, before: dict) -> str:
             ]
         )
     header = ["stage", "small collectives per step", "per log interval", "share of the step, 2 CPU ranks"]
-    header.append("share, " + " / ".join(f"{gpus:,}" for gpus in PROJECTED_GPUS) + " GPUs (`large`)")
+    header.append("share, " + " / ".join(f"{gpus:,}" for gpus in PROJECTED_GPUS) + " GPUs (`large`, measured MFU)")
     return common.table(header, rows, "lrrrr")
 
 

@@ -219,7 +219,7 @@ class ZeroSection:
     overlap_comm: bool = False
     (
         "Stages 1-3: reduce gradients while the backward runs (DeepSpeed's overlap_comm), at the cost of buffers of "
-        "about 4.5x bucket_elements; off: on CPU ranks it measured no faster (benchmarks/step_overhead.py)."
+        "about 4.5x bucket_elements; off: it made steps on CPU ranks slower (benchmarks/step_overhead.py)."
     )
 
 

@@ -285,7 +285,8 @@ def test_unknown_key_has_did_you_mean_with_full_dotted_key(override, unknown, hi
 def test_unknown_key_in_a_file_without_close_match_lists_known_keys(tmp_path):
     path = _write(tmp_path, "odd.yaml", "zero:\n  stage: 1\n  qqqqqq: 2\n")
     with pytest.raises(
-        ConfigError, match=r"'zero\.qqqqqq'.*known here: bucket_elements, offload, overlap_comm, persistence_threshold, stage"
+        ConfigError,
+        match=r"'zero\.qqqqqq'.*known here: bucket_elements, offload, overlap_comm, persistence_threshold, stage",
     ) as caught:
         load_config([path])
     assert "did you mean" not in str(caught.value)
