@@ -97,7 +97,7 @@ def test_planted_pickle_in_a_checkpoint_never_runs(prepared_data, run_copy, tmp_
     explicit = pretrain(prepared_data, run_copy, "train.max_steps=6", resume="step00000004")
     assert explicit.returncode == 2, explicit.stdout + explicit.stderr
     assert "fails verification" in explicit.stderr
-    assert ("not written by this checkpoint" if how == "extra file" else "sha256 differs") in explicit.stderr
+    assert ("not written by this checkpoint" if how == "extra file" else "digest differs") in explicit.stderr
 
     export = subprocess.run(
         [
