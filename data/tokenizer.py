@@ -37,6 +37,7 @@ Tokenizers trained before (scores not rounded) encode as they always did.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -137,10 +138,13 @@ class Tokenizer:
                 f"SentencePiece model has {self._sp.get_piece_size()} pieces but the special-token "
                 f"table expects {special.num_model_pieces}; tokenizer.json and tokenizer.model differ"
             )
-        proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
-        self.exact_chars = _exact_chars(proto)
-        # The same model without its dummy prefix: a run of lines after the first, or text after a sentinel.
-        self._sp_continued = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
+        self.exact_chars = _exact_chars(sentencepiece_model_pb2.ModelProto.FromString(self._proto))
+
+    @functools.cached_property
+    def _sp_continued(self) -> spm.SentencePieceProcessor:
+        """The same model without its dummy prefix, for a run of lines after the first or text after
+        a sentinel; loaded when first needed (most texts and workers never need it)."""
+        return spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(self._proto))
 
     def __getstate__(self):
         return {"proto": self._proto, "special": self.special}
@@ -284,11 +288,10 @@ def _line_runs(text: str, limit: int | None) -> list[str]:
     return runs
 
 
-def _without_dummy_prefix(proto) -> bytes:
-    continued = sentencepiece_model_pb2.ModelProto()
-    continued.CopyFrom(proto)
-    continued.normalizer_spec.add_dummy_prefix = False
-    return continued.SerializeToString()
+def _without_dummy_prefix(model_proto: bytes) -> bytes:
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    proto.normalizer_spec.add_dummy_prefix = False
+    return proto.SerializeToString()
 
 
 def _rounded_scores(model_proto: bytes) -> bytes:

@@ -25,7 +25,6 @@ only from directories you trust. Exports are safetensors (``performer export``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,11 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from launcher.config import NON_SHAPE_MODEL_FIELDS, ConfigError, RunConfig, config_from_dict
 from launcher.dist import Topology, barrier, gather_objects
-from launcher.hashed_writes import DIGEST, take_written_digests
+from launcher.hashed_writes import DIGEST, new_hash, take_written_digests
 from performer.errors import InputError
 
 COMPLETE_MARKER = "COMPLETE"
@@ -69,7 +66,7 @@ def complete_tags(directory: Path) -> list[str]:
 
 
 def _file_digest(path: Path, algorithm: str = DIGEST) -> dict[str, Any]:
-    digest = xxhash.xxh3_128() if algorithm == DIGEST else hashlib.new(algorithm)
+    digest = new_hash(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 23), b""):
             digest.update(block)

@@ -198,8 +198,8 @@ class PeerAbortWatchdog:
     (`benchmarks/store_load.py`): rank 0's load does not grow with a polling rate times the number
     of ranks. It runs on a client of its own, because a TCPStore client serves one request at a
     time and a blocked wait would stall the process group's own store requests; that client
-    connects on the watchdog's thread, so a rank's start-up waits for one connection, not two. The wait is
-    renewed every `renew_s` (an expired wait checks that the store still answers), so a rank 0
+    connects on the watchdog's thread, so a rank's start-up waits for one connection, not two. The
+    wait is renewed every `renew_s` (an expired wait checks that the store still answers), so a rank 0
     whose host vanished without closing its connections is noticed within that time.
     """
 
@@ -226,9 +226,7 @@ class PeerAbortWatchdog:
 
     @staticmethod
     def _own_client(store, timeout_s: float):
-        """A second client of the rendezvous store's server (None without one)."""
-        if store is None:
-            return None
+        """A second client of the rendezvous store's server."""
         timeout = datetime.timedelta(seconds=timeout_s)
         return torch_dist.TCPStore(store.host, store.port, None, False, timeout, wait_for_workers=False)
 

@@ -1,23 +1,21 @@
 """Checkpoint files hashed while DeepSpeed writes them, not read back afterwards.
 
-A checkpoint's COMPLETE marker records the size and XXH3-128 digest of every file
-(launcher/checkpoint.py). Reading the files back to hash them costs the step loop a second pass
-over the checkpoint; here
+A checkpoint's COMPLETE marker records the size and digest of every file (launcher/checkpoint.py).
+Reading the files back to hash them costs the step loop a second pass over the checkpoint; here
 DeepSpeed's own writer (its ``TorchCheckpointEngine``, through which every state file of a save
 goes) is wrapped so that ``torch.save`` writes into a file object that writes each block while a
-helper thread hashes the same block: both release the GIL, so the hash runs beside the
-write instead of after it, and no block is copied. XXH3-128 rather than sha256: the marker guards
-against torn, corrupted and swapped files, not against whoever can rewrite the marker too (it is
-not signed), which a 128-bit digest does as well; and it hashes at 28 GB/s on one core of the
-benchmark machine against sha256's 1.8 (BLAKE3: 6.7), so the hash stays a small fraction of even
-a write into the page cache (2.7 GB/s), where a rank has no idle core to hide it on.
-What a save wrote is handed to the commit by
-``take_written_digests``; files written another way (DeepSpeed copies its zero_to_fp32.py script)
-are still read back and hashed there, a few kilobytes.
+helper thread hashes the same block: both release the GIL, so the hash runs beside the write
+instead of after it, and no block is copied. The digest is XXH3-128 rather than sha256: the marker
+guards against torn, corrupted and swapped files, not against whoever can rewrite the marker too
+(it is not signed), which a 128-bit digest does as well, at a small fraction of sha256's CPU time
+(benchmarks/checkpoint_io.py), which matters where a rank has no idle core to hide the hash on.
+What a save wrote is handed to the commit by ``take_written_digests``; files written another way
+are still read back and hashed there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +25,13 @@ from typing import Any
 import xxhash
 
 DIGEST = "xxh3_128"  # the digest's key in a COMPLETE marker (markers written before this change: "sha256")
+
+
+def new_hash(algorithm: str = DIGEST):
+    """A running hash of ``algorithm``: DIGEST, or a hashlib name (sha256, in older markers)."""
+    return xxhash.xxh3_128() if algorithm == DIGEST else hashlib.new(algorithm)
+
+
 # Blocks smaller than this are written and hashed in turn: handing them to the thread costs more.
 _PARALLEL_BYTES = 1 << 20
 
@@ -41,7 +46,7 @@ class HashingWriter:
     def __init__(self, path: str | os.PathLike, pool: ThreadPoolExecutor):
         self._file = open(path, "wb")
         self._pool = pool
-        self._hash = xxhash.xxh3_128()
+        self._hash = new_hash()
         self.bytes = 0
 
     def write(self, data) -> int:
