@@ -6,6 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The Triton kernels' tests run in Triton's interpreter where there is no GPU. It has to be on
+# before triton is first imported (transformers imports it too) and while kernels run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

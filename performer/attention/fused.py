@@ -27,6 +27,9 @@ dtype; outputs and gradients come back in the inputs' dtypes.
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 import torch.nn.functional as F
 
@@ -370,10 +373,44 @@ def favor_attention(
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D) (any float dtype, q and k not yet scaled);
     projection: (M, D); key_padding_mask: (B, Lk) bool, True = real key; causal needs Lq == Lk;
-    chunk_size: causal chunk length, None = ``default_chunk_size``; feature_a: a float or a 0-dim
+    chunk_size: causal chunk length, None = the op's default; feature_a: a float or a 0-dim
     tensor (a buffer, never a statistic of this batch), not differentiated.
     Returns (B, H, Lq, D) in v's dtype; a query that sees no key gets zeros.
+
+    CUDA tensors go to the Triton kernels (``performer.attention.triton``; the environment
+    variable PERFORMER_FAVOR_KERNEL=torch keeps them on this module's op), everything else to
+    ``favor_attention_torch``.
     """
+    if q.is_cuda and q.numel() and k.numel():
+        kernels = _triton_op()
+        if kernels is not None and kernels.use_triton(q):
+            return kernels.favor_attention_triton(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
+    return favor_attention_torch(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
+
+
+@functools.cache
+def _triton_op():
+    """``performer.attention.triton``, or None where triton is missing or this module runs from an
+    export's bundled remote code (exports carry the torch op only: their bundle is plain torch)."""
+    if __name__ != "performer.attention.fused":
+        return None
+    try:
+        return importlib.import_module("performer.attention.triton")
+    except ImportError:
+        return None
+
+
+def favor_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    chunk_size: int | None = None,
+    feature_a: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """``favor_attention`` in this module's torch ops, on any device (chunk_size None = ``default_chunk_size``)."""
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal FAVOR+ needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     chunk = chunk_size or default_chunk_size(projection.shape[0])

@@ -1,0 +1,393 @@
+"""FAVOR+ / FAVOR++ attention on GPUs: the Triton kernels of ``triton_kernels`` behind
+``favor_attention``'s signature, with the same guarantees as the CPU op.
+
+Axis legend: B batch, H heads, G = B*H slices, L / Lq / Lk sequence, D head dim, M random
+features, N chunks of C tokens, S splits of the chunks.
+
+``performer.attention.fused.favor_attention`` dispatches here for CUDA tensors (see
+``use_triton``); on the CPU it keeps its own op. The kernels run on the CPU too under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before triton is first imported; float32 only, slow):
+that is how the tests check them without a GPU.
+
+Forward: the queries' own max (``query_shift_kernel``), the keys' states (``states_kernel``:
+per chunk for causal attention, totals for bidirectional), then the output (``output_kernel``).
+Backward recomputes features and states instead of keeping them: the keys' states again, dq
+(``query_grad_kernel``), the queries' reverse states, then dk and dv (``key_value_grad_kernel``).
+What stays alive between forward and backward is O(L D) per slice: q, k, v, the output, the
+normaliser and the query shift. The largest temporary is one set of per-chunk states,
+N x M x D per slice (bf16 on the bf16 path), alive for one kernel at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from performer.attention import triton_kernels as kernels
+from performer.attention.favor import DENOMINATOR_FLOOR
+from performer.feature_maps import feature_constants
+
+# The kernels hold (C, D) tiles of several operands: past 128 their float32 variants need more shared
+# memory than an H100 has per block (benchmarks/results/kernel_resources.md). Wider heads use the torch op.
+MAX_HEAD_DIM = 128
+# Environment switch: "torch" keeps CUDA tensors on the torch op (benchmarks, debugging).
+KERNEL_ENV = "PERFORMER_FAVOR_KERNEL"
+# Programs a sequential scan over chunks is spread over when the device cannot say (interpreter).
+INTERPRETER_SCAN_PROGRAMS = 8
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (on CPU tensors) rather than compiled.
+
+    Decided when ``triton_kernels`` was imported (TRITON_INTERPRET=1 then makes triton.jit
+    return interpreted functions), so it is read off the kernels, not the environment.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernels.output_kernel, InterpretedFunction)
+
+
+def use_triton(q: torch.Tensor) -> bool:
+    """Whether ``favor_attention`` takes these kernels for q: CUDA, a supported head dim, not switched off."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV} must be auto, torch or triton, got {choice!r}")
+    return choice != "torch" and q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
+
+
+_TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Block sizes and precision of one call; a pure function of the shapes, dtypes and device."""
+
+    chunk: int
+    """C: tokens per chunk (causal: the span of the masked C x C scores); a power of two >= 16."""
+    block_m: int
+    """Features per tile of the loops over M. 16 with 8 warps: the only tiling of those compiled for
+    sm_90 (benchmarks/kernel_resources.py) where no kernel at head dim 64 spills registers."""
+    block_d: int
+    """D rounded up to a power of two, at least 16 (tl.dot's smallest tile)."""
+    operand_dtype: torch.dtype
+    """dtype of every tl.dot operand: bf16 (tensor cores) when q, k and v are all bf16, else float32."""
+    split_logits: bool
+    """Logits as x W_hi^T + x W_lo^T (W split into two operand_dtype parts); on with bf16 operands."""
+    scan_programs: int
+    """Programs a scan over the chunks is spread over (with the slices and feature tiles)."""
+    num_warps: int
+
+    @property
+    def precision(self) -> str:
+        # "ieee": float32 products are exact float32 (no TF32) on the float32 path.
+        return "ieee" if self.operand_dtype == torch.float32 else "tf32"
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        # Per-chunk states are tl.dot operands, read in operand_dtype anyway.
+        return self.operand_dtype
+
+    def compile_options(self) -> dict:
+        return dict(
+            C=self.chunk,
+            BLOCK_M=self.block_m,
+            BLOCK_D=self.block_d,
+            DOT=_TRITON_DTYPES[self.operand_dtype],
+            SPLIT=self.split_logits,
+            PRECISION=self.precision,
+            num_warps=self.num_warps,
+        )
+
+
+def _power_of_two_at_least(value: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(value, 1)))))
+
+
+def default_chunk(length: int) -> int:
+    """C when the caller sets none: 64, and 128 from 32k tokens on, where per-chunk states
+    (N M D per slice) would otherwise outweigh q, k and v together."""
+    return 64 if length < 32768 else 128
+
+
+def make_plan(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb_features: int, chunk_size: int | None
+) -> KernelPlan:
+    length = max(q.shape[2], k.shape[2])
+    chunk = _power_of_two_at_least(chunk_size) if chunk_size else default_chunk(length)
+    low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
+    if q.is_cuda:
+        scan_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    else:
+        scan_programs = INTERPRETER_SCAN_PROGRAMS
+    return KernelPlan(
+        chunk=chunk,
+        block_m=16,
+        block_d=_power_of_two_at_least(q.shape[-1]),
+        operand_dtype=torch.bfloat16 if low_precision else torch.float32,
+        split_logits=low_precision,
+        scan_programs=scan_programs,
+        num_warps=8,
+    )
+
+
+@dataclass
+class _Projection:
+    """The feature map's constants as the kernels read them.
+
+    logits: (M, D) logit projection times D^-1/4 (the kernels use q and k unscaled) in the
+    operand dtype; with split logits its bf16 rounding, and ``logits_low`` the bf16 rounding of
+    the remainder (otherwise the same tensor);
+    query_offsets, key_offsets: (M,) float32 (``feature_constants``).
+    """
+
+    logits: torch.Tensor
+    logits_low: torch.Tensor
+    query_offsets: torch.Tensor
+    key_offsets: torch.Tensor
+
+    @classmethod
+    def of(cls, projection: torch.Tensor, feature_a, head_dim: int, plan: KernelPlan) -> "_Projection":
+        logit_projection, query_offsets, key_offsets = feature_constants(projection, feature_a)
+        scaled = (logit_projection * head_dim**-0.25).contiguous()
+        if plan.split_logits:
+            high = scaled.to(torch.bfloat16).to(plan.operand_dtype)
+            low = (scaled - high.float()).to(torch.bfloat16).to(plan.operand_dtype)
+        else:
+            high = low = scaled.to(plan.operand_dtype)
+        return cls(high, low, query_offsets.contiguous(), key_offsets.contiguous())
+
+    @property
+    def nb_features(self) -> int:
+        return self.logits.shape[0]
+
+
+@dataclass
+class _States:
+    """What ``states_kernel`` leaves for the kernels that read it (see ``_state_rows``)."""
+
+    local: torch.Tensor  # (G, N, M, D) causal; otherwise unused
+    local_sum: torch.Tensor  # (G, N, M)
+    carry: torch.Tensor  # (G, S, M, D) causal: sum over the splits before; otherwise (G, M, D) totals
+    carry_sum: torch.Tensor  # (G, S, M) / (G, M)
+    nb_chunks: int
+    chunks_per_split: int
+    nb_splits: int
+
+    def args(self) -> tuple:
+        return (self.local, self.local_sum, self.carry, self.carry_sum)
+
+    def sizes(self) -> tuple:
+        return (self.nb_chunks, self.chunks_per_split, self.nb_splits)
+
+
+def _exclusive_scan(totals: torch.Tensor) -> torch.Tensor:
+    """Along dim 1 (the splits), the sum of the entries strictly before each."""
+    shifted = totals[:, :-1].cumsum(1)
+    return torch.cat([torch.zeros_like(totals[:, :1]), shifted], dim=1)
+
+
+def _states(x, shift, y, weight, keep, heads, offsets, projection, plan, *, is_query, reverse, causal) -> _States:
+    """sum phi(x)^T y and sum phi(x) w over rows: per chunk (causal, a scan; reverse = over later
+    chunks) or in total. x, y: (G, L, D); shift, weight: (G, L) or None; keep: (B, L) uint8 or None."""
+    slices, length, head_dim = x.shape
+    nb_features = projection.nb_features
+    nb_chunks = triton.cdiv(length, plan.chunk)
+    feature_tiles = triton.cdiv(nb_features, plan.block_m)
+    splits = max(1, min(nb_chunks, triton.cdiv(plan.scan_programs, slices * feature_tiles)))
+    chunks_per_split = triton.cdiv(nb_chunks, splits)
+    splits = triton.cdiv(nb_chunks, chunks_per_split)
+    totals = x.new_empty((slices, splits, nb_features, head_dim), dtype=torch.float32)
+    total_sums = x.new_empty((slices, splits, nb_features), dtype=torch.float32)
+    if causal:
+        local = x.new_empty((slices, nb_chunks, nb_features, head_dim), dtype=plan.state_dtype)
+        local_sum = x.new_empty((slices, nb_chunks, nb_features), dtype=torch.float32)
+    else:
+        local, local_sum = totals, total_sums  # not read
+    kernels.states_kernel[(slices, feature_tiles, splits)](
+        x,
+        x if shift is None else shift,
+        y,
+        x if weight is None else weight,
+        x if keep is None else keep,
+        projection.logits,
+        projection.logits_low,
+        offsets,
+        local,
+        local_sum,
+        totals,
+        total_sums,
+        length,
+        head_dim,
+        nb_features,
+        heads,
+        nb_chunks,
+        chunks_per_split,
+        nb_features**-0.5,
+        0.5 * head_dim**-0.5,
+        IS_QUERY=is_query,
+        HAS_WEIGHT=weight is not None,
+        HAS_KEEP=keep is not None,
+        REVERSE=reverse,
+        STORE_LOCAL=causal,
+        **plan.compile_options(),
+    )
+    if causal:
+        # Splits are numbered in scan order (from the end when reverse): carry what came before.
+        carry, carry_sum = _exclusive_scan(totals), _exclusive_scan(total_sums)
+    else:
+        carry, carry_sum = totals.sum(1), total_sums.sum(1)
+    return _States(local, local_sum, carry, carry_sum, nb_chunks, chunks_per_split, splits)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (G, L, D) contiguous."""
+    return x.reshape(-1, *x.shape[-2:]).contiguous()
+
+
+class _TritonFavorAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, projection, feature_a, key_keep, causal, plan):
+        batch, heads, query_length, head_dim = q.shape
+        key_length = k.shape[2]
+        weights = _Projection.of(projection, feature_a, head_dim, plan)
+        flat_q, flat_k, flat_v = _flat(q), _flat(k), _flat(v)
+        slices = flat_q.shape[0]
+        keep = None if key_keep is None else key_keep.expand(batch, key_length).to(torch.uint8).contiguous()
+        options = plan.compile_options()
+        query_blocks = triton.cdiv(query_length, plan.chunk)
+
+        shift = flat_q.new_empty((slices, query_length), dtype=torch.float32)
+        projection_args = (weights.logits, weights.logits_low)
+        kernels.query_shift_kernel[(slices, query_blocks)](
+            flat_q,
+            *projection_args,
+            weights.query_offsets,
+            shift,
+            query_length,
+            head_dim,
+            weights.nb_features,
+            **options,
+        )
+        key_states = _states(
+            flat_k, None, flat_v, None, keep, heads, weights.key_offsets, weights, plan,
+            is_query=False, reverse=False, causal=causal,
+        )  # fmt: skip
+        out = flat_q.new_empty((slices, query_length, head_dim), dtype=v.dtype)
+        denominator = flat_q.new_empty((slices, query_length), dtype=torch.float32)
+        kernels.output_kernel[(slices, query_blocks)](
+            flat_q, shift, flat_k, flat_v, flat_q if keep is None else keep,
+            *projection_args, weights.query_offsets, weights.key_offsets,
+            *key_states.args(), out, denominator,
+            query_length, key_length, head_dim, weights.nb_features, heads, *key_states.sizes(),
+            weights.nb_features**-0.5, 0.5 * head_dim**-0.5, DENOMINATOR_FLOOR,
+            CAUSAL=causal, HAS_KEEP=keep is not None, **options,
+        )  # fmt: skip
+        out = out.view(batch, heads, query_length, head_dim)
+        ctx.save_for_backward(
+            q, k, v, weights.logits, weights.logits_low, weights.query_offsets, weights.key_offsets,
+            keep, shift, out, denominator,
+        )  # fmt: skip
+        ctx.plan, ctx.causal = plan, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, logits, logits_low, query_offsets, key_offsets, keep, shift, out, denominator = ctx.saved_tensors
+        plan, causal = ctx.plan, ctx.causal
+        weights = _Projection(logits, logits_low, query_offsets, key_offsets)
+        heads, query_length, head_dim = q.shape[1], q.shape[2], q.shape[3]
+        key_length = k.shape[2]
+        flat_q, flat_k, flat_v = _flat(q), _flat(k), _flat(v)
+        slices = flat_q.shape[0]
+        options = plan.compile_options()
+        projection_args = (weights.logits, weights.logits_low)
+        sizes_args = (query_length, key_length, head_dim, weights.nb_features, heads)
+        scale_args = (weights.nb_features**-0.5, 0.5 * head_dim**-0.5)
+        keep_arg = flat_q if keep is None else keep
+
+        # Gradients of the numerator's value columns and of the normaliser (fused.py's dN): zero
+        # where no key was visible.
+        grad = _flat(grad_out).float()
+        has_key = denominator > DENOMINATOR_FLOOR
+        inverse = torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0)  # (G, Lq)
+        value_grad = (grad * inverse.unsqueeze(-1)).to(plan.state_dtype)  # (G, Lq, D)
+        normaliser_grad = -(grad * _flat(out).float()).sum(-1) * inverse  # (G, Lq)
+        del grad
+
+        dq = dk = dv = None
+        if ctx.needs_input_grad[0]:
+            key_states = _states(
+                flat_k, None, flat_v, None, keep, heads, weights.key_offsets, weights, plan,
+                is_query=False, reverse=False, causal=causal,
+            )  # fmt: skip
+            dq = torch.empty_like(flat_q)
+            kernels.query_grad_kernel[(slices, triton.cdiv(query_length, plan.chunk))](
+                flat_q, shift, flat_k, flat_v, keep_arg, value_grad, normaliser_grad,
+                *projection_args, weights.query_offsets, weights.key_offsets,
+                *key_states.args(), dq, *sizes_args, *key_states.sizes(), *scale_args,
+                CAUSAL=causal, HAS_KEEP=keep is not None, **options,
+            )  # fmt: skip
+            del key_states
+            dq = dq.view_as(q)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            query_states = _states(
+                flat_q, shift, value_grad, normaliser_grad, None, heads, weights.query_offsets, weights, plan,
+                is_query=True, reverse=True, causal=causal,
+            )  # fmt: skip
+            dk, dv = torch.empty_like(flat_k), torch.empty_like(flat_v)
+            kernels.key_value_grad_kernel[(slices, triton.cdiv(key_length, plan.chunk))](
+                flat_q, shift, flat_k, flat_v, keep_arg, value_grad, normaliser_grad,
+                *projection_args, weights.query_offsets, weights.key_offsets,
+                *query_states.args(), dk, dv, *sizes_args, *query_states.sizes(), *scale_args,
+                CAUSAL=causal, HAS_KEEP=keep is not None, **options,
+            )  # fmt: skip
+            dk, dv = dk.view_as(k), dv.view_as(v)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def favor_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    chunk_size: int | None = None,
+    feature_a: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """``performer.attention.fused.favor_attention`` in Triton kernels: same arguments, shapes and guarantees.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D), CUDA tensors (CPU ones under TRITON_INTERPRET=1);
+    projection: (M, D); key_padding_mask: (B, Lk) bool, True = real key; causal needs Lq == Lk;
+    chunk_size: tokens per chunk, rounded up to a power of two >= 16 (None: ``default_chunk``);
+    feature_a: FAVOR++'s A (a float or 0-dim tensor) or None for FAVOR+.
+    bf16 q, k, v run on tensor cores (bf16 operands, float32 sums); any other dtype in float32.
+    Returns (B, H, Lq, D) in v's dtype; a query that sees no key gets zeros.
+    """
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal FAVOR+ needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton FAVOR+ kernels take head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if not (q.is_cuda or interpreting()):
+        raise ValueError(
+            "favor_attention_triton needs CUDA tensors; on the CPU use performer.attention.fused.favor_attention "
+            "(or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter)"
+        )
+    if 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
+        from performer.attention.fused import favor_attention_torch  # empty inputs: the torch op's answer
+
+        return favor_attention_torch(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
+    plan = make_plan(q, k, v, projection.shape[0], chunk_size)
+    return favor_attention_planned(q, k, v, projection, key_padding_mask, causal, feature_a, plan)
+
+
+def favor_attention_planned(q, k, v, projection, key_padding_mask, causal, feature_a, plan: KernelPlan) -> torch.Tensor:
+    """``favor_attention_triton`` with the block sizes and precision given (tests try other plans)."""
+    return _TritonFavorAttention.apply(q, k, v, projection, feature_a, key_padding_mask, causal, plan)

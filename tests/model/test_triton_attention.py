@@ -1,0 +1,215 @@
+"""The Triton FAVOR+ / FAVOR++ kernels against the naive twins: values and gradients, causal,
+bidirectional and cross attention, padding, chunk edges, queries without keys, and the plans
+the GPU takes (scans split over many programs, feature tiles with a tail, split logits).
+
+Without a GPU the kernels run in Triton's interpreter (float32 only: its tl.dot has no bf16),
+on CPU tensors; on a machine with CUDA the same tests run the compiled kernels. The bf16 path is
+checked on a GPU by benchmarks/gpu_check.sh.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from performer.attention import triton as favor_triton
+from performer.attention.favor import mask_keys
+from performer.attention.fused import favor_attention, favor_attention_torch
+from performer.attention.naive import causal_linear_attention_quadratic, linear_attention_quadratic
+from performer.feature_maps import favor_features, favorpp_default_a, gaussian_orthogonal_projection
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if DEVICE == "cpu" and not favor_triton.interpreting():
+    pytest.fail(
+        "no GPU and the kernels are compiled: tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported"
+    )
+
+
+@pytest.fixture(params=["favor+", "favor++"])
+def a(request):
+    return None if request.param == "favor+" else favorpp_default_a(16)
+
+
+def _inputs(batch=2, heads=2, length=37, head_dim=16, nb_features=40, key_length=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    key_length = key_length or length
+    projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=seed).to(DEVICE)
+
+    def leaf(size):
+        return torch.randn(batch, heads, size, head_dim, generator=generator).to(DEVICE).requires_grad_()
+
+    return leaf(length), leaf(key_length), leaf(key_length), projection
+
+
+def _upstream(out):
+    return torch.linspace(-1, 1, out.shape[-1] * out.shape[-2], device=out.device).reshape(out.shape[-2:])
+
+
+def _kernel(q, k, v, projection, key_padding=None, causal=False, chunk_size=16, a=None, plan_changes=None):
+    if plan_changes:
+        plan = dataclasses.replace(favor_triton.make_plan(q, k, v, projection.shape[0], chunk_size), **plan_changes)
+        out = favor_triton.favor_attention_planned(q, k, v, projection, key_padding, causal, a, plan)
+    else:
+        out = favor_triton.favor_attention_triton(q, k, v, projection, key_padding, causal, chunk_size, a)
+    return out.detach(), torch.autograd.grad((out * _upstream(out)).sum(), (q, k, v))
+
+
+def _naive(q, k, v, projection, key_padding=None, causal=False, a=None):
+    phi_q = favor_features(q, projection, is_query=True, a=a)
+    phi_k, values = mask_keys(favor_features(k, projection, is_query=False, a=a), v, key_padding)
+    twin = causal_linear_attention_quadratic if causal else linear_attention_quadratic
+    out = twin(phi_q, phi_k, values)
+    return out.detach(), torch.autograd.grad((out * _upstream(out)).sum(), (q, k, v))
+
+
+def _assert_same(got, expected, atol=2e-5, rtol=1e-4, grad_rtol=1e-3):
+    (out_a, grads_a), (out_b, grads_b) = got, expected
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
+    for grad_a, grad_b, name in zip(grads_a, grads_b, "qkv"):
+        torch.testing.assert_close(grad_a, grad_b, atol=atol, rtol=grad_rtol, msg=f"d{name} differs")
+
+
+# Chunk edges at C = 16: shorter than a chunk, exactly one, one past, several with a tail.
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 64, 83])
+def test_causal_equals_quadratic(length, a):
+    q, k, v, projection = _inputs(length=length)
+    _assert_same(_kernel(q, k, v, projection, causal=True, a=a), _naive(q, k, v, projection, causal=True, a=a))
+
+
+@pytest.mark.parametrize(("length", "key_length"), [(1, 1), (37, 37), (5, 29), (40, 3), (33, 70)])
+def test_bidirectional_and_cross_equal_quadratic(length, key_length, a):
+    q, k, v, projection = _inputs(length=length, key_length=key_length)
+    _assert_same(_kernel(q, k, v, projection, a=a), _naive(q, k, v, projection, a=a))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_keys_equal_quadratic(causal, a):
+    q, k, v, projection = _inputs(length=50)
+    key_padding = torch.rand(2, 50, generator=torch.Generator().manual_seed(1)) > 0.3
+    key_padding = key_padding.to(DEVICE)
+    _assert_same(
+        _kernel(q, k, v, projection, key_padding, causal, a=a),
+        _naive(q, k, v, projection, key_padding, causal, a=a),
+    )
+
+
+@pytest.mark.parametrize(
+    "plan_changes",
+    [
+        {"scan_programs": 1},  # one program scans every chunk: no carry between splits
+        {"scan_programs": 10_000},  # one chunk per split: every state comes from the carry
+        {"block_m": 32},  # M = 40 in tiles of 32: a partial last tile (the default, 16, has one too)
+        {"chunk": 32},
+    ],
+    ids=lambda changes: ",".join(f"{key}={value}" for key, value in changes.items()),
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_plan_gives_the_same_attention(plan_changes, causal):
+    q, k, v, projection = _inputs(length=83)
+    key_padding = (torch.arange(83) < 70).expand(2, 83).to(DEVICE)
+    _assert_same(
+        _kernel(q, k, v, projection, key_padding, causal, plan_changes=plan_changes),
+        _naive(q, k, v, projection, key_padding, causal),
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_logits(causal):
+    """The bf16 path's logits: the projection as two bf16 parts (here float32 operands, which
+    the interpreter can multiply), ~16 bits; gradients use the first part alone (bf16 level)."""
+    q, k, v, projection = _inputs(length=40)
+    (out, grads) = _kernel(q, k, v, projection, causal=causal, plan_changes={"split_logits": True})
+    (expected_out, expected_grads) = _naive(q, k, v, projection, causal=causal)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=5e-5)
+    for grad, expected, name in zip(grads, expected_grads, "qkv"):
+        error = (grad - expected).abs().max() / expected.abs().max()
+        assert error < 2**-8, f"d{name}: {error:.1e} of its largest entry"
+
+
+def test_same_as_the_torch_op_at_the_default_chunk(a):
+    """Without a chunk size the kernels take their own default (64 here): still the same values."""
+    q, k, v, projection = _inputs(length=150, nb_features=70)
+    out = favor_triton.favor_attention_triton(q, k, v, projection, causal=True, feature_a=a)
+    torch.testing.assert_close(out, favor_attention_torch(q, k, v, projection, causal=True, feature_a=a))
+
+
+def test_causality_is_exact():
+    """Changing the keys and values of later tokens leaves every earlier output bitwise equal."""
+    q, k, v, projection = _inputs(length=70)
+    changed_k, changed_v = k.detach().clone(), v.detach().clone()
+    changed_k[:, :, 41:] = torch.randn_like(changed_k[:, :, 41:]) * 3
+    changed_v[:, :, 41:] = torch.randn_like(changed_v[:, :, 41:]) * 3
+    before = favor_triton.favor_attention_triton(q, k, v, projection, causal=True, chunk_size=16)
+    after = favor_triton.favor_attention_triton(q, changed_k, changed_v, projection, causal=True, chunk_size=16)
+    assert torch.equal(before[:, :, :41], after[:, :, :41])
+    assert not torch.equal(before[:, :, 41:], after[:, :, 41:])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_keys_are_ignored_whatever_they_hold(causal):
+    """NaN and inf in padded keys and values: same outputs bitwise, zero gradient for them."""
+    q, k, v, projection = _inputs(length=40)
+    key_padding = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    key_padding[0, 30:] = False
+    key_padding[1, :5] = False
+    clean = _kernel(q, k, v, projection, key_padding, causal)
+    poisoned_k, poisoned_v = k.detach().clone(), v.detach().clone()
+    poisoned_k[0, :, 30:], poisoned_v[0, :, 30:] = float("nan"), float("inf")
+    poisoned_k[1, :, :5], poisoned_v[1, :, :5] = float("inf"), float("nan")
+    poisoned_k.requires_grad_(), poisoned_v.requires_grad_()
+    out, (dq, dk, dv) = _kernel(q, poisoned_k, poisoned_v, projection, key_padding, causal)
+    assert torch.equal(out, clean[0]) and torch.equal(dq, clean[1][0])
+    for grad in (dk, dv):
+        assert torch.isfinite(grad).all()
+        assert (grad[0, :, 30:] == 0).all() and (grad[1, :, :5] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_query_without_keys_gets_zero(causal):
+    """A row whose keys are all padding (and, causal, queries before the first real key): zero
+    output, finite zero gradients, never NaN."""
+    q, k, v, projection = _inputs(length=20)
+    key_padding = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    key_padding[0] = False
+    key_padding[1, :3] = False
+    out, grads = _kernel(q, k, v, projection, key_padding, causal)
+    assert (out[0] == 0).all()
+    if causal:
+        assert (out[1, :, :3] == 0).all() and (out[1, :, 3:] != 0).any()
+    for grad in grads:
+        assert torch.isfinite(grad).all()
+    assert (grads[0][0] == 0).all()
+    _assert_same((out, grads), _naive(q, k, v, projection, key_padding, causal))
+
+
+def test_errors_name_the_problem():
+    q, k, v, projection = _inputs(length=8, key_length=9)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        favor_triton.favor_attention_triton(q, k, v, projection, causal=True)
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        favor_triton.favor_attention_triton(q, k, v, projection, chunk_size=0)
+    wide = torch.zeros(1, 1, 4, 160, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        favor_triton.favor_attention_triton(wide, wide, wide, torch.zeros(8, 160, device=DEVICE))
+
+
+def test_dispatch(monkeypatch):
+    """favor_attention takes the kernels for CUDA tensors only, unless PERFORMER_FAVOR_KERNEL=torch."""
+    cpu = torch.zeros(1, 1, 4, 8)
+    assert not favor_triton.use_triton(cpu)
+    monkeypatch.setenv(favor_triton.KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="auto, torch or triton"):
+        favor_triton.use_triton(cpu)
+    if DEVICE == "cuda":
+        monkeypatch.setenv(favor_triton.KERNEL_ENV, "torch")
+        assert not favor_triton.use_triton(cpu.cuda())
+        monkeypatch.setenv(favor_triton.KERNEL_ENV, "auto")
+        assert favor_triton.use_triton(cpu.cuda())
+    q, k, v, projection = _inputs(length=20)
+    monkeypatch.setenv(favor_triton.KERNEL_ENV, "auto")
+    torch.testing.assert_close(
+        favor_attention(q, k, v, projection, causal=True),
+        favor_triton.favor_attention_triton(q, k, v, projection, causal=True),
+    )
