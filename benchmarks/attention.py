@@ -1,14 +1,18 @@
-"""Attention alone, forward + backward, against sequence length: our FAVOR+ vs performer-pytorch vs SDPA.
+"""Attention alone, forward + backward, against sequence length: our FAVOR+ vs performer-pytorch, SDPA and
+flash-linear-attention.
 
     python benchmarks/attention.py                  # CPU, fp32: the README's table and plot
     python benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu --lengths 4096,16384,65536
 
-B=1, H=8, D=64, M=256 random features unless told otherwise. Each (implementation, length) runs
-in its own process: median time of forward + backward over several repeats after a warm-up, and
-the memory the op itself adds (CPU: peak resident set minus the resident set once the inputs
-exist; CUDA: peak allocated minus allocated before). The machine's dense matmul rate is measured
-in the same run, and our kernels' achieved rate is given against it, from an analytical count of
-the flops the chunk-parallel algorithm needs (recomputation in the backward not counted).
+B=1, H=8, D=64, M=256 random features unless told otherwise (--batch, --heads, --head-dim,
+--nb-features). fla-causal needs flash-linear-attention installed (a GPU baseline: its kernels are
+Triton); it gets our features ready-made, so its time leaves out the feature map ours includes.
+Each (implementation, length) runs in its own process: median time of forward + backward over
+several repeats after a warm-up, and the memory the op itself adds (CPU: peak resident set minus
+the resident set once the inputs exist; CUDA: peak allocated minus allocated before). The
+machine's dense matmul rate is measured in the same run, and our kernels' achieved rate is given
+against it, from an analytical count of the flops the chunk-parallel algorithm needs
+(recomputation in the backward not counted).
 A configuration predicted (from the previous length) to take longer than --budget-s is skipped
 and recorded as such, never silently dropped.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,8 +36,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # noqa: E402
 
 IMPLEMENTATIONS = {
-    "ours-causal": "our fused causal FAVOR+",
-    "ours-bidirectional": "our fused bidirectional FAVOR+",
+    "ours-causal": "our fused causal FAVOR+ (the Triton kernels on CUDA, the torch op on CPU)",
+    "ours-bidirectional": "our fused bidirectional FAVOR+ (likewise)",
+    "ours-torch-causal": "our fused causal FAVOR+ in torch ops (on CUDA: the op before the Triton kernels)",
+    "ours-torch-bidirectional": "our fused bidirectional FAVOR+ in torch ops",
+    "fla-causal": "flash-linear-attention's chunk_linear_attn (normalised), given our features precomputed",
     "ours-unfused-causal": "feature map + chunk-parallel causal FAVOR+ through autograd (before fusing)",
     "performer-pytorch-causal": "performer-pytorch 1.1 FastAttention(causal=True), its CPU path",
     "performer-pytorch-bidirectional": "performer-pytorch 1.1 FastAttention(causal=False)",
@@ -68,33 +76,59 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 
 
 def build(implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str):
-    """The callable attention (q, k, v) -> out for one implementation, and its chunk length if any."""
-    from performer.attention.fused import default_chunk_size, favor_attention
+    """For one implementation: the attention (inputs...) -> out, its chunk length if any, and
+    ``prepare`` (q, k, v) -> the inputs it takes, made before the timing (leaves with gradients)."""
+    from performer.attention.fused import default_chunk_size, favor_attention, favor_attention_torch
     from performer.attention.naive import causal_linear_attention
     from performer.feature_maps import favor_features, gaussian_orthogonal_projection
 
     projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=0).to(device)
     # "ours-causal@128": our causal op with the chunk length forced to 128.
     implementation, _, forced_chunk = implementation.partition("@")
-    chunk = int(forced_chunk) if forced_chunk else default_chunk_size(nb_features)
-    if implementation in ("ours-causal", "ours-bidirectional"):
-        causal = implementation == "ours-causal"
-        return (lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk
+    if forced_chunk:
+        chunk = int(forced_chunk)
+    elif device == "cuda" and implementation in ("ours-causal", "ours-bidirectional"):
+        from performer.attention.triton import default_chunk
+
+        chunk = default_chunk(length)
+    else:
+        chunk = default_chunk_size(nb_features)
+
+    def unchanged(q, k, v):
+        return q, k, v
+
+    if implementation in ("ours-causal", "ours-bidirectional", "ours-torch-causal", "ours-torch-bidirectional"):
+        causal = implementation.endswith("-causal")
+        op = favor_attention_torch if "-torch-" in implementation else favor_attention
+        return (lambda q, k, v: op(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk, unchanged
+    if implementation == "fla-causal":
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        def features_first(q, k, v):
+            # fla takes (B, L, H, K) features and (B, L, H, D) values; scale 1: phi already carries it.
+            with torch.no_grad():
+                phi_q, phi_k = favor_features(q, projection, True), favor_features(k, projection, False)
+            return tuple(x.transpose(1, 2).to(v.dtype).contiguous().requires_grad_() for x in (phi_q, phi_k, v))
+
+        def fla(phi_q, phi_k, v):
+            return chunk_linear_attn(phi_q, phi_k, v, scale=1.0, normalize=True)[0]
+
+        return fla, None, features_first
     if implementation == "ours-unfused-causal":
 
         def unfused(q, k, v):
             phi_q, phi_k = favor_features(q, projection, True), favor_features(k, projection, False)
             return causal_linear_attention(phi_q, phi_k, v, chunk)
 
-        return unfused, chunk
+        return unfused, chunk, unchanged
     if implementation.startswith("performer-pytorch"):
         from performer_pytorch import FastAttention
 
         attention = FastAttention(dim_heads=head_dim, nb_features=nb_features, causal=implementation.endswith("causal"))
-        return attention.to(device), None
+        return attention.to(device), None, unchanged
     if implementation in QUADRATIC:
         causal = implementation == "sdpa-causal"
-        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), None
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), None, unchanged
     raise ValueError(f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
 
 
@@ -102,15 +136,15 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, dtype = args.device, DTYPES[args.dtype]
-    attention, chunk = build(args.impl, args.length, args.heads, args.head_dim, args.nb_features, device)
-    shape = (1, args.heads, args.length, args.head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
-    upstream = torch.randn(shape, device=device, dtype=dtype)
+    attention, chunk, prepare = build(args.impl, args.length, args.heads, args.head_dim, args.nb_features, device)
+    shape = (args.batch, args.heads, args.length, args.head_dim)
+    inputs = prepare(*(torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3)))
+    upstream = torch.randn_like(attention(*inputs))
 
     def step():
-        for tensor in (q, k, v):
+        for tensor in inputs:
             tensor.grad = None
-        attention(q, k, v).backward(upstream)
+        attention(*inputs).backward(upstream)
 
     if device == "cpu":
         before = common.resident_bytes()
@@ -126,7 +160,7 @@ def measure(args) -> dict:
     if args.impl.startswith("ours") and chunk is not None:
         record["chunk"] = chunk
         causal = not args.impl.startswith("ours-bidirectional")
-        flops = args.heads * favor_flops(args.length, args.head_dim, args.nb_features, chunk, causal)
+        flops = args.batch * args.heads * favor_flops(args.length, args.head_dim, args.nb_features, chunk, causal)
         record["flops"] = flops
         record["flop_rate"] = flops / timing["median_s"]
     return record
@@ -154,6 +188,8 @@ def sweep(args) -> dict:
         str(args.threads),
         "--repeats",
         str(args.repeats),
+        "--batch",
+        str(args.batch),
         "--heads",
         str(args.heads),
         "--head-dim",
@@ -163,6 +199,11 @@ def sweep(args) -> dict:
     ]
     records = []
     for implementation in args.impls.split(","):
+        if args.device == "cuda":
+            # One process per implementation: on a GPU the start-up, not the memory accounting
+            # (peak statistics are reset per length), is what separate processes would cost.
+            records += _cuda_lengths(script, shared, implementation, args)
+            continue
         previous = None
         for length in (int(n) for n in args.lengths.split(",")):
             if implementation.startswith("performer-pytorch") and length > args.max_baseline_length:
@@ -195,7 +236,8 @@ def sweep(args) -> dict:
                 break  # out of memory or time at this length: longer ones will fail too
     dtype = DTYPES[args.dtype]
     settings = {
-        key: getattr(args, key) for key in ("device", "dtype", "threads", "repeats", "heads", "head_dim", "nb_features")
+        key: getattr(args, key)
+        for key in ("device", "dtype", "threads", "repeats", "batch", "heads", "head_dim", "nb_features")
     }
     return {
         "settings": settings,
@@ -204,6 +246,56 @@ def sweep(args) -> dict:
         "records": records,
         "summary": summarise(records),
     }
+
+
+def _cuda_lengths(script: Path, shared: list[str], implementation: str, args) -> list[dict]:
+    """Every length of one implementation in one worker process (``--worker-lengths``), shortest first;
+    the worker stops at the first length that runs out of memory or predicts past the budget."""
+    command = [
+        sys.executable,
+        str(script),
+        "--worker",
+        *shared,
+        "--impl",
+        implementation,
+        "--worker-lengths",
+        args.lengths,
+        "--budget-s",
+        str(args.budget_s),
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.budget_s * 3, cwd=ROOT)
+        output, failure = done.stdout, None if done.returncode == 0 else f"exit {done.returncode}"
+        tail = done.stderr[-600:]
+    except subprocess.TimeoutExpired as timeout:
+        output, failure, tail = (timeout.stdout or b"").decode(), f"over the {args.budget_s * 3:.0f} s limit", ""
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    for record in records:
+        print(json.dumps(record), flush=True)
+    done_lengths = {record["length"] for record in records}
+    missing = [int(n) for n in args.lengths.split(",") if int(n) not in done_lengths]
+    if failure and missing:
+        records.append({"impl": implementation, "length": missing[0], "error": failure, "stderr_tail": tail})
+    return records
+
+
+def _worker_lengths(args) -> None:
+    """The worker side of ``_cuda_lengths``: measure each length in turn, one JSON line each."""
+    previous = None
+    for length in (int(n) for n in args.worker_lengths.split(",")):
+        predicted = predicted_seconds(previous, args.impl, length)
+        if predicted is not None and predicted * (1 + args.repeats) > args.budget_s:
+            print(json.dumps({"impl": args.impl, "length": length, "skipped": f"predicted {predicted:.2f} s per call"}))
+            break
+        args.length = length
+        torch.cuda.empty_cache()
+        try:
+            record = measure(args)
+        except torch.cuda.OutOfMemoryError:
+            print(json.dumps({"impl": args.impl, "length": length, "error": "out of GPU memory"}), flush=True)
+            break
+        print(json.dumps(record), flush=True)
+        previous = record
 
 
 def _lookup(records: list[dict], implementation: str, length: int) -> dict | None:
@@ -221,12 +313,22 @@ def summarise(records: list[dict]) -> dict:
         ours = _lookup(records, "ours-causal", length)
         if not ours:
             continue
-        for baseline in ("performer-pytorch-causal", "sdpa-causal", "ours-unfused-causal"):
+        for baseline in (
+            "performer-pytorch-causal",
+            "sdpa-causal",
+            "ours-unfused-causal",
+            "ours-torch-causal",
+            "fla-causal",
+        ):
             other = _lookup(records, baseline, length)
             if other:
                 summary[f"speedup_vs_{baseline}@{length}"] = other["median_s"] / ours["median_s"]
                 if other["memory_bytes"] > 0:
                     summary[f"memory_ratio_vs_{baseline}@{length}"] = ours["memory_bytes"] / other["memory_bytes"]
+    for length in lengths:
+        ours, sdpa = _lookup(records, "ours-bidirectional", length), _lookup(records, "sdpa", length)
+        if ours and sdpa:
+            summary[f"speedup_bidirectional_vs_sdpa@{length}"] = sdpa["median_s"] / ours["median_s"]
     crossover = None
     for length in lengths:
         ours, sdpa = _lookup(records, "ours-causal", length), _lookup(records, "sdpa-causal", length)
@@ -251,7 +353,8 @@ def markdown(results: dict) -> str:
     lengths = sorted({record["length"] for record in records})
     implementations = list(dict.fromkeys(record["impl"] for record in records))
     lines = [
-        f"Forward + backward, B=1, H={settings['heads']}, D={settings['head_dim']}, M={settings['nb_features']}, "
+        f"Forward + backward, B={settings.get('batch', 1)}, H={settings['heads']}, D={settings['head_dim']}, "
+        f"M={settings['nb_features']}, "
         f"{settings['dtype']} on {settings['device']} ({settings['threads']} threads); median of {settings['repeats']} "
         f"after a warm-up; memory = what the op adds. Dense matmul rate measured in the same run: "
         f"{gemm / 1e9:,.0f} GFLOP/s.\n",
@@ -328,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-lengths", help=argparse.SUPPRESS)
     parser.add_argument(
         "--impls",
         default=",".join(IMPLEMENTATIONS),
@@ -338,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
@@ -353,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", default="attention", help="results file stem under benchmarks/results/")
     args = parser.parse_args(argv)
+    if args.worker and args.worker_lengths:
+        _worker_lengths(args)
+        return 0
     if args.worker:
         print(json.dumps(measure(args)))
         return 0

@@ -159,15 +159,20 @@ def run_trainer(
     threads_per_rank: int,
     timeout_s: float,
     environment: dict[str, str] | None = None,
+    arguments: list[str] | None = None,
 ) -> dict:
-    """The real trainer under the deepspeed launcher on ``ranks`` CPU ranks, writing into ``run_dir``.
+    """The real trainer under the deepspeed launcher on ``ranks`` ranks (CPU ranks or GPUs), writing
+    into ``run_dir``; ``arguments`` go to launcher.pretrain after the settings (--resume auto).
 
     Returns {"returncode", "wall_s", "metrics" (the run's metrics.jsonl records), "output_tail"},
     or {"error": ...} when it overran ``timeout_s``.
     """
     port = free_port()
     command = [
-        str(Path(sys.executable).parent / "deepspeed"),
+        # The `deepspeed` launcher through this interpreter: also where deepspeed has no script on PATH.
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
         "--num_gpus",
         str(ranks),
         "--master_port",
@@ -179,6 +184,7 @@ def run_trainer(
         f"train.output_dir={run_dir}",
         *QUIET_TRAINER_SETTINGS,
         *settings,
+        *(arguments or []),
     ]
     extra = environment or {}
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -1,35 +1,88 @@
 #!/usr/bin/env bash
-# The GPU check: one short run (a few minutes on one H100/H200) of what a CPU cannot show.
+# The GPU check: what a CPU cannot show, in one command on one H100/H200.
 #
-#   bash benchmarks/gpu_check.sh [RESULTS_DIR]      (default benchmarks/results)
+#   bash benchmarks/gpu_wheels.sh                  # once, on a machine with PyPI: wheels into .whl/
+#   bash benchmarks/gpu_check.sh [RESULTS_DIR]     # on the GPU machine (PHASES picks the phases)
 #
-# 1. the fused FAVOR+ op on CUDA equals the CPU op (values and gradients, padding included), and a
-#    bf16 forward + backward at 16k tokens with large inputs stays finite (gpu_correctness.py);
-# 2. attention alone, bf16, n = 1024 ... 65536: our causal / bidirectional FAVOR+ against
-#    scaled_dot_product_attention (flash kernels), forward + backward, time and memory
-#    (attention-gpu.{json,md,png});
-# 3. a training step of the `medium` encoder-decoder (bf16 autocast, AdamW) at 4096 and 16384
-#    encoder tokens, FAVOR+ against softmax attention: tokens/s and MFU against the bf16 matmul
-#    rate measured in the same run (model_step-gpu.{json,md}).
-# Needs only torch, einops and safetensors in the python3 it finds; installs nothing.
-set -euo pipefail
+# Phases (PHASES="tests correctness attention model trainer" by default, about 7 minutes; "parity"
+# is a second run of its own, about 5 minutes):
+#   tests        the Triton kernels' tests compiled for this GPU (tests/model/test_triton_attention.py,
+#                float32 against the naive twins; in CI they run in Triton's interpreter);
+#   correctness  the kernels and the torch op on CUDA against the CPU op (float32), the bf16
+#                kernels against float32, a long bf16 step (gpu_correctness.py);
+#   attention    forward + backward time and memory, 1k to 128k tokens: our Triton kernels
+#                (causal, bidirectional), the torch op they replace, flash SDPA (causal and not)
+#                and flash-linear-attention's chunk_linear_attn on our features; B1 H8 D64 M256
+#                (attention-gpu) and B4 H16 D128 M256 (attention-gpu-wide);
+#   model        a `medium` training step at 4k / 16k / 64k tokens: FAVOR+ (Triton), FAVOR+ (torch
+#                op), softmax; tokens/s, MFU, memory (model_step-gpu);
+#   trainer      deepspeed --num_gpus 1 with configs/medium.yaml, bf16, ZeRO-2 on NCCL: tokens/s,
+#                MFU, checkpoint, resume, export, bucket sizes (trainer-gpu; needs --data's
+#                prepared corpus: runs/data, carried or made by `performer data prepare`);
+#   parity       learning parity with 3 seeds, softmax against FAVOR+ at M = 111 (round(D ln D)
+#                at head dim 32), 256 and 512, tiny LM and seq2seq at 1024 tokens (parity-seeds-gpu).
+# Results go to benchmarks/results/*-gpu*; with RESULTS_DIR they are also packed into
+# RESULTS_DIR/gpu-results.tar.gz beside the log (gpu_check.log), so that few files travel back.
+# Packages the GPU machine lacks (deepspeed, webdataset, flash-linear-attention...) are installed
+# from .whl/ when it is there (gpu_wheels.sh); nothing is fetched.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS_DIR=${1:-benchmarks/results}
+RESULTS_DIR=${1:-}
+PHASES=${PHASES:-"tests correctness attention model trainer"}
 PYTHON=${PYTHON:-python3}
+DATA=${DATA:-runs/data}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-mkdir -p "$RESULTS_DIR"
+LOG=${RESULTS_DIR:+$RESULTS_DIR/gpu_check.log}
+LOG=${LOG:-benchmarks/results/gpu_check.log}
+mkdir -p "$(dirname "$LOG")"
+exec > >(tee "$LOG") 2>&1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PYTHON" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-
-"$PYTHON" benchmarks/gpu_correctness.py
-
-"$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu \
-    --impls ours-causal,ours-causal@128,ours-causal@256,ours-bidirectional,sdpa-causal,sdpa --lengths 1024,4096,16384,65536 \
-    --repeats 10 --budget-s 60
-"$PYTHON" benchmarks/model_step.py --device cuda --dtype bf16 --preset medium --name model_step-gpu \
-    --models ours,ours-softmax --lengths 4096,16384 --repeats 5 --budget-s 240
-
-if [ "$RESULTS_DIR" != benchmarks/results ]; then
-    cp benchmarks/results/attention-gpu.* benchmarks/results/model_step-gpu.* "$RESULTS_DIR"/
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
 fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+failed=()
+phase() {  # phase NAME COMMAND...: run it, time it, remember a failure and go on
+    local name=$1 started=$SECONDS
+    shift
+    echo "=== $name"
+    "$@" || failed+=("$name")
+    echo "=== $name: $((SECONDS - started)) s"
+}
+
+for name in $PHASES; do
+    case $name in
+    tests) phase tests "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/model/test_triton_attention.py ;;
+    correctness) phase correctness "$PYTHON" benchmarks/gpu_correctness.py ;;
+    attention)
+        phase attention "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu \
+            --impls ours-causal,ours-bidirectional,ours-torch-causal,sdpa-causal,sdpa,fla-causal \
+            --lengths 1024,4096,16384,65536,131072 --repeats 10 --budget-s 60
+        phase attention-wide "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu-wide \
+            --batch 4 --heads 16 --head-dim 128 --impls ours-causal,ours-bidirectional,sdpa-causal,sdpa,fla-causal \
+            --lengths 4096,16384,65536 --repeats 5 --budget-s 60
+        ;;
+    model)
+        phase model "$PYTHON" benchmarks/model_step.py --device cuda --dtype bf16 --preset medium --name model_step-gpu \
+            --models ours,ours-torch,ours-softmax --lengths 4096,16384,65536 --repeats 5 --budget-s 120
+        ;;
+    trainer) phase trainer "$PYTHON" benchmarks/gpu_trainer.py --data "$DATA" --steps 40 --name trainer-gpu ;;
+    parity)
+        phase parity "$PYTHON" benchmarks/parity.py --data "$DATA" --lengths 1024 --seeds 0,1,2 \
+            --variants softmax,favor@111,favor@256,favor@512 --name parity-seeds-gpu
+        ;;
+    *) echo "unknown phase $name (tests correctness attention model trainer parity)"; failed+=("$name") ;;
+    esac
+done
+
+if [ -n "$RESULTS_DIR" ]; then
+    tar czf "$RESULTS_DIR/gpu-results.tar.gz" benchmarks/results/*-gpu*
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu check: FAILED phases: ${failed[*]}"
+    exit 1
+fi
+echo "gpu check: every phase passed ($PHASES)"

@@ -1,10 +1,15 @@
-"""The fused FAVOR+ op on CUDA against the same op on CPU, and a long bf16 step; part of gpu_check.sh.
+"""FAVOR+ on CUDA against the CPU op, and a long bf16 step; part of gpu_check.sh.
 
     python benchmarks/gpu_correctness.py
 
-Exits non-zero (and says which) if a CUDA value or gradient differs from the CPU one beyond
-float32 rounding, or if a bf16 forward + backward at 16384 tokens with large inputs produces a
-non-finite number.
+1. The Triton kernels (float32 inputs) and the torch op on CUDA against the torch op on the CPU:
+   values and gradients, causal / bidirectional / cross attention, padded keys, FAVOR+ and
+   FAVOR++, relative max error below 1e-4.
+2. The Triton kernels with bf16 inputs (tensor cores, bf16 operands, float32 sums) against the
+   CPU op in float32 on the same bf16-rounded inputs: relative max error below 2e-2 (bf16 keeps
+   8 bits), reported for each tensor.
+3. A bf16 forward + backward of a causal decoder at 16384 tokens with large inputs: finite.
+Exits non-zero and says which check failed.
 """
 
 from __future__ import annotations
@@ -16,29 +21,60 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from performer.attention.fused import favor_attention  # noqa: E402
-from performer.feature_maps import gaussian_orthogonal_projection  # noqa: E402
+from performer.attention.fused import favor_attention_torch  # noqa: E402
+from performer.attention.triton import favor_attention_triton  # noqa: E402
+from performer.feature_maps import favorpp_default_a, gaussian_orthogonal_projection  # noqa: E402
 from performer.transformer import PerformerDecoder  # noqa: E402
 
+FLOAT32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 2e-2
 
-def compare_devices(causal: bool, length: int = 1000) -> float:
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, length, 64, generator=generator) for _ in range(3))
-    keep = torch.rand(2, length, generator=generator) > 0.1
-    projection = gaussian_orthogonal_projection(256, 64, seed=0)
-    upstream = torch.randn(2, 4, length, 64, generator=generator)
-    results = []
-    for device in ("cpu", "cuda"):
-        leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
-        out = favor_attention(*leaves, projection.to(device), keep.to(device), causal)
-        grads = torch.autograd.grad(out, leaves, upstream.to(device))
-        results.append([t.detach().cpu() for t in (out, *grads)])
+
+def _run(op, inputs, device, dtype, **kwargs):
+    q, k, v, projection, keep, upstream = inputs
+    leaves = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+    out = op(*leaves, projection.to(device), keep.to(device), **kwargs)
+    grads = torch.autograd.grad(out, leaves, upstream.to(device, dtype))
+    return [t.detach().float().cpu() for t in (out, *grads)]
+
+
+def _inputs(length: int, key_length: int, head_dim: int = 64, scale: float = 1.0):
+    generator = torch.Generator().manual_seed(length + key_length)
+    q = torch.randn(2, 4, length, head_dim, generator=generator) * scale
+    k, v = (torch.randn(2, 4, key_length, head_dim, generator=generator) * scale for _ in range(2))
+    keep = torch.rand(2, key_length, generator=generator) > 0.1
+    projection = gaussian_orthogonal_projection(256, head_dim, seed=0)
+    upstream = torch.randn(2, 4, length, head_dim, generator=generator)
+    return q, k, v, projection, keep, upstream
+
+
+def _worst(label: str, got: list, expected: list) -> float:
     worst = 0.0
-    for name, cpu, cuda in zip(("out", "dq", "dk", "dv"), *results):
-        error = ((cuda - cpu).abs().max() / cpu.abs().max()).item()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        error = ((a - b).abs().max() / b.abs().max()).item()
         worst = max(worst, error)
-        print(f"{'causal' if causal else 'bidirectional'} {name}: relative max error CUDA vs CPU {error:.2e}")
+        print(f"{label} {name}: relative max error {error:.2e}")
     return worst
+
+
+def compare_with_cpu() -> tuple[float, float]:
+    """(worst float32 error of the CUDA paths, worst bf16 error of the kernels) over every case."""
+    worst_float32 = worst_bf16 = 0.0
+    cases = [("causal", 1000, 1000, True), ("bidirectional", 1000, 1000, False), ("cross", 700, 1300, False)]
+    for name, length, key_length, causal in cases:
+        for feature_map, a in (("favor+", None), ("favor++", favorpp_default_a(64))):
+            label = f"{name} {feature_map}"
+            inputs = _inputs(length, key_length)
+            expected = _run(favor_attention_torch, inputs, "cpu", torch.float32, causal=causal, feature_a=a)
+            kernels = _run(favor_attention_triton, inputs, "cuda", torch.float32, causal=causal, feature_a=a)
+            torch_cuda = _run(favor_attention_torch, inputs, "cuda", torch.float32, causal=causal, feature_a=a)
+            worst_float32 = max(worst_float32, _worst(f"{label} triton fp32", kernels, expected))
+            worst_float32 = max(worst_float32, _worst(f"{label} torch-op cuda fp32", torch_cuda, expected))
+            rounded = [x.to(torch.bfloat16).float() for x in inputs[:3]] + list(inputs[3:])
+            expected = _run(favor_attention_torch, rounded, "cpu", torch.float32, causal=causal, feature_a=a)
+            low = _run(favor_attention_triton, rounded, "cuda", torch.bfloat16, causal=causal, feature_a=a)
+            worst_bf16 = max(worst_bf16, _worst(f"{label} triton bf16", low, expected))
+    return worst_float32, worst_bf16
 
 
 def bf16_long_step(length: int = 16384) -> bool:
@@ -55,11 +91,17 @@ def bf16_long_step(length: int = 16384) -> bool:
 
 
 def main() -> int:
-    worst = max(compare_devices(causal=True), compare_devices(causal=False))
+    worst_float32, worst_bf16 = compare_with_cpu()
     finite = bf16_long_step()
-    ok = worst < 1e-4 and finite
-    print("gpu correctness:", "ok" if ok else "FAILED")
-    return 0 if ok else 1
+    failures = []
+    if not worst_float32 < FLOAT32_TOLERANCE:
+        failures.append(f"float32 on CUDA differs from the CPU op by {worst_float32:.2e} (limit {FLOAT32_TOLERANCE})")
+    if not worst_bf16 < BF16_TOLERANCE:
+        failures.append(f"bf16 kernels differ from float32 by {worst_bf16:.2e} (limit {BF16_TOLERANCE})")
+    if not finite:
+        failures.append("the long bf16 step produced a non-finite number")
+    print("gpu correctness:", "ok" if not failures else "FAILED: " + "; ".join(failures))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """One training step (forward, backward, AdamW) of a `small`-shaped encoder-decoder, tokens/s.
 
     python benchmarks/model_step.py
-    python benchmarks/model_step.py --device cuda --dtype bf16 --preset medium --lengths 4096,16384   # GPU check
+    python benchmarks/model_step.py --device cuda --dtype bf16 --preset medium --lengths 4096,16384,65536
 
 Models, all with the `small` preset's shape (d_model 256, 4 heads of 64, 4 + 4 layers, feed-forward
 4 x d_model) and M=256 random features, batch 1, encoder length L, decoder length L/4 (the
 span-corruption shape: targets are about a quarter of the inputs; --decoder-fraction 1 gives
 the decoder as many tokens as the encoder):
 * ours:               PerformerSeq2Seq, FAVOR+ (bidirectional encoder, causal decoder, cross);
+* ours-torch:         ours with FAVOR+ in torch ops on CUDA too (the op before the Triton kernels);
 * ours-softmax:       the same model with exact softmax attention (SDPA);
 * performer-pytorch:  performer-pytorch 1.1 PerformerEncDec of the same shape (GELU feed-forward,
                       untied embeddings), with nearly twice our parameters: 17.9M against 9.5M at
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,6 +101,11 @@ def measure(args) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
     if args.model == "performer-pytorch":
         model, loss_fn, shape = _performer_pytorch(args.preset, args.length, _decoder_length(args), device)
+    elif args.model == "ours-torch":
+        from performer.attention.triton import KERNEL_ENV
+
+        os.environ[KERNEL_ENV] = "torch"  # this worker process only
+        model, loss_fn, shape = _ours(args.preset, "favor", device)
     else:
         model, loss_fn, shape = _ours(args.preset, "softmax" if args.model == "ours-softmax" else "favor", device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -139,7 +146,7 @@ def summarise(records: list[dict]) -> dict:
     for length in sorted({length for _, length in rate}):
         if ("ours", length) not in rate:
             continue
-        for baseline in ("ours-softmax", "performer-pytorch"):
+        for baseline in ("ours-softmax", "performer-pytorch", "ours-torch"):
             if (baseline, length) in rate:
                 summary[f"tokens_per_s_ratio_vs_{baseline}@{length}"] = rate["ours", length] / rate[baseline, length]
     return summary

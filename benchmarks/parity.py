@@ -2,6 +2,8 @@
 
     python benchmarks/parity.py --data runs/data            # all variants, on CUDA if present
     python benchmarks/parity.py --data runs/data --lengths 1024 --steps 200   # a quicker look
+    python benchmarks/parity.py --data runs/data --lengths 1024 --seeds 0,1,2 \
+        --variants softmax,favor@111,favor@256 --name parity-seeds   # mean and spread over seeds, per M
 
 `--data` is a directory made by `performer data prepare` (train/ and heldout/ manifests; `make
 pretrain` makes runs/data). The shards are read once into two flat token arrays (or taken from a
@@ -17,6 +19,10 @@ schedule:
 * favor-redraw:     FAVOR+ with a new draw swapped in every --redraw-interval steps;
 * favor-smooth:     FAVOR+ moving smoothly to a new draw over every --redraw-interval steps;
 * favor++-redraw, favor++-smooth: the same redraws with FAVOR++ features.
+Any variant but softmax takes a feature count: favor@256 is FAVOR+ with M = 256 per head. With
+several --seeds every variant is trained once per seed (batches, held-out batches, initial weights
+and projections all follow the seed) and compared with softmax on the same seed; the table gives
+the mean gap and its smallest and largest.
 The recipe is the trainer's: AdamW with its weight-decay groups (performer.optim), its warmup +
 cosine schedule (launcher.schedule). Held-out loss is measured on the same held-out batches every
 --eval-interval steps, with the projection the last step trained with. The batches
@@ -140,15 +146,19 @@ def build(kind: str, variant: str, vocab_size: int, seed: int, nb_features: int 
     return (PerformerSeq2Seq if kind == "seq2seq" else PerformerLM)(config)
 
 
-def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
+def train(kind, variant, batches, heldout, args, vocab_size, device, seed) -> dict:
     from launcher.schedule import learning_rate, set_learning_rate
     from performer.optim import weight_decay_groups
     from performer.redraw import RedrawSchedule
 
-    model = build(kind, variant, vocab_size, args.seed, args.nb_features).to(device)
+    # "favor@512": the variant with M = 512 features per head (else --nb-features or the default).
+    base_variant, _, features = variant.partition("@")
+    nb_features = int(features) if features else args.nb_features
+    model = build(kind, base_variant, vocab_size, seed, nb_features).to(device)
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
     autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    mode = {"-redraw": "swap", "-smooth": "smooth"}.get(variant[variant.rfind("-") :]) if "-" in variant else None
+    suffix = base_variant[base_variant.rfind("-") :] if "-" in base_variant else None
+    mode = {"-redraw": "swap", "-smooth": "smooth"}.get(suffix)
     redraws = RedrawSchedule(args.redraw_interval, mode) if mode else None
 
     def to_device(batch):
@@ -165,7 +175,7 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
     started = time.perf_counter()
     for step, batch in enumerate(batches, start=1):
         if redraws is not None:
-            model.set_projections_for_step_(args.seed, step, redraws)
+            model.set_projections_for_step_(seed, step, redraws)
         set_learning_rate(optimizer, learning_rate(step, args.lr, args.warmup, len(batches), 0.1))
         with torch.autocast(**autocast):
             loss = model(**to_device(batch)).loss
@@ -191,7 +201,10 @@ def train(kind, variant, batches, heldout, args, vocab_size, device) -> dict:
 
 
 def summarise(records: list[dict]) -> dict:
-    summary = {}
+    """Per kind, length and variant: the held-out loss gap to softmax trained on the same seed's
+    batches and weights, its mean over the seeds ("... vs softmax") and, with several seeds, its
+    smallest and largest ("... vs softmax, min" / "max")."""
+    gaps: dict[str, list[float]] = {}
     for record in records:
         if record["variant"] == "softmax":
             continue
@@ -199,22 +212,38 @@ def summarise(records: list[dict]) -> dict:
             (
                 r
                 for r in records
-                if r["variant"] == "softmax" and r["kind"] == record["kind"] and r["length"] == record["length"]
+                if r["variant"] == "softmax"
+                and (r["kind"], r["length"], r.get("seed")) == (record["kind"], record["length"], record.get("seed"))
             ),
             None,
         )
         if softmax:
-            gap = record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1
-            summary[f"{record['kind']}@{record['length']} {record['variant']} vs softmax"] = gap
+            key = f"{record['kind']}@{record['length']} {record['variant']} vs softmax"
+            gaps.setdefault(key, []).append(record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1)
+    summary = {}
+    for key, values in gaps.items():
+        summary[key] = float(np.mean(values))
+        if len(values) > 1:
+            summary[f"{key}, min"], summary[f"{key}, max"] = min(values), max(values)
     return summary
 
 
 def markdown(results: dict) -> str:
     settings = results["settings"]
     rows = []
+    seeds = sorted({record.get("seed", settings.get("seed", 0)) for record in results["records"]})
     for record in results["records"]:
+        if record.get("seed", seeds[0]) != seeds[0]:
+            continue  # one row per configuration: the first seed's losses, the gap over every seed
         key = f"{record['kind']}@{record['length']} {record['variant']} vs softmax"
         gap = results["summary"].get(key)
+        if gap is None:
+            gap_text = "-"
+        elif f"{key}, min" in results["summary"]:
+            low, high = results["summary"][f"{key}, min"], results["summary"][f"{key}, max"]
+            gap_text = f"{gap:+.1%} ({low:+.1%} to {high:+.1%})"
+        else:
+            gap_text = f"{gap:+.1%}"
         rows.append(
             [
                 record["kind"],
@@ -222,17 +251,24 @@ def markdown(results: dict) -> str:
                 record["variant"],
                 f"{record['final_heldout_loss']:.3f}",
                 f"{math.exp(record['final_heldout_loss']):.1f}",
-                "-" if gap is None else f"{gap:+.1%}",
+                gap_text,
                 f"{record['train_loss_last_50']:.3f}",
             ]
         )
+    seeds_text = (
+        f" Seeds {', '.join(map(str, seeds))}: losses of seed {seeds[0]}, gaps to softmax as the mean over the "
+        "seeds (smallest to largest), each seed against softmax with its own batches and initial weights."
+        if len(seeds) > 1
+        else ""
+    )
     return (
         f"`tiny` models (d_model 128, 4 heads, 2 + 2 layers; the LM 2 layers), {settings['steps_at_1024']} steps of "
         f"{settings['tokens_per_step']:,} tokens at length 1024 (the same tokens per step at 4096), M = "
         f"{settings['nb_features']} features per head, AdamW lr "
         f"{settings['lr']}, redraw every {settings['redraw_interval']} steps, {settings['device']}"
         f"{' (bf16 autocast)' if settings['device'] == 'cuda' else ' (fp32)'}; held-out loss on "
-        f"{settings['heldout_batches']} fixed batches of the held-out split:\n\n"
+        f"{settings['heldout_batches']} fixed batches of the held-out split.{seeds_text} A variant named "
+        "favor@M has M features per head.\n\n"
         + common.table(
             ["model", "length", "attention", "held-out loss", "perplexity", "vs softmax", "train loss (last 50)"], rows
         )
@@ -278,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redraw-interval", type=int, default=100)
     parser.add_argument("--eval-interval", type=int, default=50)
     parser.add_argument("--heldout-batches", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated: every variant is trained once per seed")
     parser.add_argument("--nb-features", type=int, help="FAVOR+ features per head (default round(D ln D) = 111)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", help="results file stem (default: parity, or parity-m<M> with --nb-features M)")
@@ -295,19 +331,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     special = special_tokens(packed)
     records = []
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     for length in (int(n) for n in args.lengths.split(",")):
         rows = max(1, args.tokens_per_step // length)
         steps = args.steps * 1024 // length if length > 1024 else args.steps
         for kind in args.kinds.split(","):
-            batches = make_batches(packed["train"], kind, length, rows, steps, special, seed=args.seed)
-            heldout = make_batches(
-                packed["heldout"], kind, length, rows, args.heldout_batches, special, seed=args.seed + 1
-            )
-            for variant in args.variants.split(","):
-                record = train(kind, variant, batches, heldout, args, special.vocab_size, args.device)
-                record.update(length=length, steps=steps, rows=rows)
-                print(json.dumps({k: v for k, v in record.items() if k != "curve"}), flush=True)
-                records.append(record)
+            for seed in seeds:
+                batches = make_batches(packed["train"], kind, length, rows, steps, special, seed=seed)
+                heldout = make_batches(
+                    packed["heldout"], kind, length, rows, args.heldout_batches, special, seed=seed + 1
+                )
+                for variant in args.variants.split(","):
+                    record = train(kind, variant, batches, heldout, args, special.vocab_size, args.device, seed)
+                    record.update(length=length, steps=steps, rows=rows, seed=seed)
+                    print(json.dumps({k: v for k, v in record.items() if k != "curve"}), flush=True)
+                    records.append(record)
     settings = {
         "device": args.device,
         "steps_at_1024": args.steps,
@@ -315,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "redraw_interval": args.redraw_interval,
         "heldout_batches": args.heldout_batches,
-        "seed": args.seed,
+        "seeds": seeds,
         "nb_features": args.nb_features or "round(D ln D) = 111",
     }
     results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
