@@ -19,13 +19,29 @@ import torch
 from tqdm import tqdm
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 3) -> float:
-    """float32 GEMM FLOP/s of this process (a stand-in for the hardware peak on CPUs)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def measure_peak_flops(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3
+) -> float:
+    """Dense GEMM FLOP/s of this process on ``device`` in ``dtype``: the rate MFU is counted against.
+
+    On a GPU, 4096-square products in the training dtype (bf16 / fp16 on tensor cores); on the CPU,
+    1024-square float32 products (a stand-in for the hardware peak).
+    """
+    device = torch.device(device)
+    size = 1024 if device.type == "cpu" else 4096
+    dtype = torch.float32 if device.type == "cpu" else dtype
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     a @ b  # warm-up
+    synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 

@@ -44,6 +44,9 @@ from launcher.streams import (
 from performer.feature_maps import derive_seed
 from performer.redraw import RedrawSchedule
 
+# The dtype MFU's peak is measured in (launcher.metrics.measure_peak_flops): the training precision's.
+_TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class TooManyNonFinite(RuntimeError):
     pass
@@ -212,7 +215,8 @@ def build_run(
         faults=faults,
         progress=progress,
         last_saved_step=engine.global_steps if resume_tag is not None else -1,
-        peak_flops=config.log.peak_flops_per_rank or measure_peak_flops(),
+        peak_flops=config.log.peak_flops_per_rank
+        or measure_peak_flops(engine.device, _TRAINING_DTYPES[config.precision]),
         micro_batch_flops=flops_per_micro_batch(model, config, stream.config.target_length),
         eval_start=eval_stream.state_dict() if eval_stream is not None else None,
         reported_lost=dict(stream.lost_documents),
@@ -435,8 +439,11 @@ def evaluate(engine, stream, start_state: dict, batches: int) -> dict[str, float
 
 def memory_of_rank(held: dict[str, int] | None) -> dict[str, int]:
     """This rank's model-state bytes by role (taken after the backward of the logged step, before
-    the optimizer step), resident set and peak resident set."""
-    return {**(held or {}), "rss_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes()}
+    the optimizer step), resident set and peak resident set, and on a GPU its peak allocated bytes."""
+    memory = {**(held or {}), "rss_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return memory
 
 
 def log_memory(metrics: MetricsLogger, step: int, ranks: list[dict[str, int]]) -> None:
@@ -448,6 +455,11 @@ def log_memory(metrics: MetricsLogger, step: int, ranks: list[dict[str, int]]) -
         {
             "model_state_bytes": max(r.get("total", 0) for r in ranks),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+            **(
+                {"device_peak_bytes": max(r.get("device_peak_bytes", 0) for r in ranks)}
+                if "device_peak_bytes" in ranks[0]
+                else {}
+            ),
             "per_rank": ranks,
         },
     )
