@@ -27,9 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    raise SystemExit("kernel_resources compiles the kernels: run it without TRITON_INTERPRET")
-
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -125,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block-m", type=int, help="try another feature tile than the plan's")
     parser.add_argument("--chunk", type=int, help="try another chunk than the plan's")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernel_resources compiles the kernels: run it without TRITON_INTERPRET")
     plan_changes = {
         field: value
         for field, value in (("num_warps", args.warps), ("block_m", args.block_m), ("chunk", args.chunk))

@@ -609,6 +609,13 @@ def tokenizer_parity_table(r: Results) -> str:
     return tokenizer_parity.table(r["tokenizer_parity"])
 
 
+def kernel_resources_table(r: Results) -> str:
+    """Registers and spills of the Triton kernels compiled for sm_90."""
+    from benchmarks import kernel_resources
+
+    return kernel_resources.readme_table(r["kernel_resources"])
+
+
 @dataclass(frozen=True)
 class Block:
     sources: tuple[str, ...]
@@ -634,6 +641,7 @@ BLOCKS = {
     "step_overhead": Block(("step_overhead", "step_overhead-before"), step_overhead_table),
     "checkpoint_io": Block(("checkpoint_io",), checkpoint_io_table),
     "scale_control": Block(("scale_on_paper",), scale_control_table),
+    "kernel_resources": Block(("kernel_resources",), kernel_resources_table),
 }
 
 
