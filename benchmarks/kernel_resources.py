@@ -38,7 +38,7 @@ from performer.attention import triton_kernels as kernels  # noqa: E402
 
 # Pointer arguments holding tl.dot operands (the plan's operand dtype) and outputs (the input dtype).
 OPERAND_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "x_ptr", "y_ptr", "value_grad_ptr", "w_hi_ptr", "w_lo_ptr", "local_ptr"}
-OUTPUT_POINTERS = {"out_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+OUTPUT_POINTERS = {"out_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "grad_ptr"}
 FLOAT_SCALARS = {"feature_scale", "sq_scale", "denominator_floor"}
 TRITON_TYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -51,6 +51,7 @@ def variants(head_dims, dtypes, plan_changes, length=16384, nb_features=256):
             plan = dataclasses.replace(favor_triton.make_plan(q, q, q, nb_features, None), **plan_changes)
             base = {"D": head_dim, "dtype": TRITON_TYPE_NAMES[dtype], "C": plan.chunk, "warps": plan.num_warps}
             yield "query_shift_kernel", base, {}, plan
+            yield "output_grad_kernel", base, {}, plan
             for is_query, reverse, causal in [(False, False, True), (False, False, False), (True, True, True)]:
                 flags = dict(
                     IS_QUERY=is_query,
@@ -70,6 +71,7 @@ def compile_variant(name, flags, plan, arch):
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {**plan.compile_options(), **flags}
     num_warps = constexprs.pop("num_warps")
+    constexprs = {key: value for key, value in constexprs.items() if key in names}  # those the kernel takes
     operand = TRITON_TYPE_NAMES[plan.operand_dtype]
     signature, attrs = {}, {}
     for index, arg in enumerate(names):

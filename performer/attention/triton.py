@@ -191,11 +191,12 @@ def _exclusive_scan(totals: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(totals[:, :1]), shifted], dim=1)
 
 
-def _states(x, shift, y, weight, keep, heads, offsets, projection, plan, *, is_query, reverse, causal) -> _States:
+def _states(x, shift, y, weight, keep, offsets, projection, plan, *, is_query, reverse, causal) -> _States:
     """sum phi(x)^T y and sum phi(x) w over rows: per chunk (causal, a scan; reverse = over later
-    chunks) or in total. x, y: (G, L, D); shift, weight: (G, L) or None; keep: (B, L) uint8 or None."""
-    slices, length, head_dim = x.shape
-    nb_features = projection.nb_features
+    chunks) or in total. x, y: (B, H, L, D) in any layout ``_rows`` accepts; shift, weight: (G, L)
+    or None; keep: (B, L) uint8 or None."""
+    batch, heads, length, head_dim = x.shape
+    slices, nb_features = batch * heads, projection.nb_features
     nb_chunks = triton.cdiv(length, plan.chunk)
     feature_tiles = triton.cdiv(nb_features, plan.block_m)
     splits = max(1, min(nb_chunks, triton.cdiv(plan.scan_programs, slices * feature_tiles)))
@@ -209,33 +210,13 @@ def _states(x, shift, y, weight, keep, heads, offsets, projection, plan, *, is_q
     else:
         local, local_sum = totals, total_sums  # not read
     kernels.states_kernel[(slices, feature_tiles, splits)](
-        x,
-        x if shift is None else shift,
-        y,
-        x if weight is None else weight,
-        x if keep is None else keep,
-        projection.logits,
-        projection.logits_low,
-        offsets,
-        local,
-        local_sum,
-        totals,
-        total_sums,
-        length,
-        head_dim,
-        nb_features,
-        heads,
-        nb_chunks,
-        chunks_per_split,
-        nb_features**-0.5,
-        0.5 * head_dim**-0.5,
-        IS_QUERY=is_query,
-        HAS_WEIGHT=weight is not None,
-        HAS_KEEP=keep is not None,
-        REVERSE=reverse,
-        STORE_LOCAL=causal,
-        **plan.compile_options(),
-    )
+        *_rows(x), x if shift is None else shift, *_rows(y), x if weight is None else weight,
+        x if keep is None else keep, projection.logits, projection.logits_low, offsets,
+        local, local_sum, totals, total_sums,
+        length, head_dim, nb_features, heads, nb_chunks, chunks_per_split, nb_features**-0.5, 0.5 * head_dim**-0.5,
+        IS_QUERY=is_query, HAS_WEIGHT=weight is not None, HAS_KEEP=keep is not None, REVERSE=reverse,
+        STORE_LOCAL=causal, **plan.compile_options(),
+    )  # fmt: skip
     if causal:
         # Splits are numbered in scan order (from the end when reverse): carry what came before.
         carry, carry_sum = _exclusive_scan(totals), _exclusive_scan(total_sums)
@@ -244,50 +225,62 @@ def _states(x, shift, y, weight, keep, heads, offsets, projection, plan, *, is_q
     return _States(local, local_sum, carry, carry_sum, nb_chunks, chunks_per_split, splits)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (G, L, D) contiguous."""
-    return x.reshape(-1, *x.shape[-2:]).contiguous()
+def _rows(x: torch.Tensor) -> tuple:
+    """A (B, H, L, D) tensor as the kernels take it: the pointer and the batch, head and sequence
+    strides (the head dim must be contiguous; any order of the other three works, so the (B, L, H, D)
+    views attention modules make are read in place)."""
+    return x, x.stride(0), x.stride(1), x.stride(2)
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself when the kernels can read it in place (contiguous head dim, 32-bit row offsets), else a copy."""
+    if x.stride(-1) != 1 or x.shape[2] * x.stride(2) >= 2**31:
+        x = x.contiguous()
+    if x.shape[2] * x.stride(2) >= 2**31:
+        raise ValueError(
+            f"a sequence of {x.shape[2]} tokens of {x.shape[1]} x {x.shape[3]} is beyond the kernels' offsets"
+        )
+    return x
+
+
+def _empty_sequence_major(
+    batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor, dtype
+) -> torch.Tensor:
+    """An empty (B, H, L, D) tensor laid out as (B, L, H, D): "b h l d -> b l (h d)" is then a view."""
+    return like.new_empty((batch, length, heads, head_dim), dtype=dtype).transpose(1, 2)
 
 
 class _TritonFavorAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, feature_a, key_keep, causal, plan):
+        q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
         batch, heads, query_length, head_dim = q.shape
         key_length = k.shape[2]
+        slices = batch * heads
         weights = _Projection.of(projection, feature_a, head_dim, plan)
-        flat_q, flat_k, flat_v = _flat(q), _flat(k), _flat(v)
-        slices = flat_q.shape[0]
         keep = None if key_keep is None else key_keep.expand(batch, key_length).to(torch.uint8).contiguous()
         options = plan.compile_options()
         query_blocks = triton.cdiv(query_length, plan.chunk)
-
-        shift = flat_q.new_empty((slices, query_length), dtype=torch.float32)
         projection_args = (weights.logits, weights.logits_low)
+
+        shift = q.new_empty((slices, query_length), dtype=torch.float32)
         kernels.query_shift_kernel[(slices, query_blocks)](
-            flat_q,
-            *projection_args,
-            weights.query_offsets,
-            shift,
-            query_length,
-            head_dim,
-            weights.nb_features,
-            **options,
-        )
-        key_states = _states(
-            flat_k, None, flat_v, None, keep, heads, weights.key_offsets, weights, plan,
-            is_query=False, reverse=False, causal=causal,
+            *_rows(q), *projection_args, weights.query_offsets, shift,
+            query_length, heads, head_dim, weights.nb_features, **options,
         )  # fmt: skip
-        out = flat_q.new_empty((slices, query_length, head_dim), dtype=v.dtype)
-        denominator = flat_q.new_empty((slices, query_length), dtype=torch.float32)
+        key_states = _states(
+            k, None, v, None, keep, weights.key_offsets, weights, plan, is_query=False, reverse=False, causal=causal
+        )
+        out = _empty_sequence_major(batch, heads, query_length, head_dim, q, v.dtype)
+        denominator = q.new_empty((slices, query_length), dtype=torch.float32)
         kernels.output_kernel[(slices, query_blocks)](
-            flat_q, shift, flat_k, flat_v, flat_q if keep is None else keep,
+            *_rows(q), shift, *_rows(k), *_rows(v), q if keep is None else keep,
             *projection_args, weights.query_offsets, weights.key_offsets,
-            *key_states.args(), out, denominator,
+            *key_states.args(), *_rows(out), denominator,
             query_length, key_length, head_dim, weights.nb_features, heads, *key_states.sizes(),
             weights.nb_features**-0.5, 0.5 * head_dim**-0.5, DENOMINATOR_FLOOR,
             CAUSAL=causal, HAS_KEEP=keep is not None, **options,
         )  # fmt: skip
-        out = out.view(batch, heads, query_length, head_dim)
         ctx.save_for_backward(
             q, k, v, weights.logits, weights.logits_low, weights.query_offsets, weights.key_offsets,
             keep, shift, out, denominator,
@@ -300,53 +293,50 @@ class _TritonFavorAttention(torch.autograd.Function):
         q, k, v, logits, logits_low, query_offsets, key_offsets, keep, shift, out, denominator = ctx.saved_tensors
         plan, causal = ctx.plan, ctx.causal
         weights = _Projection(logits, logits_low, query_offsets, key_offsets)
-        heads, query_length, head_dim = q.shape[1], q.shape[2], q.shape[3]
-        key_length = k.shape[2]
-        flat_q, flat_k, flat_v = _flat(q), _flat(k), _flat(v)
-        slices = flat_q.shape[0]
+        batch, heads, query_length, head_dim = q.shape
+        key_length, slices = k.shape[2], batch * heads
+        grad_out = _kernel_layout(grad_out)
         options = plan.compile_options()
         projection_args = (weights.logits, weights.logits_low)
         sizes_args = (query_length, key_length, head_dim, weights.nb_features, heads)
         scale_args = (weights.nb_features**-0.5, 0.5 * head_dim**-0.5)
-        keep_arg = flat_q if keep is None else keep
+        keep_arg = q if keep is None else keep
 
-        # Gradients of the numerator's value columns and of the normaliser (fused.py's dN): zero
-        # where no key was visible.
-        grad = _flat(grad_out).float()
-        has_key = denominator > DENOMINATOR_FLOOR
-        inverse = torch.where(has_key, 1.0 / torch.where(has_key, denominator, 1.0), 0.0)  # (G, Lq)
-        value_grad = (grad * inverse.unsqueeze(-1)).to(plan.state_dtype)  # (G, Lq, D)
-        normaliser_grad = -(grad * _flat(out).float()).sum(-1) * inverse  # (G, Lq)
-        del grad
+        # Gradients of the numerator's value columns and of the normaliser (fused.py's dN), in
+        # one pass over dout and out: no float32 copy of either.
+        value_grad = q.new_empty((batch, heads, query_length, head_dim), dtype=plan.state_dtype)
+        normaliser_grad = q.new_empty((slices, query_length), dtype=torch.float32)
+        kernels.output_grad_kernel[(slices, triton.cdiv(query_length, plan.chunk))](
+            *_rows(grad_out), *_rows(out), denominator, *_rows(value_grad), normaliser_grad,
+            query_length, heads, head_dim, DENOMINATOR_FLOOR,
+            C=plan.chunk, BLOCK_D=plan.block_d, num_warps=plan.num_warps,
+        )  # fmt: skip
 
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:
             key_states = _states(
-                flat_k, None, flat_v, None, keep, heads, weights.key_offsets, weights, plan,
-                is_query=False, reverse=False, causal=causal,
-            )  # fmt: skip
-            dq = torch.empty_like(flat_q)
+                k, None, v, None, keep, weights.key_offsets, weights, plan, is_query=False, reverse=False, causal=causal
+            )
+            dq = torch.empty_like(q)
             kernels.query_grad_kernel[(slices, triton.cdiv(query_length, plan.chunk))](
-                flat_q, shift, flat_k, flat_v, keep_arg, value_grad, normaliser_grad,
+                *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, *_rows(value_grad), normaliser_grad,
                 *projection_args, weights.query_offsets, weights.key_offsets,
-                *key_states.args(), dq, *sizes_args, *key_states.sizes(), *scale_args,
+                *key_states.args(), *_rows(dq), *sizes_args, *key_states.sizes(), *scale_args,
                 CAUSAL=causal, HAS_KEEP=keep is not None, **options,
             )  # fmt: skip
             del key_states
-            dq = dq.view_as(q)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             query_states = _states(
-                flat_q, shift, value_grad, normaliser_grad, None, heads, weights.query_offsets, weights, plan,
+                q, shift, value_grad, normaliser_grad, None, weights.query_offsets, weights, plan,
                 is_query=True, reverse=True, causal=causal,
             )  # fmt: skip
-            dk, dv = torch.empty_like(flat_k), torch.empty_like(flat_v)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
             kernels.key_value_grad_kernel[(slices, triton.cdiv(key_length, plan.chunk))](
-                flat_q, shift, flat_k, flat_v, keep_arg, value_grad, normaliser_grad,
+                *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, *_rows(value_grad), normaliser_grad,
                 *projection_args, weights.query_offsets, weights.key_offsets,
-                *query_states.args(), dk, dv, *sizes_args, *query_states.sizes(), *scale_args,
+                *query_states.args(), *_rows(dk), *_rows(dv), *sizes_args, *query_states.sizes(), *scale_args,
                 CAUSAL=causal, HAS_KEEP=keep is not None, **options,
             )  # fmt: skip
-            dk, dv = dk.view_as(k), dv.view_as(v)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -1,8 +1,9 @@
 """Triton kernels of FAVOR+ / FAVOR++ attention: the feature map inside, states in float32.
 
-Axis legend: G = B*H slices, L / Lq / Lk sequence, D head dim (BLOCK_D: D rounded up to a power of
-two, at least 16), M random features (taken BLOCK_M at a time), C chunk (block) length, N chunks,
-S splits of the chunks (programs that scan one part of the sequence each).
+Axis legend: B batch, H heads, G = B*H slices (slice g = b H + h), L / Lq / Lk sequence, D head
+dim (BLOCK_D: D rounded up to a power of two, at least 16), M random features (taken BLOCK_M at a
+time), C chunk (block) length, N chunks, S splits of the chunks (programs that scan one part of
+the sequence each).
 
 The launches, the plan of block sizes and the autograd wiring are in ``performer.attention.triton``;
 the maths is that of ``performer.attention.fused`` (read its docstring first). In short, with the
@@ -42,15 +43,29 @@ def _operand(x, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, slice_index, rows, length, width, columns, DOT: tl.constexpr):
-    """(C, BLOCK_D) tile of the (G, L, width) contiguous tensor at ptr, zeros outside.
+def _row_offsets(stride_b, stride_h, stride_l, slice_index, heads, rows, columns):
+    """(scalar int64 base, (C, BLOCK_D) int32 offsets) of rows of slice ``slice_index`` (= b H + h)
+    in a (B, H, L, width) tensor with strides (stride_b, stride_h, stride_l, 1): any layout with
+    contiguous head dims, (B, L, H, D) views included. The wrapper checks L stride_l < 2^31."""
+    base = (slice_index // heads).to(tl.int64) * stride_b + (slice_index % heads).to(tl.int64) * stride_h
+    return base, rows[:, None] * stride_l + columns[None, :]
 
-    Rows of slice ``slice_index``; int64 offsets (G L D exceeds 2^31 at long lengths).
-    """
-    base = slice_index.to(tl.int64) * length * width
+
+@triton.jit
+def _load_rows(ptr, stride_b, stride_h, stride_l, slice_index, heads, rows, length, width, columns, DOT: tl.constexpr):
+    """(C, BLOCK_D) tile of a (B, H, L, width) tensor (strides as ``_row_offsets``), zeros outside."""
+    base, offsets = _row_offsets(stride_b, stride_h, stride_l, slice_index, heads, rows, columns)
     mask = (rows[:, None] >= 0) & (rows[:, None] < length) & (columns[None, :] < width)
-    tile = tl.load(ptr + base + rows[:, None] * width + columns[None, :], mask=mask, other=0.0)
+    tile = tl.load(ptr + base + offsets, mask=mask, other=0.0)
     return _operand(tile, DOT)
+
+
+@triton.jit
+def _store_rows(ptr, stride_b, stride_h, stride_l, slice_index, heads, rows, length, width, columns, value):
+    """Store the (C, BLOCK_D) tile ``value`` into rows of a (B, H, L, width) tensor, inside it only."""
+    base, offsets = _row_offsets(stride_b, stride_h, stride_l, slice_index, heads, rows, columns)
+    mask = (rows[:, None] >= 0) & (rows[:, None] < length) & (columns[None, :] < width)
+    tl.store(ptr + base + offsets, value, mask=mask)
 
 
 @triton.jit
@@ -183,11 +198,15 @@ def _state_vector(local_ptr, carry_ptr, local_row, carry_row, features, M, CAUSA
 @triton.jit
 def query_shift_kernel(
     q_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_l,
     w_hi_ptr,
     w_lo_ptr,
     offsets_ptr,
     shift_ptr,
     length,
+    heads,
     D,
     M,
     C: tl.constexpr,
@@ -201,7 +220,7 @@ def query_shift_kernel(
     slice_index = tl.program_id(0)
     rows = tl.program_id(1) * C + tl.arange(0, C)
     columns = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr, slice_index, rows, length, D, columns, DOT)
+    q = _load_rows(q_ptr, q_stride_b, q_stride_h, q_stride_l, slice_index, heads, rows, length, D, columns, DOT)
     shift = tl.full((C,), float("-inf"), tl.float32)
     for feature_start in range(0, M, BLOCK_M):
         features = feature_start + tl.arange(0, BLOCK_M)
@@ -215,8 +234,14 @@ def query_shift_kernel(
 @triton.jit
 def states_kernel(
     x_ptr,
+    x_stride_b,
+    x_stride_h,
+    x_stride_l,
     shift_ptr,
     y_ptr,
+    y_stride_b,
+    y_stride_h,
+    y_stride_l,
     weight_ptr,
     keep_ptr,
     w_hi_ptr,
@@ -280,7 +305,7 @@ def states_kernel(
             valid = (rows >= 0) & (rows < length)
         else:
             valid = _valid_keys(keep_ptr, slice_index, heads, rows, length, HAS_KEEP)
-        x = _load_rows(x_ptr, slice_index, rows, length, D, columns, DOT)
+        x = _load_rows(x_ptr, x_stride_b, x_stride_h, x_stride_l, slice_index, heads, rows, length, D, columns, DOT)
         if IS_QUERY:
             shift = _load_row_values(shift_ptr, slice_index, rows, length)
             half_sq_norm = shift  # unused by query features
@@ -304,7 +329,11 @@ def states_kernel(
             SPLIT,
             PRECISION,
         )
-        y = tl.where(valid[:, None], _load_rows(y_ptr, slice_index, rows, length, D, columns, DOT), 0.0)
+        y = tl.where(
+            valid[:, None],
+            _load_rows(y_ptr, y_stride_b, y_stride_h, y_stride_l, slice_index, heads, rows, length, D, columns, DOT),
+            0.0,
+        )
         state += tl.dot(tl.trans(_operand(phi, DOT)), _operand(y, DOT), input_precision=PRECISION)
         if HAS_WEIGHT:
             weight = _load_row_values(weight_ptr, slice_index, rows, length)
@@ -319,9 +348,18 @@ def states_kernel(
 @triton.jit
 def output_kernel(
     q_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_l,
     shift_ptr,
     k_ptr,
+    k_stride_b,
+    k_stride_h,
+    k_stride_l,
     v_ptr,
+    v_stride_b,
+    v_stride_h,
+    v_stride_l,
     keep_ptr,
     w_hi_ptr,
     w_lo_ptr,
@@ -332,6 +370,9 @@ def output_kernel(
     carry_ptr,
     carry_sum_ptr,
     out_ptr,
+    out_stride_b,
+    out_stride_h,
+    out_stride_l,
     denominator_ptr,
     query_length,
     key_length,
@@ -364,15 +405,21 @@ def output_kernel(
     local_row, carry_row = _state_rows(slice_index, chunk, nb_chunks, chunks_per_split, nb_splits, CAUSAL, False)
     rows = chunk * C + tl.arange(0, C)
     columns = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr, slice_index, rows, query_length, D, columns, DOT)
+    q = _load_rows(q_ptr, q_stride_b, q_stride_h, q_stride_l, slice_index, heads, rows, query_length, D, columns, DOT)
     shift = _load_row_values(shift_ptr, slice_index, rows, query_length)
     query_valid = rows < query_length
     numerator = tl.zeros((C, BLOCK_D), tl.float32)
     denominator = tl.zeros((C,), tl.float32)
     if CAUSAL:
         key_valid = _valid_keys(keep_ptr, slice_index, heads, rows, key_length, HAS_KEEP)
-        k = _load_rows(k_ptr, slice_index, rows, key_length, D, columns, DOT)
-        v = tl.where(key_valid[:, None], _load_rows(v_ptr, slice_index, rows, key_length, D, columns, DOT), 0.0)
+        k = _load_rows(k_ptr, k_stride_b, k_stride_h, k_stride_l, slice_index, heads, rows, key_length, D, columns, DOT)
+        v = tl.where(
+            key_valid[:, None],
+            _load_rows(
+                v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, DOT
+            ),
+            0.0,
+        )
         key_half_sq_norm = _half_square_norm(k, sq_scale)
         scores = tl.zeros((C, C), tl.float32)
     for feature_start in range(0, M, BLOCK_M):
@@ -423,20 +470,80 @@ def output_kernel(
         denominator += tl.sum(scores, axis=1)
     has_key = denominator > denominator_floor
     inverse = tl.where(has_key, 1.0 / tl.where(has_key, denominator, 1.0), 0.0)
-    out_base = slice_index.to(tl.int64) * query_length
-    out_mask = query_valid[:, None] & (columns[None, :] < D)
-    tl.store(out_ptr + (out_base + rows[:, None]) * D + columns[None, :], numerator * inverse[:, None], mask=out_mask)
-    tl.store(denominator_ptr + out_base + rows, denominator, mask=query_valid)
+    _store_rows(
+        out_ptr, out_stride_b, out_stride_h, out_stride_l, slice_index, heads, rows, query_length, D, columns,
+        numerator * inverse[:, None],
+    )  # fmt: skip
+    tl.store(denominator_ptr + slice_index.to(tl.int64) * query_length + rows, denominator, mask=query_valid)
+
+
+@triton.jit
+def output_grad_kernel(
+    grad_ptr,
+    grad_stride_b,
+    grad_stride_h,
+    grad_stride_l,
+    out_ptr,
+    out_stride_b,
+    out_stride_h,
+    out_stride_l,
+    denominator_ptr,
+    value_grad_ptr,
+    value_grad_stride_b,
+    value_grad_stride_h,
+    value_grad_stride_l,
+    normaliser_grad_ptr,
+    length,
+    heads,
+    D,
+    denominator_floor,
+    C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """What the backward kernels read of the output gradient, zero where no key was visible:
+    value_grad (G, Lq, D) = dout / den and normaliser_grad (G, Lq) = -(dout . out) / den.
+    Grid (G, cdiv(Lq, C)); float32 arithmetic whatever the dtypes stored.
+    """
+    slice_index = tl.program_id(0)
+    rows = tl.program_id(1) * C + tl.arange(0, C)
+    columns = tl.arange(0, BLOCK_D)
+    grad = _load_rows(
+        grad_ptr, grad_stride_b, grad_stride_h, grad_stride_l, slice_index, heads, rows, length, D, columns, tl.float32
+    )
+    out = _load_rows(
+        out_ptr, out_stride_b, out_stride_h, out_stride_l, slice_index, heads, rows, length, D, columns, tl.float32
+    )
+    denominator = _load_row_values(denominator_ptr, slice_index, rows, length)
+    has_key = denominator > denominator_floor
+    inverse = tl.where(has_key, 1.0 / tl.where(has_key, denominator, 1.0), 0.0)
+    _store_rows(
+        value_grad_ptr, value_grad_stride_b, value_grad_stride_h, value_grad_stride_l, slice_index, heads, rows,
+        length, D, columns, grad * inverse[:, None],
+    )  # fmt: skip
+    normaliser_grad = -tl.sum(grad * out, axis=1) * inverse
+    tl.store(normaliser_grad_ptr + slice_index.to(tl.int64) * length + rows, normaliser_grad, mask=rows < length)
 
 
 @triton.jit
 def query_grad_kernel(
     q_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_l,
     shift_ptr,
     k_ptr,
+    k_stride_b,
+    k_stride_h,
+    k_stride_l,
     v_ptr,
+    v_stride_b,
+    v_stride_h,
+    v_stride_l,
     keep_ptr,
     value_grad_ptr,
+    value_grad_stride_b,
+    value_grad_stride_h,
+    value_grad_stride_l,
     normaliser_grad_ptr,
     w_hi_ptr,
     w_lo_ptr,
@@ -447,6 +554,9 @@ def query_grad_kernel(
     carry_ptr,
     carry_sum_ptr,
     dq_ptr,
+    dq_stride_b,
+    dq_stride_h,
+    dq_stride_l,
     query_length,
     key_length,
     D,
@@ -478,16 +588,34 @@ def query_grad_kernel(
     local_row, carry_row = _state_rows(slice_index, chunk, nb_chunks, chunks_per_split, nb_splits, CAUSAL, False)
     rows = chunk * C + tl.arange(0, C)
     columns = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr, slice_index, rows, query_length, D, columns, DOT)
+    q = _load_rows(q_ptr, q_stride_b, q_stride_h, q_stride_l, slice_index, heads, rows, query_length, D, columns, DOT)
     shift = _load_row_values(shift_ptr, slice_index, rows, query_length)
     query_valid = rows < query_length
-    value_grad = _load_rows(value_grad_ptr, slice_index, rows, query_length, D, columns, DOT)
+    value_grad = _load_rows(
+        value_grad_ptr,
+        value_grad_stride_b,
+        value_grad_stride_h,
+        value_grad_stride_l,
+        slice_index,
+        heads,
+        rows,
+        query_length,
+        D,
+        columns,
+        DOT,
+    )
     normaliser_grad = _load_row_values(normaliser_grad_ptr, slice_index, rows, query_length)
     input_grad = tl.zeros((C, BLOCK_D), tl.float32)
     if CAUSAL:
         key_valid = _valid_keys(keep_ptr, slice_index, heads, rows, key_length, HAS_KEEP)
-        k = _load_rows(k_ptr, slice_index, rows, key_length, D, columns, DOT)
-        v = tl.where(key_valid[:, None], _load_rows(v_ptr, slice_index, rows, key_length, D, columns, DOT), 0.0)
+        k = _load_rows(k_ptr, k_stride_b, k_stride_h, k_stride_l, slice_index, heads, rows, key_length, D, columns, DOT)
+        v = tl.where(
+            key_valid[:, None],
+            _load_rows(
+                v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, DOT
+            ),
+            0.0,
+        )
         key_half_sq_norm = _half_square_norm(k, sq_scale)
         # (C queries, C keys): dN_v_i . v_j + dN_1_i for j <= i.
         pair_grad = tl.dot(_operand(value_grad, DOT), tl.trans(_operand(v, DOT)), input_precision=PRECISION)
@@ -540,19 +668,31 @@ def query_grad_kernel(
             other=0.0,
         )
         input_grad += tl.dot(_operand(feature_grad * phi_q, DOT), _operand(weights, DOT), input_precision=PRECISION)
-    out_mask = query_valid[:, None] & (columns[None, :] < D)
-    offsets = (slice_index.to(tl.int64) * query_length + rows[:, None]) * D + columns[None, :]
-    tl.store(dq_ptr + offsets, input_grad, mask=out_mask)
+    _store_rows(
+        dq_ptr, dq_stride_b, dq_stride_h, dq_stride_l, slice_index, heads, rows, query_length, D, columns, input_grad
+    )
 
 
 @triton.jit
 def key_value_grad_kernel(
     q_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_l,
     shift_ptr,
     k_ptr,
+    k_stride_b,
+    k_stride_h,
+    k_stride_l,
     v_ptr,
+    v_stride_b,
+    v_stride_h,
+    v_stride_l,
     keep_ptr,
     value_grad_ptr,
+    value_grad_stride_b,
+    value_grad_stride_h,
+    value_grad_stride_l,
     normaliser_grad_ptr,
     w_hi_ptr,
     w_lo_ptr,
@@ -563,7 +703,13 @@ def key_value_grad_kernel(
     carry_ptr,
     carry_sum_ptr,
     dk_ptr,
+    dk_stride_b,
+    dk_stride_h,
+    dk_stride_l,
     dv_ptr,
+    dv_stride_b,
+    dv_stride_h,
+    dv_stride_l,
     query_length,
     key_length,
     D,
@@ -596,17 +742,35 @@ def key_value_grad_kernel(
     rows = chunk * C + tl.arange(0, C)
     columns = tl.arange(0, BLOCK_D)
     key_valid = _valid_keys(keep_ptr, slice_index, heads, rows, key_length, HAS_KEEP)
-    k = _load_rows(k_ptr, slice_index, rows, key_length, D, columns, DOT)
-    v = tl.where(key_valid[:, None], _load_rows(v_ptr, slice_index, rows, key_length, D, columns, DOT), 0.0)
+    k = _load_rows(k_ptr, k_stride_b, k_stride_h, k_stride_l, slice_index, heads, rows, key_length, D, columns, DOT)
+    v = tl.where(
+        key_valid[:, None],
+        _load_rows(v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, DOT),
+        0.0,
+    )
     key_half_sq_norm = _half_square_norm(k, sq_scale)
     input_grad = tl.zeros((C, BLOCK_D), tl.float32)
     weighted_sum = tl.zeros((C,), tl.float32)
     dv = tl.zeros((C, BLOCK_D), tl.float32)
     if CAUSAL:
-        q = _load_rows(q_ptr, slice_index, rows, query_length, D, columns, DOT)
+        q = _load_rows(
+            q_ptr, q_stride_b, q_stride_h, q_stride_l, slice_index, heads, rows, query_length, D, columns, DOT
+        )
         shift = _load_row_values(shift_ptr, slice_index, rows, query_length)
         query_valid = rows < query_length
-        value_grad = _load_rows(value_grad_ptr, slice_index, rows, query_length, D, columns, DOT)
+        value_grad = _load_rows(
+            value_grad_ptr,
+            value_grad_stride_b,
+            value_grad_stride_h,
+            value_grad_stride_l,
+            slice_index,
+            heads,
+            rows,
+            query_length,
+            D,
+            columns,
+            DOT,
+        )
         normaliser_grad = _load_row_values(normaliser_grad_ptr, slice_index, rows, query_length)
         # (C keys, C queries): v_j . dN_v_i + dN_1_i for i >= j.
         pair_grad = tl.dot(_operand(v, DOT), tl.trans(_operand(value_grad, DOT)), input_precision=PRECISION)
@@ -669,7 +833,11 @@ def key_value_grad_kernel(
         transposed_scores = tl.where(later, transposed_scores, 0.0)
         dv += tl.dot(_operand(transposed_scores, DOT), _operand(value_grad, DOT), input_precision=PRECISION)
     input_grad -= weighted_sum[:, None] * k.to(tl.float32) * (2.0 * sq_scale)
-    in_range = (rows[:, None] < key_length) & (columns[None, :] < D)
-    offsets = (slice_index.to(tl.int64) * key_length + rows[:, None]) * D + columns[None, :]
-    tl.store(dk_ptr + offsets, tl.where(key_valid[:, None], input_grad, 0.0), mask=in_range)
-    tl.store(dv_ptr + offsets, tl.where(key_valid[:, None], dv, 0.0), mask=in_range)
+    _store_rows(
+        dk_ptr, dk_stride_b, dk_stride_h, dk_stride_l, slice_index, heads, rows, key_length, D, columns,
+        tl.where(key_valid[:, None], input_grad, 0.0),
+    )  # fmt: skip
+    _store_rows(
+        dv_ptr, dv_stride_b, dv_stride_h, dv_stride_l, slice_index, heads, rows, key_length, D, columns,
+        tl.where(key_valid[:, None], dv, 0.0),
+    )  # fmt: skip

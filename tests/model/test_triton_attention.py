@@ -31,7 +31,7 @@ def a(request):
     return None if request.param == "favor+" else favorpp_default_a(16)
 
 
-def _inputs(batch=2, heads=2, length=37, head_dim=16, nb_features=40, key_length=None, seed=0):
+def _inputs(batch=2, heads=2, length=37, head_dim=16, nb_features=24, key_length=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
     key_length = key_length or length
     projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=seed).to(DEVICE)
@@ -70,8 +70,9 @@ def _assert_same(got, expected, atol=2e-5, rtol=1e-4, grad_rtol=1e-3):
         torch.testing.assert_close(grad_a, grad_b, atol=atol, rtol=grad_rtol, msg=f"d{name} differs")
 
 
-# Chunk edges at C = 16: shorter than a chunk, exactly one, one past, several with a tail.
-@pytest.mark.parametrize("length", [1, 15, 16, 17, 64, 83])
+# Chunk edges at C = 16: shorter than a chunk, exactly one, one past, several with a tail. M = 24:
+# a full tile of 16 features and a partial one.
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 53])
 def test_causal_equals_quadratic(length, a):
     q, k, v, projection = _inputs(length=length)
     _assert_same(_kernel(q, k, v, projection, causal=True, a=a), _naive(q, k, v, projection, causal=True, a=a))
@@ -99,15 +100,15 @@ def test_padded_keys_equal_quadratic(causal, a):
     [
         {"scan_programs": 1},  # one program scans every chunk: no carry between splits
         {"scan_programs": 10_000},  # one chunk per split: every state comes from the carry
-        {"block_m": 32},  # M = 40 in tiles of 32: a partial last tile (the default, 16, has one too)
+        {"block_m": 32},  # M = 24 in one tile of 32 (the default, 16, leaves a partial second tile)
         {"chunk": 32},
     ],
     ids=lambda changes: ",".join(f"{key}={value}" for key, value in changes.items()),
 )
 @pytest.mark.parametrize("causal", [True, False])
 def test_every_plan_gives_the_same_attention(plan_changes, causal):
-    q, k, v, projection = _inputs(length=83)
-    key_padding = (torch.arange(83) < 70).expand(2, 83).to(DEVICE)
+    q, k, v, projection = _inputs(length=53)
+    key_padding = (torch.arange(53) < 45).expand(2, 53).to(DEVICE)
     _assert_same(
         _kernel(q, k, v, projection, key_padding, causal, plan_changes=plan_changes),
         _naive(q, k, v, projection, key_padding, causal),
@@ -129,9 +130,29 @@ def test_split_logits(causal):
 
 def test_same_as_the_torch_op_at_the_default_chunk(a):
     """Without a chunk size the kernels take their own default (64 here): still the same values."""
-    q, k, v, projection = _inputs(length=150, nb_features=70)
+    q, k, v, projection = _inputs(length=150, nb_features=40)
     out = favor_triton.favor_attention_triton(q, k, v, projection, causal=True, feature_a=a)
     torch.testing.assert_close(out, favor_attention_torch(q, k, v, projection, causal=True, feature_a=a))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_inputs_are_read_in_place(causal):
+    """q, k, v as attention modules make them ((B, L, H, D) memory seen as (B, H, L, D)) and as
+    slices of one fused projection: the same attention and gradients as contiguous inputs, and
+    the output laid out so that "b h l d -> b l (h d)" needs no copy."""
+    q, k, v, projection = _inputs(length=40)
+    expected = _naive(q, k, v, projection, causal=causal)
+    generator = torch.Generator().manual_seed(3)
+    fused = torch.randn(2, 40, 3, 2, 16, generator=generator).to(DEVICE)  # (B, L, q/k/v, H, D)
+    fused[:, :, 0], fused[:, :, 1], fused[:, :, 2] = (x.detach().transpose(1, 2) for x in (q, k, v))
+    fused.requires_grad_()
+    views = [fused[:, :, index].transpose(1, 2) for index in range(3)]  # (B, H, L, D), strided
+    assert not any(view.is_contiguous() for view in views)
+    out = favor_triton.favor_attention_triton(*views, projection, causal=causal, chunk_size=16)
+    assert out.transpose(1, 2).is_contiguous()
+    (grad,) = torch.autograd.grad((out * _upstream(out)).sum(), fused)
+    grads = tuple(grad[:, :, index].transpose(1, 2) for index in range(3))
+    _assert_same((out.detach(), grads), expected)
 
 
 def test_causality_is_exact():
