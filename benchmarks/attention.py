@@ -90,7 +90,7 @@ def build(implementation: str, length: int, heads: int, head_dim: int, nb_featur
     elif device == "cuda" and implementation in ("ours-causal", "ours-bidirectional"):
         from performer.attention.triton import default_chunk
 
-        chunk = default_chunk(length)
+        chunk = default_chunk(length, head_dim)
     else:
         chunk = default_chunk_size(nb_features)
 

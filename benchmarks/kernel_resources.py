@@ -49,7 +49,13 @@ def variants(head_dims, dtypes, plan_changes, length=16384, nb_features=256):
         for head_dim in head_dims:
             q = torch.empty(1, 1, length, head_dim, dtype=dtype, device="meta")
             plan = dataclasses.replace(favor_triton.make_plan(q, q, q, nb_features, None), **plan_changes)
-            base = {"D": head_dim, "dtype": TRITON_TYPE_NAMES[dtype], "C": plan.chunk, "warps": plan.num_warps}
+            base = {
+                "D": head_dim,
+                "dtype": TRITON_TYPE_NAMES[dtype],
+                "C": plan.chunk,
+                "warps": plan.num_warps,
+                "stages": plan.num_stages,
+            }
             yield "query_shift_kernel", base, {}, plan
             yield "output_grad_kernel", base, {}, plan
             for is_query, reverse, causal in [(False, False, True), (False, False, False), (True, True, True)]:
@@ -70,7 +76,7 @@ def compile_variant(name, flags, plan, arch):
     fn = getattr(kernels, name)
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {**plan.compile_options(), **flags}
-    num_warps = constexprs.pop("num_warps")
+    launch = {"num_warps": constexprs.pop("num_warps"), "num_stages": constexprs.pop("num_stages")}
     constexprs = {key: value for key, value in constexprs.items() if key in names}  # those the kernel takes
     operand = TRITON_TYPE_NAMES[plan.operand_dtype]
     signature, attrs = {}, {}
@@ -98,7 +104,7 @@ def compile_variant(name, flags, plan, arch):
         attrs=attrs,
     )
     started = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch)
     seconds = time.perf_counter() - started
     return compiled, seconds
 

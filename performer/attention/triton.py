@@ -81,6 +81,7 @@ class KernelPlan:
     scan_programs: int
     """Programs a scan over the chunks is spread over (with the slices and feature tiles)."""
     num_warps: int
+    num_stages: int
 
     @property
     def precision(self) -> str:
@@ -101,6 +102,7 @@ class KernelPlan:
             SPLIT=self.split_logits,
             PRECISION=self.precision,
             num_warps=self.num_warps,
+            num_stages=self.num_stages,
         )
 
 
@@ -108,17 +110,35 @@ def _power_of_two_at_least(value: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(value, 1)))))
 
 
-def default_chunk(length: int) -> int:
-    """C when the caller sets none: 64, and 128 from 32k tokens on, where per-chunk states
-    (N M D per slice) would otherwise outweigh q, k and v together."""
-    return 64 if length < 32768 else 128
+# C at most: the (C, C) score tiles of the causal kernels live in registers; 128 is the largest
+# compiled for sm_90 and read off its cubins (benchmarks/kernel_resources.py --chunk 128).
+MAX_CHUNK = 128
+# CUDA grids have at most 65535 programs on their second axis, where the chunks are.
+MAX_CHUNKS = 65535
+
+
+def default_chunk(length: int, head_dim: int) -> int:
+    """C when the caller sets none: 64; 128 from 32k tokens on at head dims up to 64, where
+    per-chunk states (N M D per slice) would otherwise outweigh q, k and v together (at 128 the
+    causal kernels would spill registers)."""
+    return 128 if length >= 32768 and head_dim <= 64 else 64
 
 
 def make_plan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb_features: int, chunk_size: int | None
 ) -> KernelPlan:
     length = max(q.shape[2], k.shape[2])
-    chunk = _power_of_two_at_least(chunk_size) if chunk_size else default_chunk(length)
+    if chunk_size:
+        chunk = min(_power_of_two_at_least(chunk_size), MAX_CHUNK)
+    else:
+        chunk = default_chunk(length, q.shape[-1])
+    if triton.cdiv(length, chunk) > MAX_CHUNKS:
+        raise ValueError(
+            f"{length} tokens in chunks of {chunk} make more than {MAX_CHUNKS} chunks, a CUDA grid's limit: "
+            f"pass chunk_size={MAX_CHUNK}"
+            if chunk < MAX_CHUNK
+            else f"{length} tokens is beyond the kernels' grid"
+        )
     low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
     if q.is_cuda:
         scan_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -132,6 +152,9 @@ def make_plan(
         split_logits=low_precision,
         scan_programs=scan_programs,
         num_warps=8,
+        # float32 operands: without software pipelining, so that the float32 kernels' tiles at
+        # head dim 128 fit an H100's shared memory (they came within 3% of it pipelined).
+        num_stages=3 if low_precision else 1,
     )
 
 
@@ -233,14 +256,8 @@ def _rows(x: torch.Tensor) -> tuple:
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
-    """x itself when the kernels can read it in place (contiguous head dim, 32-bit row offsets), else a copy."""
-    if x.stride(-1) != 1 or x.shape[2] * x.stride(2) >= 2**31:
-        x = x.contiguous()
-    if x.shape[2] * x.stride(2) >= 2**31:
-        raise ValueError(
-            f"a sequence of {x.shape[2]} tokens of {x.shape[1]} x {x.shape[3]} is beyond the kernels' offsets"
-        )
-    return x
+    """x itself when the kernels can read it in place (a contiguous head dim), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _empty_sequence_major(
@@ -289,6 +306,7 @@ class _TritonFavorAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels are opaque to a second derivative
     def backward(ctx, grad_out):
         q, k, v, logits, logits_low, query_offsets, key_offsets, keep, shift, out, denominator = ctx.saved_tensors
         plan, causal = ctx.plan, ctx.causal
@@ -309,7 +327,7 @@ class _TritonFavorAttention(torch.autograd.Function):
         kernels.output_grad_kernel[(slices, triton.cdiv(query_length, plan.chunk))](
             *_rows(grad_out), *_rows(out), denominator, *_rows(value_grad), normaliser_grad,
             query_length, heads, head_dim, DENOMINATOR_FLOOR,
-            C=plan.chunk, BLOCK_D=plan.block_d, num_warps=plan.num_warps,
+            C=plan.chunk, BLOCK_D=plan.block_d, num_warps=plan.num_warps, num_stages=plan.num_stages,
         )  # fmt: skip
 
         dq = dk = dv = None
@@ -354,7 +372,7 @@ def favor_attention_triton(
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D), CUDA tensors (CPU ones under TRITON_INTERPRET=1);
     projection: (M, D); key_padding_mask: (B, Lk) bool, True = real key; causal needs Lq == Lk;
-    chunk_size: tokens per chunk, rounded up to a power of two >= 16 (None: ``default_chunk``);
+    chunk_size: tokens per chunk, rounded up to a power of two in [16, 128] (None: ``default_chunk``);
     feature_a: FAVOR++'s A (a float or 0-dim tensor) or None for FAVOR+.
     bf16 q, k, v run on tensor cores (bf16 operands, float32 sums); any other dtype in float32.
     Returns (B, H, Lq, D) in v's dtype; a query that sees no key gets zeros.

@@ -46,9 +46,12 @@ def _operand(x, DOT: tl.constexpr):
 def _row_offsets(stride_b, stride_h, stride_l, slice_index, heads, rows, columns):
     """(scalar int64 base, (C, BLOCK_D) int32 offsets) of rows of slice ``slice_index`` (= b H + h)
     in a (B, H, L, width) tensor with strides (stride_b, stride_h, stride_l, 1): any layout with
-    contiguous head dims, (B, L, H, D) views included. The wrapper checks L stride_l < 2^31."""
+    contiguous head dims, (B, L, H, D) views included. The first row's offset goes into the int64
+    base, so the int32 part stays below C stride_l whatever the length."""
+    first = tl.min(rows, axis=0)
     base = (slice_index // heads).to(tl.int64) * stride_b + (slice_index % heads).to(tl.int64) * stride_h
-    return base, rows[:, None] * stride_l + columns[None, :]
+    base += first.to(tl.int64) * stride_l
+    return base, (rows - first)[:, None] * stride_l + columns[None, :]
 
 
 @triton.jit

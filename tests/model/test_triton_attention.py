@@ -216,6 +216,26 @@ def test_errors_name_the_problem():
         favor_triton.favor_attention_triton(wide, wide, wide, torch.zeros(8, 160, device=DEVICE))
 
 
+def test_plan_limits(monkeypatch):
+    """Chunks are powers of two in [16, 128] (larger (C, C) tiles were never compiled); more chunks
+    than a CUDA grid axis holds is a clear error, not a failed launch."""
+    q, k, v, _ = _inputs(length=40)
+    assert favor_triton.make_plan(q, k, v, 24, 256).chunk == favor_triton.MAX_CHUNK
+    assert favor_triton.make_plan(q, k, v, 24, 5).chunk == 16
+    monkeypatch.setattr(favor_triton, "MAX_CHUNKS", 2)
+    with pytest.raises(ValueError, match="a CUDA grid's limit: pass chunk_size=128"):
+        favor_triton.make_plan(q, k, v, 24, 16)
+
+
+def test_a_second_derivative_is_refused():
+    """The backward's kernels are opaque to autograd: differentiating it again raises, never a wrong answer."""
+    q, k, v, projection = _inputs(length=20)
+    out = favor_triton.favor_attention_triton(q, k, v, projection, causal=True)
+    (grad,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_dispatch(monkeypatch):
     """favor_attention takes the kernels for CUDA tensors only, unless PERFORMER_FAVOR_KERNEL=torch."""
     cpu = torch.zeros(1, 1, 4, 8)
