@@ -155,6 +155,52 @@ def test_strided_inputs_are_read_in_place(causal):
     _assert_same((out.detach(), grads), expected)
 
 
+@pytest.mark.parametrize("feature_map", ["favor+", "favor++"])
+def test_a_model_computes_the_same_loss_and_gradients_through_the_kernels(monkeypatch, feature_map):
+    """A seq2seq model as users build it (strided q, k, v from its projections, padded encoder
+    inputs, causal decoder, cross-attention with Lq != Lk, FAVOR++ buffers): the kernels in place
+    of the torch op give the same loss and parameter gradients."""
+    from performer.attention import module
+    from performer.config import preset
+    from performer.models import PerformerSeq2Seq
+
+    config = preset(
+        "tiny", vocab_size=50, d_model=32, num_heads=2, nb_features=24, dropout=0.0, feature_map=feature_map,
+        num_encoder_layers=1, num_decoder_layers=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = PerformerSeq2Seq(config).to(DEVICE)
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(3, 50, (2, 37), generator=generator)
+    attention_mask = torch.ones(2, 37, dtype=torch.bool)
+    attention_mask[1, 30:] = False
+    labels = torch.randint(3, 50, (2, 21), generator=generator)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": labels, "labels": labels}
+    batch = {key: value.to(DEVICE) for key, value in batch.items()}
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    monkeypatch.setenv(favor_triton.KERNEL_ENV, "torch")
+    expected_loss, expected_grads = loss_and_grads()
+    calls = []
+
+    def kernels(*args, **kwargs):
+        calls.append(kwargs.get("causal", args[5] if len(args) > 5 else False))
+        return favor_triton.favor_attention_triton(*args, **kwargs)
+
+    monkeypatch.setattr(module, "favor_attention", kernels)
+    loss, grads = loss_and_grads()
+    assert sorted(calls) == [False, False, True]  # encoder self, cross, decoder self
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(expected_grads)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-3)
+
+
 def test_causality_is_exact():
     """Changing the keys and values of later tokens leaves every earlier output bitwise equal."""
     q, k, v, projection = _inputs(length=70)
