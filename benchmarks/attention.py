@@ -41,6 +41,7 @@ IMPLEMENTATIONS = {
     "ours-torch-causal": "our fused causal FAVOR+ in torch ops (on CUDA: the op before the Triton kernels)",
     "ours-torch-bidirectional": "our fused bidirectional FAVOR+ in torch ops",
     "fla-causal": "flash-linear-attention's chunk_linear_attn (normalised), given our features precomputed",
+    "ours-causal-bf16-logits": "our causal Triton kernels, logits from one bf16 part (not two): what the split costs",
     "ours-unfused-causal": "feature map + chunk-parallel causal FAVOR+ through autograd (before fusing)",
     "performer-pytorch-causal": "performer-pytorch 1.1 FastAttention(causal=True), its CPU path",
     "performer-pytorch-bidirectional": "performer-pytorch 1.1 FastAttention(causal=False)",
@@ -87,7 +88,7 @@ def build(implementation: str, length: int, heads: int, head_dim: int, nb_featur
     implementation, _, forced_chunk = implementation.partition("@")
     if forced_chunk:
         chunk = int(forced_chunk)
-    elif device == "cuda" and implementation in ("ours-causal", "ours-bidirectional"):
+    elif device == "cuda" and implementation in ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits"):
         from performer.attention.triton import default_chunk
 
         chunk = default_chunk(length, head_dim)
@@ -101,6 +102,17 @@ def build(implementation: str, length: int, heads: int, head_dim: int, nb_featur
         causal = implementation.endswith("-causal")
         op = favor_attention_torch if "-torch-" in implementation else favor_attention
         return (lambda q, k, v: op(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk, unchanged
+    if implementation == "ours-causal-bf16-logits":
+        import dataclasses
+
+        from performer.attention import triton as favor_triton
+
+        def single_part_logits(q, k, v):
+            plan = favor_triton.make_plan(q, k, v, nb_features, chunk)
+            plan = dataclasses.replace(plan, split_logits=False)
+            return favor_triton.favor_attention_planned(q, k, v, projection, None, True, None, plan)
+
+        return single_part_logits, chunk, unchanged
     if implementation == "fla-causal":
         from fla.ops.linear_attn import chunk_linear_attn
 

@@ -11,7 +11,8 @@
 #   correctness  the kernels and the torch op on CUDA against the CPU op (float32), the bf16
 #                kernels against float32, a long bf16 step (gpu_correctness.py);
 #   attention    forward + backward time and memory, 1k to 128k tokens: our Triton kernels
-#                (causal, bidirectional), the torch op they replace, flash SDPA (causal and not)
+#                (causal, bidirectional, and causal with one-part bf16 logits: what the split
+#                costs), the torch op they replace, flash SDPA (causal and not)
 #                and flash-linear-attention's chunk_linear_attn on our features; B1 H8 D64 M256
 #                (attention-gpu) and B4 H16 D128 M256 (attention-gpu-wide);
 #   model        a `medium` training step at 4k / 16k / 64k tokens: FAVOR+ (Triton), FAVOR+ (torch
@@ -60,7 +61,7 @@ for name in $PHASES; do
     correctness) phase correctness "$PYTHON" benchmarks/gpu_correctness.py ;;
     attention)
         phase attention "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu \
-            --impls ours-causal,ours-bidirectional,ours-torch-causal,sdpa-causal,sdpa,fla-causal \
+            --impls ours-causal,ours-bidirectional,ours-torch-causal,ours-causal-bf16-logits,sdpa-causal,sdpa,fla-causal \
             --lengths 1024,4096,16384,65536,131072 --repeats 10 --budget-s 60
         phase attention-wide "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu-wide \
             --batch 4 --heads 16 --head-dim 128 --impls ours-causal,ours-bidirectional,sdpa-causal,sdpa,fla-causal \
