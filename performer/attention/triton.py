@@ -11,11 +11,12 @@ that is how the tests check them without a GPU.
 
 Forward: the queries' own max (``query_shift_kernel``), the keys' states (``states_kernel``:
 per chunk for causal attention, totals for bidirectional), then the output (``output_kernel``).
-Backward recomputes features and states instead of keeping them: the keys' states again, dq
-(``query_grad_kernel``), the queries' reverse states, then dk and dv (``key_value_grad_kernel``).
-What stays alive between forward and backward is O(L D) per slice: q, k, v, the output, the
-normaliser and the query shift. The largest temporary is one set of per-chunk states,
-N x M x D per slice (bf16 on the bf16 path), alive for one kernel at a time.
+Backward recomputes features and states instead of keeping them: the keys' states again (kept
+from the forward when they are small, ``KEPT_STATES_BYTES``), dq (``query_grad_kernel``), the
+queries' reverse states, then dk and dv (``key_value_grad_kernel``). What stays alive between
+forward and backward is otherwise O(L D) per slice: q, k, v, the output, the normaliser and the
+query shift. The largest temporary is one set of per-chunk states, N x M x D per slice (bf16 on
+the bf16 path).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ MAX_HEAD_DIM = 128
 KERNEL_ENV = "PERFORMER_FAVOR_KERNEL"
 # Programs a sequential scan over chunks is spread over when the device cannot say (interpreter).
 INTERPRETER_SCAN_PROGRAMS = 8
+# Up to this much, the forward's key states stay alive for the backward instead of being
+# recomputed (a states kernel less): at B=1, H=8, D=64, M=256, C=64 that is up to ~16k causal
+# tokens; bidirectional states (M x D per slice) always fit.
+KEPT_STATES_BYTES = 64 * 2**20
 
 
 def interpreting() -> bool:
@@ -204,6 +209,10 @@ class _States:
     def args(self) -> tuple:
         return (self.local, self.local_sum, self.carry, self.carry_sum)
 
+    def nbytes(self) -> int:
+        tensors = {id(t): t for t in self.args()}.values()  # bidirectional: local is totals, not read
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def sizes(self) -> tuple:
         return (self.nb_chunks, self.chunks_per_split, self.nb_splits)
 
@@ -303,6 +312,8 @@ class _TritonFavorAttention(torch.autograd.Function):
             keep, shift, out, denominator,
         )  # fmt: skip
         ctx.plan, ctx.causal = plan, causal
+        # Internal tensors nothing outside this op sees, so holding them on ctx is safe.
+        ctx.key_states = key_states if key_states.nbytes() <= KEPT_STATES_BYTES else None
         return out
 
     @staticmethod
@@ -331,10 +342,13 @@ class _TritonFavorAttention(torch.autograd.Function):
         )  # fmt: skip
 
         dq = dk = dv = None
+        key_states, ctx.key_states = ctx.key_states, None
         if ctx.needs_input_grad[0]:
-            key_states = _states(
-                k, None, v, None, keep, weights.key_offsets, weights, plan, is_query=False, reverse=False, causal=causal
-            )
+            if key_states is None:
+                key_states = _states(
+                    k, None, v, None, keep, weights.key_offsets, weights, plan, is_query=False, reverse=False,
+                    causal=causal,
+                )  # fmt: skip
             dq = torch.empty_like(q)
             kernels.query_grad_kernel[(slices, triton.cdiv(query_length, plan.chunk))](
                 *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, *_rows(value_grad), normaliser_grad,

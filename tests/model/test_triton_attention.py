@@ -201,6 +201,17 @@ def test_a_model_computes_the_same_loss_and_gradients_through_the_kernels(monkey
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_backward_recomputes_the_key_states_to_the_same_gradients(monkeypatch, causal):
+    """Past KEPT_STATES_BYTES the backward recomputes the forward's key states: same gradients bitwise."""
+    q, k, v, projection = _inputs(length=53)
+    kept = _kernel(q, k, v, projection, causal=causal)
+    monkeypatch.setattr(favor_triton, "KEPT_STATES_BYTES", 0)
+    recomputed = _kernel(q, k, v, projection, causal=causal)
+    for a, b in zip(kept[1], recomputed[1]):
+        assert torch.equal(a, b)
+
+
 def test_causality_is_exact():
     """Changing the keys and values of later tokens leaves every earlier output bitwise equal."""
     q, k, v, projection = _inputs(length=70)
