@@ -96,6 +96,13 @@ def _half_square_norm(x, sq_scale):
 
 
 @triton.jit
+def _feature_rows(ptr, features, columns, M, D):
+    """(BLOCK_M, BLOCK_D) rows ``features`` of the (M, D) matrix at ptr (a projection, a state), zeros outside it."""
+    mask = (features[:, None] < M) & (columns[None, :] < D)
+    return tl.load(ptr + features[:, None] * D + columns[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _logits(
     x,
     w_hi_ptr,
@@ -108,12 +115,10 @@ def _logits(
     PRECISION: tl.constexpr,
 ):
     """(C, BLOCK_M) float32 x W^T for the features ``features`` (the projection (M, D) at w_hi (+ w_lo))."""
-    mask = (features[:, None] < M) & (columns[None, :] < D)
-    index = features[:, None] * D + columns[None, :]
-    weights = tl.load(w_hi_ptr + index, mask=mask, other=0.0).to(x.dtype)
+    weights = _feature_rows(w_hi_ptr, features, columns, M, D).to(x.dtype)
     logits = tl.dot(x, tl.trans(weights), input_precision=PRECISION)
     if SPLIT:
-        low_part = tl.load(w_lo_ptr + index, mask=mask, other=0.0).to(x.dtype)
+        low_part = _feature_rows(w_lo_ptr, features, columns, M, D).to(x.dtype)
         logits += tl.dot(x, tl.trans(low_part), input_precision=PRECISION)
     return logits
 
@@ -121,8 +126,7 @@ def _logits(
 @triton.jit
 def _features(
     x,
-    half_sq_norm,
-    shift,
+    row_constant,
     valid,
     w_hi_ptr,
     w_lo_ptr,
@@ -138,16 +142,17 @@ def _features(
 ):
     """(C, BLOCK_M) float32 features of the rows of x; zero on invalid rows and features >= M.
 
-    Queries: exp(x W^T + offsets - shift); keys: exp(x W^T - |x|^2 D^-1/2 / 2 - offsets); both
-    times feature_scale = M^-1/2. ``where`` rather than a product, so that whatever a padded row
+    row_constant (C,): each query's shift, or each key's |x|^2 D^-1/2 / 2. Queries:
+    exp(x W^T + offsets - shift); keys: exp(x W^T - |x|^2 D^-1/2 / 2 - offsets); both times
+    feature_scale = M^-1/2. ``where`` rather than a product, so that whatever a padded row
     holds (inf, NaN) cannot leak.
     """
     logits = _logits(x, w_hi_ptr, w_lo_ptr, features, columns, M, D, SPLIT, PRECISION)
     offsets = tl.load(offsets_ptr + features, mask=features < M, other=0.0)
     if IS_QUERY:
-        exponent = logits + offsets[None, :] - shift[:, None]
+        exponent = logits + offsets[None, :] - row_constant[:, None]
     else:
-        exponent = logits - half_sq_norm[:, None] - offsets[None, :]
+        exponent = logits - row_constant[:, None] - offsets[None, :]
     keep = valid[:, None] & (features[None, :] < M)
     return tl.where(keep, tl.exp(exponent) * feature_scale, 0.0)
 
@@ -177,11 +182,9 @@ def _state_rows(
 @triton.jit
 def _state_matrix(local_ptr, carry_ptr, local_row, carry_row, features, columns, M, D, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_D) float32 state (sum of phi^T y) a chunk reads; zeros outside (M, D)."""
-    index = features[:, None] * D + columns[None, :]
-    mask = (features[:, None] < M) & (columns[None, :] < D)
-    tile = tl.load(carry_ptr + carry_row * M * D + index, mask=mask, other=0.0)
+    tile = _feature_rows(carry_ptr + carry_row * M * D, features, columns, M, D)
     if CAUSAL:
-        tile += tl.load(local_ptr + local_row * M * D + index, mask=mask, other=0.0).to(tl.float32)
+        tile += _feature_rows(local_ptr + local_row * M * D, features, columns, M, D).to(tl.float32)
     return tile
 
 
@@ -310,28 +313,13 @@ def states_kernel(
             valid = _valid_keys(keep_ptr, slice_index, heads, rows, length, HAS_KEEP)
         x = _load_rows(x_ptr, x_stride_b, x_stride_h, x_stride_l, slice_index, heads, rows, length, D, columns, DOT)
         if IS_QUERY:
-            shift = _load_row_values(shift_ptr, slice_index, rows, length)
-            half_sq_norm = shift  # unused by query features
+            row_constant = _load_row_values(shift_ptr, slice_index, rows, length)
         else:
-            half_sq_norm = _half_square_norm(x, sq_scale)
-            shift = half_sq_norm  # unused by key features
+            row_constant = _half_square_norm(x, sq_scale)
         phi = _features(
-            x,
-            half_sq_norm,
-            shift,
-            valid,
-            w_hi_ptr,
-            w_lo_ptr,
-            offsets_ptr,
-            features,
-            columns,
-            M,
-            D,
-            feature_scale,
-            IS_QUERY,
-            SPLIT,
-            PRECISION,
-        )
+            x, row_constant, valid, w_hi_ptr, w_lo_ptr, offsets_ptr,
+            features, columns, M, D, feature_scale, IS_QUERY, SPLIT, PRECISION,
+        )  # fmt: skip
         y = tl.where(
             valid[:, None],
             _load_rows(y_ptr, y_stride_b, y_stride_h, y_stride_l, slice_index, heads, rows, length, D, columns, DOT),
@@ -428,44 +416,18 @@ def output_kernel(
     for feature_start in range(0, M, BLOCK_M):
         features = feature_start + tl.arange(0, BLOCK_M)
         phi_q = _features(
-            q,
-            shift,
-            shift,
-            query_valid,
-            w_hi_ptr,
-            w_lo_ptr,
-            query_offsets_ptr,
-            features,
-            columns,
-            M,
-            D,
-            feature_scale,
-            True,
-            SPLIT,
-            PRECISION,
-        )
+            q, shift, query_valid, w_hi_ptr, w_lo_ptr, query_offsets_ptr,
+            features, columns, M, D, feature_scale, True, SPLIT, PRECISION,
+        )  # fmt: skip
         state = _state_matrix(local_ptr, carry_ptr, local_row, carry_row, features, columns, M, D, CAUSAL)
         state_sum = _state_vector(local_sum_ptr, carry_sum_ptr, local_row, carry_row, features, M, CAUSAL)
         numerator += tl.dot(_operand(phi_q, DOT), _operand(state, DOT), input_precision=PRECISION)
         denominator += tl.sum(phi_q * state_sum[None, :], axis=1)
         if CAUSAL:
             phi_k = _features(
-                k,
-                key_half_sq_norm,
-                key_half_sq_norm,
-                key_valid,
-                w_hi_ptr,
-                w_lo_ptr,
-                key_offsets_ptr,
-                features,
-                columns,
-                M,
-                D,
-                feature_scale,
-                False,
-                SPLIT,
-                PRECISION,
-            )
+                k, key_half_sq_norm, key_valid, w_hi_ptr, w_lo_ptr, key_offsets_ptr,
+                features, columns, M, D, feature_scale, False, SPLIT, PRECISION,
+            )  # fmt: skip
             scores += tl.dot(_operand(phi_q, DOT), tl.trans(_operand(phi_k, DOT)), input_precision=PRECISION)
     if CAUSAL:
         scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
@@ -626,50 +588,20 @@ def query_grad_kernel(
     for feature_start in range(0, M, BLOCK_M):
         features = feature_start + tl.arange(0, BLOCK_M)
         phi_q = _features(
-            q,
-            shift,
-            shift,
-            query_valid,
-            w_hi_ptr,
-            w_lo_ptr,
-            query_offsets_ptr,
-            features,
-            columns,
-            M,
-            D,
-            feature_scale,
-            True,
-            SPLIT,
-            PRECISION,
-        )
+            q, shift, query_valid, w_hi_ptr, w_lo_ptr, query_offsets_ptr,
+            features, columns, M, D, feature_scale, True, SPLIT, PRECISION,
+        )  # fmt: skip
         state = _state_matrix(local_ptr, carry_ptr, local_row, carry_row, features, columns, M, D, CAUSAL)
         state_sum = _state_vector(local_sum_ptr, carry_sum_ptr, local_row, carry_row, features, M, CAUSAL)
         feature_grad = tl.dot(_operand(value_grad, DOT), tl.trans(_operand(state, DOT)), input_precision=PRECISION)
         feature_grad += normaliser_grad[:, None] * state_sum[None, :]
         if CAUSAL:
             phi_k = _features(
-                k,
-                key_half_sq_norm,
-                key_half_sq_norm,
-                key_valid,
-                w_hi_ptr,
-                w_lo_ptr,
-                key_offsets_ptr,
-                features,
-                columns,
-                M,
-                D,
-                feature_scale,
-                False,
-                SPLIT,
-                PRECISION,
-            )
+                k, key_half_sq_norm, key_valid, w_hi_ptr, w_lo_ptr, key_offsets_ptr,
+                features, columns, M, D, feature_scale, False, SPLIT, PRECISION,
+            )  # fmt: skip
             feature_grad += tl.dot(_operand(pair_grad, DOT), _operand(phi_k, DOT), input_precision=PRECISION)
-        weights = tl.load(
-            w_hi_ptr + features[:, None] * D + columns[None, :],
-            mask=(features[:, None] < M) & (columns[None, :] < D),
-            other=0.0,
-        )
+        weights = _feature_rows(w_hi_ptr, features, columns, M, D)
         input_grad += tl.dot(_operand(feature_grad * phi_q, DOT), _operand(weights, DOT), input_precision=PRECISION)
     _store_rows(
         dq_ptr, dq_stride_b, dq_stride_h, dq_stride_l, slice_index, heads, rows, query_length, D, columns, input_grad
@@ -783,22 +715,9 @@ def key_value_grad_kernel(
     for feature_start in range(0, M, BLOCK_M):
         features = feature_start + tl.arange(0, BLOCK_M)
         phi_k = _features(
-            k,
-            key_half_sq_norm,
-            key_half_sq_norm,
-            key_valid,
-            w_hi_ptr,
-            w_lo_ptr,
-            key_offsets_ptr,
-            features,
-            columns,
-            M,
-            D,
-            feature_scale,
-            False,
-            SPLIT,
-            PRECISION,
-        )
+            k, key_half_sq_norm, key_valid, w_hi_ptr, w_lo_ptr, key_offsets_ptr,
+            features, columns, M, D, feature_scale, False, SPLIT, PRECISION,
+        )  # fmt: skip
         state = _state_matrix(local_ptr, carry_ptr, local_row, carry_row, features, columns, M, D, CAUSAL)
         state_sum = _state_vector(local_sum_ptr, carry_sum_ptr, local_row, carry_row, features, M, CAUSAL)
         feature_grad = tl.dot(_operand(v, DOT), tl.trans(_operand(state, DOT)), input_precision=PRECISION)
@@ -806,30 +725,13 @@ def key_value_grad_kernel(
         dv += tl.dot(_operand(phi_k, DOT), _operand(state, DOT), input_precision=PRECISION)
         if CAUSAL:
             phi_q = _features(
-                q,
-                shift,
-                shift,
-                query_valid,
-                w_hi_ptr,
-                w_lo_ptr,
-                query_offsets_ptr,
-                features,
-                columns,
-                M,
-                D,
-                feature_scale,
-                True,
-                SPLIT,
-                PRECISION,
-            )
+                q, shift, query_valid, w_hi_ptr, w_lo_ptr, query_offsets_ptr,
+                features, columns, M, D, feature_scale, True, SPLIT, PRECISION,
+            )  # fmt: skip
             feature_grad += tl.dot(_operand(pair_grad, DOT), _operand(phi_q, DOT), input_precision=PRECISION)
             transposed_scores += tl.dot(_operand(phi_k, DOT), tl.trans(_operand(phi_q, DOT)), input_precision=PRECISION)
         weighted = feature_grad * phi_k
-        weights = tl.load(
-            w_hi_ptr + features[:, None] * D + columns[None, :],
-            mask=(features[:, None] < M) & (columns[None, :] < D),
-            other=0.0,
-        )
+        weights = _feature_rows(w_hi_ptr, features, columns, M, D)
         input_grad += tl.dot(_operand(weighted, DOT), _operand(weights, DOT), input_precision=PRECISION)
         weighted_sum += tl.sum(weighted, axis=1)
     if CAUSAL:
