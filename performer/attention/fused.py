@@ -388,6 +388,12 @@ def favor_attention(
     return favor_attention_torch(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
 
 
+def check_causal_lengths(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    """Causal attention pairs query i with keys up to i: it needs as many queries as keys."""
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal FAVOR+ needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+
+
 @functools.cache
 def _triton_op():
     """``performer.attention.triton``, or None where triton is missing or this module runs from an
@@ -411,8 +417,7 @@ def favor_attention_torch(
     feature_a: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """``favor_attention`` in this module's torch ops, on any device (chunk_size None = ``default_chunk_size``)."""
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal FAVOR+ needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    check_causal_lengths(q, k, causal)
     chunk = chunk_size or default_chunk_size(projection.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from performer.attention import triton_kernels as kernels
 from performer.attention.favor import DENOMINATOR_FLOOR
+from performer.attention.fused import check_causal_lengths, favor_attention_torch
 from performer.feature_maps import feature_constants
 
 # The kernels hold (C, D) tiles of several operands: past 128 their float32 variants need more shared
@@ -391,8 +392,7 @@ def favor_attention_triton(
     bf16 q, k, v run on tensor cores (bf16 operands, float32 sums); any other dtype in float32.
     Returns (B, H, Lq, D) in v's dtype; a query that sees no key gets zeros.
     """
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal FAVOR+ needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    check_causal_lengths(q, k, causal)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -403,9 +403,9 @@ def favor_attention_triton(
             "(or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter)"
         )
     if 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
-        from performer.attention.fused import favor_attention_torch  # empty inputs: the torch op's answer
-
-        return favor_attention_torch(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
+        return favor_attention_torch(  # empty inputs: the torch op's answer
+            q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a
+        )
     plan = make_plan(q, k, v, projection.shape[0], chunk_size)
     return favor_attention_planned(q, k, v, projection, key_padding_mask, causal, feature_a, plan)
 
