@@ -3,12 +3,11 @@ gradients, every test once per feature map."""
 
 import pytest
 import torch
+from favor_twins import naive, output_and_grads
 
 from performer.attention import fused
-from performer.attention.favor import mask_keys
 from performer.attention.fused import favor_attention
-from performer.attention.naive import causal_linear_attention_quadratic, linear_attention_quadratic
-from performer.feature_maps import favor_features, favorpp_default_a, gaussian_orthogonal_projection
+from performer.feature_maps import favorpp_default_a, gaussian_orthogonal_projection
 
 
 @pytest.fixture(autouse=True, params=["kept", "recomputed"])
@@ -36,23 +35,9 @@ def _inputs(batch=2, heads=3, length=37, head_dim=8, nb_features=20, key_length=
     return leaf(length), leaf(key_length), leaf(key_length), projection
 
 
-def _upstream(out):
-    # A non-uniform upstream gradient, so that every output column matters differently.
-    return torch.linspace(-1, 1, out.shape[-1] * out.shape[-2]).reshape(out.shape[-2:]).to(out.dtype)
-
-
 def _fused(q, k, v, projection, key_padding=None, causal=False, chunk_size=None, a=None):
     out = favor_attention(q, k, v, projection, key_padding, causal, chunk_size, feature_a=a)
-    return out.detach(), torch.autograd.grad((out * _upstream(out)).sum(), (q, k, v))
-
-
-def _naive(q, k, v, projection, key_padding=None, causal=False, a=None):
-    """The composition the fused op replaces: feature map, padded keys removed, explicit kernel matrix."""
-    phi_q = favor_features(q, projection, is_query=True, a=a)
-    phi_k, values = mask_keys(favor_features(k, projection, is_query=False, a=a), v, key_padding)
-    twin = causal_linear_attention_quadratic if causal else linear_attention_quadratic
-    out = twin(phi_q, phi_k, values)
-    return out.detach(), torch.autograd.grad((out * _upstream(out)).sum(), (q, k, v))
+    return output_and_grads(out, (q, k, v))
 
 
 def _assert_same(a, b, atol=2e-5, rtol=1e-4):
@@ -68,14 +53,14 @@ def test_causal_equals_quadratic(length, chunk_size, a):
     q, k, v, projection = _inputs(length=length)
     _assert_same(
         _fused(q, k, v, projection, causal=True, chunk_size=chunk_size, a=a),
-        _naive(q, k, v, projection, causal=True, a=a),
+        naive(q, k, v, projection, causal=True, a=a),
     )
 
 
 @pytest.mark.parametrize(("length", "key_length"), [(1, 1), (37, 37), (5, 29), (40, 3)])
 def test_bidirectional_equals_quadratic(length, key_length, a):
     q, k, v, projection = _inputs(length=length, key_length=key_length)
-    _assert_same(_fused(q, k, v, projection, a=a), _naive(q, k, v, projection, a=a))
+    _assert_same(_fused(q, k, v, projection, a=a), naive(q, k, v, projection, a=a))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -83,7 +68,7 @@ def test_padded_keys_equal_naive_and_get_zero_gradient(causal, a):
     q, k, v, projection = _inputs(length=33)
     key_padding = torch.rand(2, 33, generator=torch.Generator().manual_seed(3)) > 0.4
     fused_result = _fused(q, k, v, projection, key_padding, causal, chunk_size=8, a=a)
-    _assert_same(fused_result, _naive(q, k, v, projection, key_padding, causal, a=a))
+    _assert_same(fused_result, naive(q, k, v, projection, key_padding, causal, a=a))
     padded = ~key_padding[:, None, :, None]
     for grad in fused_result[1][1:]:
         assert torch.equal(grad.masked_select(padded), torch.zeros_like(grad.masked_select(padded)))
@@ -125,7 +110,7 @@ def test_bfloat16_inputs_keep_dtype_and_follow_float32(causal, a):
     q, k, v, projection = _inputs(length=64, dtype=torch.bfloat16)
     out, grads = _fused(q, k, v, projection, causal=causal, a=a)
     assert out.dtype == torch.bfloat16 and all(grad.dtype == torch.bfloat16 for grad in grads)
-    reference = _naive(*(x.detach().float().requires_grad_() for x in (q, k, v)), projection, causal=causal, a=a)
+    reference = naive(*(x.detach().float().requires_grad_() for x in (q, k, v)), projection, causal=causal, a=a)
     torch.testing.assert_close(out.float(), reference[0], atol=3e-2, rtol=3e-2)
 
 

@@ -11,12 +11,11 @@ import dataclasses
 
 import pytest
 import torch
+from favor_twins import naive, output_and_grads, upstream
 
 from performer.attention import triton as favor_triton
-from performer.attention.favor import mask_keys
 from performer.attention.fused import favor_attention, favor_attention_torch
-from performer.attention.naive import causal_linear_attention_quadratic, linear_attention_quadratic
-from performer.feature_maps import favor_features, favorpp_default_a, gaussian_orthogonal_projection
+from performer.feature_maps import favorpp_default_a, gaussian_orthogonal_projection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,25 +41,13 @@ def _inputs(batch=2, heads=2, length=37, head_dim=16, nb_features=24, key_length
     return leaf(length), leaf(key_length), leaf(key_length), projection
 
 
-def _upstream(out):
-    return torch.linspace(-1, 1, out.shape[-1] * out.shape[-2], device=out.device).reshape(out.shape[-2:])
-
-
 def _kernel(q, k, v, projection, key_padding=None, causal=False, chunk_size=16, a=None, plan_changes=None):
     if plan_changes:
         plan = dataclasses.replace(favor_triton.make_plan(q, k, v, projection.shape[0], chunk_size), **plan_changes)
         out = favor_triton.favor_attention_planned(q, k, v, projection, key_padding, causal, a, plan)
     else:
         out = favor_triton.favor_attention_triton(q, k, v, projection, key_padding, causal, chunk_size, a)
-    return out.detach(), torch.autograd.grad((out * _upstream(out)).sum(), (q, k, v))
-
-
-def _naive(q, k, v, projection, key_padding=None, causal=False, a=None):
-    phi_q = favor_features(q, projection, is_query=True, a=a)
-    phi_k, values = mask_keys(favor_features(k, projection, is_query=False, a=a), v, key_padding)
-    twin = causal_linear_attention_quadratic if causal else linear_attention_quadratic
-    out = twin(phi_q, phi_k, values)
-    return out.detach(), torch.autograd.grad((out * _upstream(out)).sum(), (q, k, v))
+    return output_and_grads(out, (q, k, v))
 
 
 def _assert_same(got, expected, atol=2e-5, rtol=1e-4, grad_rtol=1e-3):
@@ -75,13 +62,13 @@ def _assert_same(got, expected, atol=2e-5, rtol=1e-4, grad_rtol=1e-3):
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 53])
 def test_causal_equals_quadratic(length, a):
     q, k, v, projection = _inputs(length=length)
-    _assert_same(_kernel(q, k, v, projection, causal=True, a=a), _naive(q, k, v, projection, causal=True, a=a))
+    _assert_same(_kernel(q, k, v, projection, causal=True, a=a), naive(q, k, v, projection, causal=True, a=a))
 
 
 @pytest.mark.parametrize(("length", "key_length"), [(1, 1), (37, 37), (5, 29), (40, 3), (33, 70)])
 def test_bidirectional_and_cross_equal_quadratic(length, key_length, a):
     q, k, v, projection = _inputs(length=length, key_length=key_length)
-    _assert_same(_kernel(q, k, v, projection, a=a), _naive(q, k, v, projection, a=a))
+    _assert_same(_kernel(q, k, v, projection, a=a), naive(q, k, v, projection, a=a))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -91,7 +78,7 @@ def test_padded_keys_equal_quadratic(causal, a):
     key_padding = key_padding.to(DEVICE)
     _assert_same(
         _kernel(q, k, v, projection, key_padding, causal, a=a),
-        _naive(q, k, v, projection, key_padding, causal, a=a),
+        naive(q, k, v, projection, key_padding, causal, a=a),
     )
 
 
@@ -111,7 +98,7 @@ def test_every_plan_gives_the_same_attention(plan_changes, causal):
     key_padding = (torch.arange(53) < 45).expand(2, 53).to(DEVICE)
     _assert_same(
         _kernel(q, k, v, projection, key_padding, causal, plan_changes=plan_changes),
-        _naive(q, k, v, projection, key_padding, causal),
+        naive(q, k, v, projection, key_padding, causal),
     )
 
 
@@ -121,7 +108,7 @@ def test_split_logits(causal):
     the interpreter can multiply), ~16 bits; gradients use the first part alone (bf16 level)."""
     q, k, v, projection = _inputs(length=40)
     (out, grads) = _kernel(q, k, v, projection, causal=causal, plan_changes={"split_logits": True})
-    (expected_out, expected_grads) = _naive(q, k, v, projection, causal=causal)
+    (expected_out, expected_grads) = naive(q, k, v, projection, causal=causal)
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=5e-5)
     for grad, expected, name in zip(grads, expected_grads, "qkv"):
         error = (grad - expected).abs().max() / expected.abs().max()
@@ -141,7 +128,7 @@ def test_strided_inputs_are_read_in_place(causal):
     slices of one fused projection: the same attention and gradients as contiguous inputs, and
     the output laid out so that "b h l d -> b l (h d)" needs no copy."""
     q, k, v, projection = _inputs(length=40)
-    expected = _naive(q, k, v, projection, causal=causal)
+    expected = naive(q, k, v, projection, causal=causal)
     generator = torch.Generator().manual_seed(3)
     fused = torch.randn(2, 40, 3, 2, 16, generator=generator).to(DEVICE)  # (B, L, q/k/v, H, D)
     fused[:, :, 0], fused[:, :, 1], fused[:, :, 2] = (x.detach().transpose(1, 2) for x in (q, k, v))
@@ -150,7 +137,7 @@ def test_strided_inputs_are_read_in_place(causal):
     assert not any(view.is_contiguous() for view in views)
     out = favor_triton.favor_attention_triton(*views, projection, causal=causal, chunk_size=16)
     assert out.transpose(1, 2).is_contiguous()
-    (grad,) = torch.autograd.grad((out * _upstream(out)).sum(), fused)
+    (grad,) = torch.autograd.grad((out * upstream(out)).sum(), fused)
     grads = tuple(grad[:, :, index].transpose(1, 2) for index in range(3))
     _assert_same((out.detach(), grads), expected)
 
@@ -259,7 +246,7 @@ def test_a_query_without_keys_gets_zero(causal):
     for grad in grads:
         assert torch.isfinite(grad).all()
     assert (grads[0][0] == 0).all()
-    _assert_same((out, grads), _naive(q, k, v, projection, key_padding, causal))
+    _assert_same((out, grads), naive(q, k, v, projection, key_padding, causal))
 
 
 def test_errors_name_the_problem():
