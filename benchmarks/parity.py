@@ -268,7 +268,9 @@ def markdown(results: dict) -> str:
         f"{settings['lr']}, redraw every {settings['redraw_interval']} steps, {settings['device']}"
         f"{' (bf16 autocast)' if settings['device'] == 'cuda' else ' (fp32)'}; held-out loss on "
         f"{settings['heldout_batches']} fixed batches of the held-out split.{seeds_text} A variant named "
-        "favor@M has M features per head.\n\n"
+        "favor@M has M features per head."
+        + ("" if settings.get("complete", True) else " **Incomplete: the run was stopped or is still going.**")
+        + "\n\n"
         + common.table(
             ["model", "length", "attention", "held-out loss", "perplexity", "vs softmax", "train loss (last 50)"], rows
         )
@@ -330,8 +332,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     special = special_tokens(packed)
-    records = []
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    settings = {
+        "device": args.device,
+        "steps_at_1024": args.steps,
+        "tokens_per_step": args.tokens_per_step,
+        "lr": args.lr,
+        "redraw_interval": args.redraw_interval,
+        "heldout_batches": args.heldout_batches,
+        "seeds": seeds,
+        "nb_features": args.nb_features or "round(D ln D) = 111",
+    }
+    machine = common.machine()  # taken once: the load average of the start, not of the last run
+
+    def results_so_far(complete: bool) -> dict:
+        return {
+            "settings": {**settings, "complete": complete},
+            "machine": machine,
+            "records": records,
+            "summary": summarise(records),
+        }
+
+    records = []
     for length in (int(n) for n in args.lengths.split(",")):
         rows = max(1, args.tokens_per_step // length)
         steps = args.steps * 1024 // length if length > 1024 else args.steps
@@ -346,17 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                     record.update(length=length, steps=steps, rows=rows, seed=seed)
                     print(json.dumps({k: v for k, v in record.items() if k != "curve"}), flush=True)
                     records.append(record)
-    settings = {
-        "device": args.device,
-        "steps_at_1024": args.steps,
-        "tokens_per_step": args.tokens_per_step,
-        "lr": args.lr,
-        "redraw_interval": args.redraw_interval,
-        "heldout_batches": args.heldout_batches,
-        "seeds": seeds,
-        "nb_features": args.nb_features or "round(D ln D) = 111",
-    }
-    results = {"settings": settings, "machine": common.machine(), "records": records, "summary": summarise(records)}
+                    # A run of hours keeps what it has measured if it is stopped: the files are
+                    # rewritten after every variant, marked incomplete until the last one.
+                    partial = results_so_far(complete=False)
+                    common.write_results(args.name, partial, markdown(partial))
+    results = results_so_far(complete=True)
     common.publish(args.name, results, markdown(results), plot)
     return 0
 
