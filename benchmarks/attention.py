@@ -76,7 +76,9 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 # ----------------------------------------------------------------------------- one configuration (worker)
 
 
-def build(implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str):
+def build(
+    implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str, dtype: torch.dtype
+):
     """For one implementation: the attention (inputs...) -> out, its chunk length if any, and
     ``prepare`` (q, k, v) -> the inputs it takes, made before the timing (leaves with gradients)."""
     from performer.attention.fused import default_chunk_size, favor_attention, favor_attention_torch
@@ -91,7 +93,7 @@ def build(implementation: str, length: int, heads: int, head_dim: int, nb_featur
     elif device == "cuda" and implementation in ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits"):
         from performer.attention.triton import default_chunk
 
-        chunk = default_chunk(length, head_dim)
+        chunk = default_chunk(length, head_dim, low_precision=dtype == torch.bfloat16)
     else:
         chunk = default_chunk_size(nb_features)
 
@@ -148,7 +150,9 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, dtype = args.device, DTYPES[args.dtype]
-    attention, chunk, prepare = build(args.impl, args.length, args.heads, args.head_dim, args.nb_features, device)
+    attention, chunk, prepare = build(
+        args.impl, args.length, args.heads, args.head_dim, args.nb_features, device, dtype
+    )
     shape = (args.batch, args.heads, args.length, args.head_dim)
     inputs = prepare(*(torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3)))
     upstream = torch.randn_like(attention(*inputs))

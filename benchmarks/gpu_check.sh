@@ -20,9 +20,10 @@
 #   trainer      deepspeed --num_gpus 1 with configs/medium.yaml, bf16, ZeRO-2 on NCCL: tokens/s,
 #                MFU, checkpoint, resume, export, bucket sizes (trainer-gpu; needs --data's
 #                prepared corpus: runs/data, carried or made by `performer data prepare`);
-#   parity       learning parity with 3 seeds, softmax against FAVOR+ at M = 111 (round(D ln D)
-#                at head dim 32), 256 and 512 and FAVOR++ at 256, tiny LM and seq2seq at 1024
-#                tokens (parity-seeds-gpu): what the default M should be (issue: within 5% of softmax).
+#   parity       learning parity with 3 seeds, softmax against FAVOR++ (the trainer's feature map)
+#                at M = 111 (round(D ln D) at head dim 32), 256 and 512, tiny LM and seq2seq at 1024
+#                tokens (parity-seeds-gpu): the seeds' spread around the one-seed CPU run that chose
+#                the default M (parity-cpu-*; the target: within 5% of softmax).
 # Results go to benchmarks/results/*-gpu*; with RESULTS_DIR they are also packed into
 # RESULTS_DIR/gpu-results.tar.gz beside the log (gpu_check.log), so that few files travel back.
 # Packages the GPU machine lacks (deepspeed, webdataset, flash-linear-attention...) are installed
@@ -74,7 +75,7 @@ for name in $PHASES; do
     trainer) phase trainer "$PYTHON" benchmarks/gpu_trainer.py --data "$DATA" --steps 40 --name trainer-gpu ;;
     parity)
         phase parity "$PYTHON" benchmarks/parity.py --data "$DATA" --lengths 1024 --seeds 0,1,2 \
-            --variants softmax,favor@111,favor@256,favor@512,favor++@256 --name parity-seeds-gpu
+            --variants softmax,favor++@111,favor++@256,favor++@512 --name parity-seeds-gpu
         ;;
     *) echo "unknown phase $name (tests correctness attention model trainer parity)"; failed+=("$name") ;;
     esac

@@ -158,6 +158,8 @@ def provenance(name: str, results: dict) -> str:
         text += " (command not recorded: read off the file's settings)"
     if machine.get("run_by"):
         text += f", run by `{machine['run_by']}`"
+    if results.get("settings", {}).get("complete") is False:
+        text += " (stopped before its last run: the table shows the runs it finished)"
     return text
 
 
@@ -363,6 +365,40 @@ def parity_table(r: Results) -> str:
         f"FAVOR+ M={_features(more['settings'])}",
     ]
     return common.table(header, rows, align="lrrrrr")
+
+
+# The CPU parity run that chose the default M: one results file per model kind.
+PARITY_CPU_FILES = ("parity-cpu-seq2seq", "parity-cpu-lm")
+
+
+def parity_cpu_table(r: Results) -> str:
+    """Per model kind and variant: held-out loss, the gap to softmax, and the run's time against
+    softmax's in the same process (what the features cost on the CPU)."""
+    labels = {"seq2seq": "seq2seq", "lm": "LM"}
+    rows = []
+    for name in PARITY_CPU_FILES:
+        results = r[name]
+        for record in results["records"]:
+            kind, length, variant = record["kind"], record["length"], record["variant"]
+            softmax = next(x for x in results["records"] if (x["kind"], x["variant"]) == (kind, "softmax"))
+            base, _, features = variant.partition("@")
+            label = {"softmax": "softmax", "favor": "FAVOR+", "favor++": "FAVOR++"}[base]
+            if base != "softmax":
+                label += f" M={features or _features(results['settings'])}"
+            rows.append(
+                [
+                    labels[kind],
+                    length,
+                    label,
+                    f"{record['final_heldout_loss']:.3f}",
+                    ""
+                    if base == "softmax"
+                    else signed_percent(record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1),
+                    f"{record['seconds'] / softmax['seconds']:.2f}x",
+                ]
+            )
+    header = ["model", "length", "attention", "held-out loss", "vs softmax", "training time vs softmax"]
+    return common.table(header, rows, align="lrlrrr")
 
 
 # The README's rows: a label and the variants it shows, one list per setting, one entry per draw.
@@ -630,6 +666,7 @@ BLOCKS = {
     "attention-gpu": Block(("attention-gpu",), attention_gpu_table),
     "model_step-gpu": Block(("model_step-gpu",), model_step_gpu_table),
     "parity": Block(("parity", "parity-m256"), parity_table),
+    "parity-cpu": Block(PARITY_CPU_FILES, parity_cpu_table),
     "redraw": Block(("redraw",), redraw_table),
     "throughput": Block(("throughput",), throughput_table),
     "zero_memory": Block(("zero_memory",), zero_memory_table),

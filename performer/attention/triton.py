@@ -21,6 +21,8 @@ the bf16 path).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -123,21 +125,30 @@ MAX_CHUNK = 128
 MAX_CHUNKS = 65535
 
 
-def default_chunk(length: int, head_dim: int) -> int:
-    """C when the caller sets none: 64; 128 from 32k tokens on at head dims up to 64, where
-    per-chunk states (N M D per slice) would otherwise outweigh q, k and v together (at 128 the
-    causal kernels would spill registers)."""
-    return 128 if length >= 32768 and head_dim <= 64 else 64
+def default_chunk(length: int, head_dim: int, low_precision: bool = True) -> int:
+    """C when the caller sets none, read off the kernels' cubins for sm_90 (registers and spills
+    from ``benchmarks/kernel_resources.py --chunk C``).
+
+    bf16 (tensor cores): 64; 128 from 32k tokens on at head dims up to 64, where per-chunk states
+    (N M D per slice) would otherwise outweigh q, k and v together (at C=128 the bf16 kernels
+    spill at most 128 bytes at D=64; at D=128 they would spill kilobytes).
+    float32: 64 up to head dim 64 and 32 above it: at C=64 and D=128 ptxas gives the causal
+    kernels 32 registers and 5-8 kB of spills (520-920 bytes at C=32); C=128 spills up to 12 kB
+    and needs 217 kB of the 227 kB of shared memory an H100/H200 block may have."""
+    if low_precision:
+        return 128 if length >= 32768 and head_dim <= 64 else 64
+    return 64 if head_dim <= 64 else 32
 
 
 def make_plan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb_features: int, chunk_size: int | None
 ) -> KernelPlan:
     length = max(q.shape[2], k.shape[2])
+    low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
     if chunk_size:
         chunk = min(_power_of_two_at_least(chunk_size), MAX_CHUNK)
     else:
-        chunk = default_chunk(length, q.shape[-1])
+        chunk = default_chunk(length, q.shape[-1], low_precision)
     if triton.cdiv(length, chunk) > MAX_CHUNKS:
         raise ValueError(
             f"{length} tokens in chunks of {chunk} make more than {MAX_CHUNKS} chunks, a CUDA grid's limit: "
@@ -145,7 +156,6 @@ def make_plan(
             if chunk < MAX_CHUNK
             else f"{length} tokens is beyond the kernels' grid"
         )
-    low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
     if q.is_cuda:
         scan_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
@@ -277,8 +287,22 @@ def _empty_sequence_major(
     return like.new_empty((batch, length, heads, head_dim), dtype=dtype).transpose(1, 2)
 
 
+def _on_the_tensors_device(function):
+    """Run ``function(ctx, tensor, ...)`` with ``tensor``'s GPU as the current device: Triton
+    launches on the current device, so tensors on cuda:1 while cuda:0 is current would
+    otherwise be read by kernels on the wrong GPU."""
+
+    @functools.wraps(function)
+    def on_device(ctx, tensor, *rest):
+        with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
+            return function(ctx, tensor, *rest)
+
+    return on_device
+
+
 class _TritonFavorAttention(torch.autograd.Function):
     @staticmethod
+    @_on_the_tensors_device
     def forward(ctx, q, k, v, projection, feature_a, key_keep, causal, plan):
         q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
         batch, heads, query_length, head_dim = q.shape
@@ -319,6 +343,7 @@ class _TritonFavorAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels are opaque to a second derivative
+    @_on_the_tensors_device
     def backward(ctx, grad_out):
         q, k, v, logits, logits_low, query_offsets, key_offsets, keep, shift, out, denominator = ctx.saved_tensors
         plan, causal = ctx.plan, ctx.causal
@@ -401,6 +426,14 @@ def favor_attention_triton(
         raise ValueError(
             "favor_attention_triton needs CUDA tensors; on the CPU use performer.attention.fused.favor_attention "
             "(or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter)"
+        )
+    tensors = {"q": q, "k": k, "v": v, "projection": projection, "key_padding_mask": key_padding_mask}
+    devices = {name: x.device for name, x in tensors.items() if x is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(
+            "favor_attention_triton needs every tensor on one device, got "
+            + ", ".join(f"{name} on {device}" for name, device in devices.items())
+            + ": move them with .to(q.device)"
         )
     if 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
         return favor_attention_torch(  # empty inputs: the torch op's answer

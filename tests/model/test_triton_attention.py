@@ -258,6 +258,8 @@ def test_errors_name_the_problem():
     wide = torch.zeros(1, 1, 4, 160, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to 128"):
         favor_triton.favor_attention_triton(wide, wide, wide, torch.zeros(8, 160, device=DEVICE))
+    with pytest.raises(ValueError, match=r"one device, got q on .*, projection on meta.*\.to\(q\.device\)"):
+        favor_triton.favor_attention_triton(q, k, v, projection.to("meta"))
 
 
 def test_plan_limits(monkeypatch):
@@ -265,6 +267,16 @@ def test_plan_limits(monkeypatch):
     than a CUDA grid axis holds is a clear error, not a failed launch."""
     q, k, v, _ = _inputs(length=40)
     assert favor_triton.make_plan(q, k, v, 24, 256).chunk == favor_triton.MAX_CHUNK
+    # The default chunk, per dtype and head dim (what the cubins for sm_90 allow without large spills).
+    for dtype, head_dim, length, chunk in [
+        (torch.bfloat16, 64, 16384, 64),
+        (torch.bfloat16, 64, 32768, 128),
+        (torch.bfloat16, 128, 65536, 64),
+        (torch.float32, 64, 65536, 64),
+        (torch.float32, 128, 4096, 32),
+    ]:
+        long = torch.empty(1, 1, length, head_dim, dtype=dtype, device="meta")
+        assert favor_triton.make_plan(long, long, long, 256, None).chunk == chunk, (dtype, head_dim, length)
     assert favor_triton.make_plan(q, k, v, 24, 5).chunk == 16
     monkeypatch.setattr(favor_triton, "MAX_CHUNKS", 2)
     with pytest.raises(ValueError, match="a CUDA grid's limit: pass chunk_size=128"):
