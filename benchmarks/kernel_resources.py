@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64,128] [--name kernel_resources]
     python benchmarks/kernel_resources.py --quick --head-dims 64   # bf16 only, nothing written: what the tests compile
+    python benchmarks/kernel_resources.py --chunk 128   # another chunk than the plan's: kernel_resources-chunk128
 
 Triton compiles to a cubin for any NVIDIA architecture on a CPU machine (its wheel carries
 ptxas and cuobjdump); cuobjdump then reads each kernel's registers per thread, spilled bytes
@@ -9,7 +10,8 @@ ptxas and cuobjdump); cuobjdump then reads each kernel's registers per thread, s
 which on a GPU costs far more than its flops: this is how the block sizes of
 ``performer.attention.triton.make_plan`` were chosen before any GPU ran them. Compile errors
 show here too (the interpreter the tests use does not compile). Writes
-benchmarks/results/<name>.{json,md} unless --quick. Must run without TRITON_INTERPRET.
+benchmarks/results/<name>.{json,md} unless --quick (the default chunks of ``default_chunk`` were
+chosen from kernel_resources, -chunk128 and -chunk32). Must run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -125,7 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--quick", action="store_true", help="bf16 only, no results written")
-    parser.add_argument("--name", default="kernel_resources")
+    parser.add_argument(
+        "--name", help="results file stem (default kernel_resources, with the plan changes: kernel_resources-chunk128)"
+    )
     parser.add_argument("--warps", type=int, help="try another num_warps than the plan's")
     parser.add_argument("--block-m", type=int, help="try another feature tile than the plan's")
     parser.add_argument("--chunk", type=int, help="try another chunk than the plan's")
@@ -137,6 +141,9 @@ def main(argv=None) -> int:
         for field, value in (("num_warps", args.warps), ("block_m", args.block_m), ("chunk", args.chunk))
         if value is not None
     }
+    args.name = args.name or "kernel_resources" + "".join(
+        f"-{field.replace('_', '')}{v}" for field, v in plan_changes.items()
+    )
     head_dims = [int(d) for d in args.head_dims.split(",")]
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     rows = []
@@ -154,8 +161,14 @@ def main(argv=None) -> int:
         print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     spilling = [row for row in rows if row.get("stack", 0) > 0]
     print(f"{len(rows)} kernels compiled for sm_{args.arch}; {len(spilling)} spill registers to local memory")
-    if not args.quick and not plan_changes:
-        results = {"arch": args.arch, "triton": triton.__version__, "machine": common.machine(), "rows": rows}
+    if not args.quick:
+        results = {
+            "arch": args.arch,
+            "triton": triton.__version__,
+            "plan_changes": plan_changes,
+            "machine": common.machine(),
+            "rows": rows,
+        }
         common.write_results(args.name, results, render(rows, args.arch))
     return 0
 
