@@ -119,8 +119,11 @@ def _power_of_two_at_least(value: int, floor: int = 16) -> int:
 
 
 # C at most: the (C, C) score tiles of the causal kernels live in registers; 128 is the largest
-# compiled for sm_90 and read off its cubins (benchmarks/kernel_resources.py --chunk 128).
+# compiled for sm_90 and read off its cubins (benchmarks/kernel_resources.py --chunk 128). In
+# float32, C=128 spills up to 17 kB per thread and at head dim 128 asks for 352 kB of shared
+# memory, more than the 227 kB an H100/H200 block may have: float32 stops at 64.
 MAX_CHUNK = 128
+MAX_FLOAT32_CHUNK = 64
 # CUDA grids have at most 65535 programs on their second axis, where the chunks are.
 MAX_CHUNKS = 65535
 
@@ -131,10 +134,9 @@ def default_chunk(length: int, head_dim: int, low_precision: bool = True) -> int
 
     bf16 (tensor cores): 64; 128 from 32k tokens on at head dims up to 64, where per-chunk states
     (N M D per slice) would otherwise outweigh q, k and v together (at C=128 the bf16 kernels
-    spill at most 128 bytes at D=64; at D=128 they would spill kilobytes).
+    spill at most 128 bytes at D=64, up to 1.2 kB at D=128).
     float32: 64 up to head dim 64 and 32 above it: at C=64 and D=128 ptxas gives the causal
-    kernels 32 registers and 5-8 kB of spills (520-920 bytes at C=32); C=128 spills up to 12 kB
-    and needs 217 kB of the 227 kB of shared memory an H100/H200 block may have."""
+    kernels 32 registers and 5-8 kB of spills (520-920 bytes at C=32)."""
     if low_precision:
         return 128 if length >= 32768 and head_dim <= 64 else 64
     return 64 if head_dim <= 64 else 32
@@ -145,16 +147,18 @@ def make_plan(
 ) -> KernelPlan:
     length = max(q.shape[2], k.shape[2])
     low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
+    largest_chunk = MAX_CHUNK if low_precision else MAX_FLOAT32_CHUNK
     if chunk_size:
-        chunk = min(_power_of_two_at_least(chunk_size), MAX_CHUNK)
+        chunk = min(_power_of_two_at_least(chunk_size), largest_chunk)
     else:
         chunk = default_chunk(length, q.shape[-1], low_precision)
     if triton.cdiv(length, chunk) > MAX_CHUNKS:
         raise ValueError(
             f"{length} tokens in chunks of {chunk} make more than {MAX_CHUNKS} chunks, a CUDA grid's limit: "
-            f"pass chunk_size={MAX_CHUNK}"
-            if chunk < MAX_CHUNK
+            f"pass chunk_size={largest_chunk}"
+            if chunk < largest_chunk
             else f"{length} tokens is beyond the kernels' grid"
+            + ("" if low_precision else " in float32 (bf16 inputs take chunks of 128: twice as many tokens)")
         )
     if q.is_cuda:
         scan_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -412,7 +416,8 @@ def favor_attention_triton(
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D), CUDA tensors (CPU ones under TRITON_INTERPRET=1);
     projection: (M, D); key_padding_mask: (B, Lk) bool, True = real key; causal needs Lq == Lk;
-    chunk_size: tokens per chunk, rounded up to a power of two in [16, 128] (None: ``default_chunk``);
+    chunk_size: tokens per chunk, rounded up to a power of two in [16, 128] ([16, 64] in float32; None:
+    ``default_chunk``);
     feature_a: FAVOR++'s A (a float or 0-dim tensor) or None for FAVOR+.
     bf16 q, k, v run on tensor cores (bf16 operands, float32 sums); any other dtype in float32.
     Returns (B, H, Lq, D) in v's dtype; a query that sees no key gets zeros.

@@ -263,10 +263,12 @@ def test_errors_name_the_problem():
 
 
 def test_plan_limits(monkeypatch):
-    """Chunks are powers of two in [16, 128] (larger (C, C) tiles were never compiled); more chunks
-    than a CUDA grid axis holds is a clear error, not a failed launch."""
+    """Chunks are powers of two in [16, 128] (larger (C, C) tiles were never compiled; float32 stops
+    at 64); more chunks than a CUDA grid axis holds is a clear error, not a failed launch."""
     q, k, v, _ = _inputs(length=40)
-    assert favor_triton.make_plan(q, k, v, 24, 256).chunk == favor_triton.MAX_CHUNK
+    assert favor_triton.make_plan(q, k, v, 24, 256).chunk == favor_triton.MAX_FLOAT32_CHUNK == 64
+    low = torch.empty(1, 1, 40, 16, dtype=torch.bfloat16, device="meta")
+    assert favor_triton.make_plan(low, low, low, 24, 256).chunk == favor_triton.MAX_CHUNK == 128
     # The default chunk, per dtype and head dim (what the cubins for sm_90 allow without large spills).
     for dtype, head_dim, length, chunk in [
         (torch.bfloat16, 64, 16384, 64),
@@ -279,8 +281,11 @@ def test_plan_limits(monkeypatch):
         assert favor_triton.make_plan(long, long, long, 256, None).chunk == chunk, (dtype, head_dim, length)
     assert favor_triton.make_plan(q, k, v, 24, 5).chunk == 16
     monkeypatch.setattr(favor_triton, "MAX_CHUNKS", 2)
-    with pytest.raises(ValueError, match="a CUDA grid's limit: pass chunk_size=128"):
+    with pytest.raises(ValueError, match="a CUDA grid's limit: pass chunk_size=64"):
         favor_triton.make_plan(q, k, v, 24, 16)
+    longer = torch.empty(1, 1, 200, 16, device="meta")
+    with pytest.raises(ValueError, match="beyond the kernels' grid in float32"):
+        favor_triton.make_plan(longer, longer, longer, 24, 64)
 
 
 def test_a_second_derivative_is_refused():
