@@ -40,7 +40,7 @@ from performer.attention import triton_kernels as kernels  # noqa: E402
 
 # Pointer arguments holding tl.dot operands (the plan's operand dtype) and outputs (the input dtype).
 OPERAND_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "x_ptr", "y_ptr", "value_grad_ptr", "w_hi_ptr", "w_lo_ptr", "local_ptr"}
-OUTPUT_POINTERS = {"out_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "grad_ptr"}
+OUTPUT_POINTERS = {"out_ptr", "centred_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "grad_ptr"}
 FLOAT_SCALARS = {"feature_scale", "sq_scale", "denominator_floor"}
 TRITON_TYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -67,6 +67,7 @@ def variants(head_dims, dtypes, plan_changes, length=16384, nb_features=256):
                     HAS_KEEP=not is_query,
                     REVERSE=reverse,
                     STORE_LOCAL=causal,
+                    CENTRE=plan.centre_values and not is_query,  # the keys' values only
                 )
                 yield "states_kernel", {**base, "causal": causal, "queries": is_query}, flags, plan
             for name in ("output_kernel", "query_grad_kernel", "key_value_grad_kernel"):

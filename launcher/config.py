@@ -24,6 +24,7 @@ from data.mixture import SourceConfig
 from performer import strict
 from performer.config import PRESETS, ModelConfig
 from performer.errors import ConfigError
+from performer.feature_maps import pretraining_nb_features
 
 __all__ = ["ConfigError", "RunConfig", "ModelSection", "load_config", "config_from_dict", "save_config"]
 
@@ -78,6 +79,12 @@ class ModelSection(ModelConfig):
         "(the Performer paper's redraw; the loss jumps at each one: benchmarks/results/redraw.md)."
     )
     # Pretraining defaults that differ from the library's:
+    nb_features: int | None = None
+    (
+        "FAVOR+ random features per head. Unset: max(256, round(D ln D)) for head dim D "
+        "(performer.feature_maps.pretraining_nb_features: 256 at D=32, 266 at D=64), written into the saved "
+        "config; null: the library's round(D ln D) (111 at D=32), what configs saved before this default hold."
+    )
     feature_map: str = "favor++"
     (
         "favor++ (optimised positive features, lower variance, same cost: the best held-out loss measured, "
@@ -114,7 +121,22 @@ def _model_values(values: Any) -> Any:
             raise ConfigError(f"model.{key} is set by the trainer from {source}; remove it from the config")
     preset = values.get("preset", ModelSection.preset)
     _check_choice("model.preset", preset, tuple(PRESETS))
-    return {**PRESETS[preset], **values}
+    merged = {**PRESETS[preset], **values}
+    if "nb_features" not in merged:
+        # Written into the config (and so into every run directory, checkpoint and export) as a
+        # number: a saved null keeps meaning the library's round(D ln D) it was trained with.
+        head_dim = _head_dim(merged)
+        if head_dim is not None:
+            merged["nb_features"] = pretraining_nb_features(head_dim)
+    return merged
+
+
+def _head_dim(values: Mapping) -> int | None:
+    """d_model // num_heads when both are positive integers that divide (else ModelConfig says what is wrong)."""
+    d_model, heads = values.get("d_model"), values.get("num_heads")
+    if isinstance(d_model, int) and isinstance(heads, int) and heads > 0 and d_model % heads == 0:
+        return d_model // heads
+    return None
 
 
 @dataclass

@@ -75,6 +75,19 @@ def default_nb_features(head_dim: int) -> int:
     return max(1, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
 
 
+# The fewest features the trainer gives a head when the config sets none. D ln D is 111 at head
+# dim 32 and the tiny models trained with it end more than 5% above softmax at 1024 tokens; the
+# number comes from benchmarks/parity.py (benchmarks/results/parity-cpu-*.md).
+PRETRAINING_MIN_FEATURES = 256
+
+
+def pretraining_nb_features(head_dim: int) -> int:
+    """M for pretraining when none is given: max(256, round(D ln D)). The paper's D ln D from head
+    dim 64 on (266 at 64); never fewer than 256 below it, where the estimate's variance, not the
+    head dim, limits the loss."""
+    return max(PRETRAINING_MIN_FEATURES, default_nb_features(head_dim))
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of the integers given (stable across processes)."""
     digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()

@@ -86,6 +86,10 @@ class KernelPlan:
     """dtype of every tl.dot operand: bf16 (tensor cores) when q, k and v are all bf16, else float32."""
     split_logits: bool
     """Logits as x W_hi^T + x W_lo^T (W split into two operand_dtype parts); on with bf16 operands."""
+    centre_values: bool
+    """Values centred on their mean over the keys before any product (triton_kernels._centred_values);
+    on with bf16 operands, whose rounding of states and outputs would otherwise scale with the
+    values' common part. Costs one (G, Lq, D) centred output kept for the backward."""
     scan_programs: int
     """Programs a scan over the chunks is spread over (with the slices and feature tiles)."""
     num_warps: int
@@ -108,6 +112,7 @@ class KernelPlan:
             BLOCK_D=self.block_d,
             DOT=_TRITON_DTYPES[self.operand_dtype],
             SPLIT=self.split_logits,
+            CENTRE=self.centre_values,
             PRECISION=self.precision,
             num_warps=self.num_warps,
             num_stages=self.num_stages,
@@ -170,6 +175,7 @@ def make_plan(
         block_d=_power_of_two_at_least(q.shape[-1]),
         operand_dtype=torch.bfloat16 if low_precision else torch.float32,
         split_logits=low_precision,
+        centre_values=low_precision,
         scan_programs=scan_programs,
         num_warps=8,
         # float32 operands: without software pipelining, so that the float32 kernels' tiles at
@@ -238,10 +244,10 @@ def _exclusive_scan(totals: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(totals[:, :1]), shifted], dim=1)
 
 
-def _states(x, shift, y, weight, keep, offsets, projection, plan, *, is_query, reverse, causal) -> _States:
+def _states(x, shift, y, weight, keep, centre, offsets, projection, plan, *, is_query, reverse, causal) -> _States:
     """sum phi(x)^T y and sum phi(x) w over rows: per chunk (causal, a scan; reverse = over later
     chunks) or in total. x, y: (B, H, L, D) in any layout ``_rows`` accepts; shift, weight: (G, L)
-    or None; keep: (B, L) uint8 or None."""
+    or None; keep: (B, L) uint8 or None; centre: (G, D) float32 subtracted from y, or None."""
     batch, heads, length, head_dim = x.shape
     slices, nb_features = batch * heads, projection.nb_features
     nb_chunks = triton.cdiv(length, plan.chunk)
@@ -258,11 +264,11 @@ def _states(x, shift, y, weight, keep, offsets, projection, plan, *, is_query, r
         local, local_sum = totals, total_sums  # not read
     kernels.states_kernel[(slices, feature_tiles, splits)](
         *_rows(x), x if shift is None else shift, *_rows(y), x if weight is None else weight,
-        x if keep is None else keep, projection.logits, projection.logits_low, offsets,
-        local, local_sum, totals, total_sums,
+        x if keep is None else keep, x if centre is None else centre, projection.logits, projection.logits_low,
+        offsets, local, local_sum, totals, total_sums,
         length, head_dim, nb_features, heads, nb_chunks, chunks_per_split, nb_features**-0.5, 0.5 * head_dim**-0.5,
         IS_QUERY=is_query, HAS_WEIGHT=weight is not None, HAS_KEEP=keep is not None, REVERSE=reverse,
-        STORE_LOCAL=causal, **plan.compile_options(),
+        STORE_LOCAL=causal, **{**plan.compile_options(), "CENTRE": centre is not None},
     )  # fmt: skip
     if causal:
         # Splits are numbered in scan order (from the end when reverse): carry what came before.
@@ -270,6 +276,18 @@ def _states(x, shift, y, weight, keep, offsets, projection, plan, *, is_query, r
     else:
         carry, carry_sum = totals.sum(1), total_sums.sum(1)
     return _States(local, local_sum, carry, carry_sum, nb_chunks, chunks_per_split, splits)
+
+
+def _value_centre(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(G, D) float32: each slice's mean value over its real keys (0 without any); padded keys,
+    whatever they hold, are left out."""
+    batch, heads, _, head_dim = v.shape
+    if keep is None:
+        total, count = v.sum(2, dtype=torch.float32), torch.full((batch,), v.shape[2], device=v.device)
+    else:
+        total = v.masked_fill(keep[:, None, :, None] == 0, 0).sum(2, dtype=torch.float32)
+        count = keep.sum(1, dtype=torch.float32)
+    return (total / count.clamp(min=1)[:, None, None]).reshape(batch * heads, head_dim).contiguous()
 
 
 def _rows(x: torch.Tensor) -> tuple:
@@ -323,22 +341,28 @@ class _TritonFavorAttention(torch.autograd.Function):
             *_rows(q), *projection_args, weights.query_offsets, shift,
             query_length, heads, head_dim, weights.nb_features, **options,
         )  # fmt: skip
+        centre = _value_centre(v, keep) if plan.centre_values else None
         key_states = _states(
-            k, None, v, None, keep, weights.key_offsets, weights, plan, is_query=False, reverse=False, causal=causal
-        )
+            k, None, v, None, keep, centre, weights.key_offsets, weights, plan,
+            is_query=False, reverse=False, causal=causal,
+        )  # fmt: skip
         out = _empty_sequence_major(batch, heads, query_length, head_dim, q, v.dtype)
+        # What the backward reads as the output: the centred quotient, or the output itself.
+        centred_out = (
+            _empty_sequence_major(batch, heads, query_length, head_dim, q, v.dtype) if centre is not None else out
+        )
         denominator = q.new_empty((slices, query_length), dtype=torch.float32)
         kernels.output_kernel[(slices, query_blocks)](
-            *_rows(q), shift, *_rows(k), *_rows(v), q if keep is None else keep,
+            *_rows(q), shift, *_rows(k), *_rows(v), q if keep is None else keep, q if centre is None else centre,
             *projection_args, weights.query_offsets, weights.key_offsets,
-            *key_states.args(), *_rows(out), denominator,
+            *key_states.args(), *_rows(out), *_rows(centred_out), denominator,
             query_length, key_length, head_dim, weights.nb_features, heads, *key_states.sizes(),
             weights.nb_features**-0.5, 0.5 * head_dim**-0.5, DENOMINATOR_FLOOR,
             CAUSAL=causal, HAS_KEEP=keep is not None, **options,
         )  # fmt: skip
         ctx.save_for_backward(
             q, k, v, weights.logits, weights.logits_low, weights.query_offsets, weights.key_offsets,
-            keep, shift, out, denominator,
+            keep, centre, shift, centred_out, denominator,
         )  # fmt: skip
         ctx.plan, ctx.causal = plan, causal
         # Internal tensors nothing outside this op sees, so holding them on ctx is safe.
@@ -349,7 +373,9 @@ class _TritonFavorAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernels are opaque to a second derivative
     @_on_the_tensors_device
     def backward(ctx, grad_out):
-        q, k, v, logits, logits_low, query_offsets, key_offsets, keep, shift, out, denominator = ctx.saved_tensors
+        q, k, v, logits, logits_low, query_offsets, key_offsets, keep, centre, shift, out, denominator = (
+            ctx.saved_tensors
+        )  # out: the centred output when the values were centred (the forward's centred_out)
         plan, causal = ctx.plan, ctx.causal
         weights = _Projection(logits, logits_low, query_offsets, key_offsets)
         batch, heads, query_length, head_dim = q.shape
@@ -360,6 +386,7 @@ class _TritonFavorAttention(torch.autograd.Function):
         sizes_args = (query_length, key_length, head_dim, weights.nb_features, heads)
         scale_args = (weights.nb_features**-0.5, 0.5 * head_dim**-0.5)
         keep_arg = q if keep is None else keep
+        centre_arg = q if centre is None else centre
 
         # Gradients of the numerator's value columns and of the normaliser (fused.py's dN), in
         # one pass over dout and out: no float32 copy of either.
@@ -376,12 +403,12 @@ class _TritonFavorAttention(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if key_states is None:
                 key_states = _states(
-                    k, None, v, None, keep, weights.key_offsets, weights, plan, is_query=False, reverse=False,
-                    causal=causal,
+                    k, None, v, None, keep, centre, weights.key_offsets, weights, plan, is_query=False,
+                    reverse=False, causal=causal,
                 )  # fmt: skip
             dq = torch.empty_like(q)
             kernels.query_grad_kernel[(slices, triton.cdiv(query_length, plan.chunk))](
-                *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, *_rows(value_grad), normaliser_grad,
+                *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, centre_arg, *_rows(value_grad), normaliser_grad,
                 *projection_args, weights.query_offsets, weights.key_offsets,
                 *key_states.args(), *_rows(dq), *sizes_args, *key_states.sizes(), *scale_args,
                 CAUSAL=causal, HAS_KEEP=keep is not None, **options,
@@ -389,12 +416,12 @@ class _TritonFavorAttention(torch.autograd.Function):
             del key_states
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             query_states = _states(
-                q, shift, value_grad, normaliser_grad, None, weights.query_offsets, weights, plan,
+                q, shift, value_grad, normaliser_grad, None, None, weights.query_offsets, weights, plan,
                 is_query=True, reverse=True, causal=causal,
             )  # fmt: skip
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             kernels.key_value_grad_kernel[(slices, triton.cdiv(key_length, plan.chunk))](
-                *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, *_rows(value_grad), normaliser_grad,
+                *_rows(q), shift, *_rows(k), *_rows(v), keep_arg, centre_arg, *_rows(value_grad), normaliser_grad,
                 *projection_args, weights.query_offsets, weights.key_offsets,
                 *query_states.args(), *_rows(dk), *_rows(dv), *sizes_args, *query_states.sizes(), *scale_args,
                 CAUSAL=causal, HAS_KEEP=keep is not None, **options,

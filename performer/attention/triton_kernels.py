@@ -89,6 +89,25 @@ def _valid_keys(keep_ptr, slice_index, heads, rows, length, HAS_KEEP: tl.constex
 
 
 @triton.jit
+def _centred_values(
+    v_ptr, stride_b, stride_h, stride_l, slice_index, heads, rows, length, D, columns, valid, centre_ptr,
+    CENTRE: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """(C, BLOCK_D) v - centre in the operand dtype, zero for rows that are not valid keys.
+
+    centre (G, D) float32 is one vector per slice, near the keys' mean: attention weights sum to
+    one, so every output moves by the same vector and every gradient is unchanged, while the
+    values, the states made of them and the backward's dout . (v_j - out_i) cancellations lose
+    their common part before any bf16 rounding (with v = 5 + noise, bf16 feature gradients are
+    off by ~8% uncentred, ~1% centred)."""
+    v = _load_rows(v_ptr, stride_b, stride_h, stride_l, slice_index, heads, rows, length, D, columns, tl.float32)
+    if CENTRE:
+        centre = tl.load(centre_ptr + slice_index.to(tl.int64) * D + columns, mask=columns < D, other=0.0)
+        v = v - centre[None, :]
+    return _operand(tl.where(valid[:, None], v, 0.0), DOT)
+
+
+@triton.jit
 def _half_square_norm(x, sq_scale):
     """(C,) |x|^2 D^-1/2 / 2 in float32 (sq_scale = D^-1/2 / 2)."""
     wide = x.to(tl.float32)
@@ -250,6 +269,7 @@ def states_kernel(
     y_stride_l,
     weight_ptr,
     keep_ptr,
+    centre_ptr,
     w_hi_ptr,
     w_lo_ptr,
     offsets_ptr,
@@ -273,6 +293,7 @@ def states_kernel(
     HAS_KEEP: tl.constexpr,
     REVERSE: tl.constexpr,
     STORE_LOCAL: tl.constexpr,
+    CENTRE: tl.constexpr,
     DOT: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -283,7 +304,8 @@ def states_kernel(
     x = q (with its shift), y = dout / den, w = -(dout . out) / den, REVERSE (the queries' suffix
     states). STORE_LOCAL (causal): before each chunk, the sum over the split's chunks before it
     (after it, REVERSE) goes to local (G, N, M, D) / local_sum (G, N, M). Always: the split's
-    total to total (G, S, M, D) / total_sum (G, S, M).
+    total to total (G, S, M, D) / total_sum (G, S, M). CENTRE: y - centre (the keys' values,
+    ``_centred_values``).
     """
     slice_index = tl.program_id(0)
     features = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -320,12 +342,11 @@ def states_kernel(
             x, row_constant, valid, w_hi_ptr, w_lo_ptr, offsets_ptr,
             features, columns, M, D, feature_scale, IS_QUERY, SPLIT, PRECISION,
         )  # fmt: skip
-        y = tl.where(
-            valid[:, None],
-            _load_rows(y_ptr, y_stride_b, y_stride_h, y_stride_l, slice_index, heads, rows, length, D, columns, DOT),
-            0.0,
-        )
-        state += tl.dot(tl.trans(_operand(phi, DOT)), _operand(y, DOT), input_precision=PRECISION)
+        y = _centred_values(
+            y_ptr, y_stride_b, y_stride_h, y_stride_l, slice_index, heads, rows, length, D, columns, valid,
+            centre_ptr, CENTRE, DOT,
+        )  # fmt: skip
+        state += tl.dot(tl.trans(_operand(phi, DOT)), y, input_precision=PRECISION)
         if HAS_WEIGHT:
             weight = _load_row_values(weight_ptr, slice_index, rows, length)
             state_sum += tl.sum(phi * weight[:, None], axis=0)
@@ -352,6 +373,7 @@ def output_kernel(
     v_stride_h,
     v_stride_l,
     keep_ptr,
+    centre_ptr,
     w_hi_ptr,
     w_lo_ptr,
     query_offsets_ptr,
@@ -364,6 +386,10 @@ def output_kernel(
     out_stride_b,
     out_stride_h,
     out_stride_l,
+    centred_out_ptr,
+    centred_out_stride_b,
+    centred_out_stride_h,
+    centred_out_stride_l,
     denominator_ptr,
     query_length,
     key_length,
@@ -381,6 +407,7 @@ def output_kernel(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    CENTRE: tl.constexpr,
     DOT: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -389,7 +416,9 @@ def output_kernel(
 
     Grid (G, cdiv(Lq, C)). Causal: H, z are the chunk's prefix states and scores the chunk's
     own masked phi_q phi_k^T (C, C); bidirectional: H, z are the totals and there are no scores.
-    Also stores the normaliser (G, Lq) for the backward.
+    Also stores the normaliser (G, Lq) for the backward. CENTRE: H and v are of v - centre, out
+    is centre + the quotient, and the quotient alone goes to centred_out (in the input dtype, for
+    the backward's dout . out, which would otherwise carry bf16's error of |centre|).
     """
     slice_index = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -404,13 +433,10 @@ def output_kernel(
     if CAUSAL:
         key_valid = _valid_keys(keep_ptr, slice_index, heads, rows, key_length, HAS_KEEP)
         k = _load_rows(k_ptr, k_stride_b, k_stride_h, k_stride_l, slice_index, heads, rows, key_length, D, columns, DOT)
-        v = tl.where(
-            key_valid[:, None],
-            _load_rows(
-                v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, DOT
-            ),
-            0.0,
-        )
+        v = _centred_values(
+            v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, key_valid,
+            centre_ptr, CENTRE, DOT,
+        )  # fmt: skip
         key_half_sq_norm = _half_square_norm(k, sq_scale)
         scores = tl.zeros((C, C), tl.float32)
     for feature_start in range(0, M, BLOCK_M):
@@ -431,13 +457,21 @@ def output_kernel(
             scores += tl.dot(_operand(phi_q, DOT), tl.trans(_operand(phi_k, DOT)), input_precision=PRECISION)
     if CAUSAL:
         scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
-        numerator += tl.dot(_operand(scores, DOT), _operand(v, DOT), input_precision=PRECISION)
+        numerator += tl.dot(_operand(scores, DOT), v, input_precision=PRECISION)
         denominator += tl.sum(scores, axis=1)
     has_key = denominator > denominator_floor
     inverse = tl.where(has_key, 1.0 / tl.where(has_key, denominator, 1.0), 0.0)
+    quotient = numerator * inverse[:, None]
+    if CENTRE:
+        _store_rows(
+            centred_out_ptr, centred_out_stride_b, centred_out_stride_h, centred_out_stride_l, slice_index, heads,
+            rows, query_length, D, columns, quotient,
+        )  # fmt: skip
+        centre = tl.load(centre_ptr + slice_index.to(tl.int64) * D + columns, mask=columns < D, other=0.0)
+        quotient = tl.where(has_key[:, None], quotient + centre[None, :], 0.0)
     _store_rows(
         out_ptr, out_stride_b, out_stride_h, out_stride_l, slice_index, heads, rows, query_length, D, columns,
-        numerator * inverse[:, None],
+        quotient,
     )  # fmt: skip
     tl.store(denominator_ptr + slice_index.to(tl.int64) * query_length + rows, denominator, mask=query_valid)
 
@@ -505,6 +539,7 @@ def query_grad_kernel(
     v_stride_h,
     v_stride_l,
     keep_ptr,
+    centre_ptr,
     value_grad_ptr,
     value_grad_stride_b,
     value_grad_stride_h,
@@ -537,6 +572,7 @@ def query_grad_kernel(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    CENTRE: tl.constexpr,
     DOT: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -546,7 +582,8 @@ def query_grad_kernel(
 
     d phi_q = dN_v H^T + dN_1 z (+ causal: the chunk's masked (dN_v v^T + dN_1) phi_k), and
     dq = (d phi_q * phi_q) W. The query's own shift and the |q|^2 term of its features are
-    per-query constants that cancel in the output, so they carry no gradient.
+    per-query constants that cancel in the output, so they carry no gradient. CENTRE: v, H and
+    out are centred (``_centred_values``), which leaves d phi_q unchanged.
     """
     slice_index = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -574,16 +611,13 @@ def query_grad_kernel(
     if CAUSAL:
         key_valid = _valid_keys(keep_ptr, slice_index, heads, rows, key_length, HAS_KEEP)
         k = _load_rows(k_ptr, k_stride_b, k_stride_h, k_stride_l, slice_index, heads, rows, key_length, D, columns, DOT)
-        v = tl.where(
-            key_valid[:, None],
-            _load_rows(
-                v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, DOT
-            ),
-            0.0,
-        )
+        v = _centred_values(
+            v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, key_valid,
+            centre_ptr, CENTRE, DOT,
+        )  # fmt: skip
         key_half_sq_norm = _half_square_norm(k, sq_scale)
         # (C queries, C keys): dN_v_i . v_j + dN_1_i for j <= i.
-        pair_grad = tl.dot(_operand(value_grad, DOT), tl.trans(_operand(v, DOT)), input_precision=PRECISION)
+        pair_grad = tl.dot(_operand(value_grad, DOT), tl.trans(v), input_precision=PRECISION)
         pair_grad = tl.where(rows[:, None] >= rows[None, :], pair_grad + normaliser_grad[:, None], 0.0)
     for feature_start in range(0, M, BLOCK_M):
         features = feature_start + tl.arange(0, BLOCK_M)
@@ -624,6 +658,7 @@ def key_value_grad_kernel(
     v_stride_h,
     v_stride_l,
     keep_ptr,
+    centre_ptr,
     value_grad_ptr,
     value_grad_stride_b,
     value_grad_stride_h,
@@ -660,6 +695,7 @@ def key_value_grad_kernel(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    CENTRE: tl.constexpr,
     DOT: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -669,7 +705,8 @@ def key_value_grad_kernel(
 
     d phi_k = v R^T + r (+ causal: the chunk's masked (v dN_v^T + dN_1) phi_q), dv = phi_k R
     (+ causal: the chunk's masked scores^T dN_v), and dk = (d phi_k * phi_k) W - sum_m(d phi_k *
-    phi_k) k D^-1/2 (the |k|^2 term of the key features). Padded keys get exactly zero.
+    phi_k) k D^-1/2 (the |k|^2 term of the key features). Padded keys get exactly zero. CENTRE:
+    v and out are centred (``_centred_values``), which leaves d phi_k and dv unchanged.
     """
     slice_index = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -678,11 +715,10 @@ def key_value_grad_kernel(
     columns = tl.arange(0, BLOCK_D)
     key_valid = _valid_keys(keep_ptr, slice_index, heads, rows, key_length, HAS_KEEP)
     k = _load_rows(k_ptr, k_stride_b, k_stride_h, k_stride_l, slice_index, heads, rows, key_length, D, columns, DOT)
-    v = tl.where(
-        key_valid[:, None],
-        _load_rows(v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, DOT),
-        0.0,
-    )
+    v = _centred_values(
+        v_ptr, v_stride_b, v_stride_h, v_stride_l, slice_index, heads, rows, key_length, D, columns, key_valid,
+        centre_ptr, CENTRE, DOT,
+    )  # fmt: skip
     key_half_sq_norm = _half_square_norm(k, sq_scale)
     input_grad = tl.zeros((C, BLOCK_D), tl.float32)
     weighted_sum = tl.zeros((C,), tl.float32)
@@ -708,7 +744,7 @@ def key_value_grad_kernel(
         )
         normaliser_grad = _load_row_values(normaliser_grad_ptr, slice_index, rows, query_length)
         # (C keys, C queries): v_j . dN_v_i + dN_1_i for i >= j.
-        pair_grad = tl.dot(_operand(v, DOT), tl.trans(_operand(value_grad, DOT)), input_precision=PRECISION)
+        pair_grad = tl.dot(v, tl.trans(_operand(value_grad, DOT)), input_precision=PRECISION)
         later = rows[None, :] >= rows[:, None]
         pair_grad = tl.where(later, pair_grad + normaliser_grad[None, :], 0.0)
         transposed_scores = tl.zeros((C, C), tl.float32)
@@ -720,7 +756,7 @@ def key_value_grad_kernel(
         )  # fmt: skip
         state = _state_matrix(local_ptr, carry_ptr, local_row, carry_row, features, columns, M, D, CAUSAL)
         state_sum = _state_vector(local_sum_ptr, carry_sum_ptr, local_row, carry_row, features, M, CAUSAL)
-        feature_grad = tl.dot(_operand(v, DOT), tl.trans(_operand(state, DOT)), input_precision=PRECISION)
+        feature_grad = tl.dot(v, tl.trans(_operand(state, DOT)), input_precision=PRECISION)
         feature_grad += state_sum[None, :]
         dv += tl.dot(_operand(phi_k, DOT), _operand(state, DOT), input_precision=PRECISION)
         if CAUSAL:

@@ -825,3 +825,35 @@ def test_readme_configs_section_lists_each_setting_once():
 def test_a_mixture_source_without_a_positive_weight_is_refused_with_its_key(weight):
     with pytest.raises(ConfigError, match=r"data\.sources\[1\].*weights must be positive"):
         load_config([CONFIG_DIR / "tiny.yaml"], [f"data.sources=[{{manifest: a}}, {{manifest: b, weight: {weight}}}]"])
+
+
+# ------------------------------------------------------------------------------ the default number of features
+
+
+@pytest.mark.parametrize(
+    ("overrides", "features"),
+    [
+        ([], 256),  # tiny: head dim 32, where round(D ln D) = 111 trains more than 5% above softmax
+        (["model.preset=small"], 266),  # head dim 64: the paper's round(D ln D)
+        (["model.d_model=64"], 256),  # head dim 16: never fewer than 256
+        (["model.nb_features=64"], 64),  # a number given is kept
+        (["model.nb_features=null"], None),  # null: the library's round(D ln D), as configs saved before
+    ],
+)
+def test_the_trainer_writes_its_default_number_of_features_into_the_config(overrides, features):
+    config = _tiny(*overrides)
+    assert config.model.nb_features == features
+    assert config.to_dict()["model"]["nb_features"] == features
+    assert config_from_dict(config.to_dict()) == config  # a saved config keeps its number (or its null)
+    assert config.model.model_config(vocab_size=64).stack_params("encoder")["nb_features"] == features
+
+
+def test_a_run_saved_with_the_old_default_is_refused_by_name_and_resumes_with_null():
+    """Configs saved before the default became a number hold null (round(D ln D) = 111 at head dim
+    32): resuming one with today's default names the key; nb_features=null resumes it."""
+    saved = _tiny().to_dict()
+    saved["model"]["nb_features"] = None
+    old = config_from_dict(saved)
+    assert old.model.nb_features is None
+    assert old.model_fingerprint() != _tiny().model_fingerprint()
+    assert old.model_fingerprint() == _tiny("model.nb_features=null").model_fingerprint()

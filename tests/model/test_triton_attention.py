@@ -89,6 +89,7 @@ def test_padded_keys_equal_quadratic(causal, a):
         {"scan_programs": 10_000},  # one chunk per split: every state comes from the carry
         {"block_m": 32},  # M = 24 in one tile of 32 (the default, 16, leaves a partial second tile)
         {"chunk": 32},
+        {"centre_values": True},  # the bf16 path's centred values, here in float32
     ],
     ids=lambda changes: ",".join(f"{key}={value}" for key, value in changes.items()),
 )
@@ -229,6 +230,28 @@ def test_padded_keys_are_ignored_whatever_they_hold(causal):
     for grad in (dk, dv):
         assert torch.isfinite(grad).all()
         assert (grad[0, :, 30:] == 0).all() and (grad[1, :, :5] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("causal", [True, False])
+def test_centred_values_give_the_same_attention(causal):
+    """The bf16 path centres the values on their mean over the real keys (plan.centre_values) so
+    that bf16 rounding does not scale with their common part: the outputs and gradients are the
+    naive twin's, with a large common part, NaN in padded values (left out of the mean) and a
+    row with no real key (zero output)."""
+    q, k, v, projection = _inputs(length=45)
+    offset_v = (v.detach() + 30.0).requires_grad_()
+    key_padding = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
+    key_padding[0] = False
+    key_padding[1, 38:] = False
+    poisoned = offset_v.detach().clone()
+    poisoned[1, :, 38:] = float("nan")
+    poisoned.requires_grad_()
+    got = _kernel(q, k, poisoned, projection, key_padding, causal, plan_changes={"centre_values": True})
+    assert (got[0][0] == 0).all()
+    # float32 loses ~5 digits to the common part in dq and dk either way (3e-5 of the largest
+    # entry centred, 4-6e-5 not): hence atol 1e-4 here.
+    _assert_same(got, naive(q, k, offset_v, projection, key_padding, causal), atol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
