@@ -367,38 +367,45 @@ def parity_table(r: Results) -> str:
     return common.table(header, rows, align="lrrrrr")
 
 
-# The CPU parity run that chose the default M: one results file per model kind.
-PARITY_CPU_FILES = ("parity-cpu-seq2seq", "parity-cpu-lm")
+# The CPU parity runs that chose the default M: the seq2seq, the LM, and the LM's M=111 run,
+# which ran beside the LM's first (on its own, without a softmax run of its own).
+PARITY_CPU_FILES = ("parity-cpu-seq2seq", "parity-cpu-lm", "parity-cpu-lm-m111")
 
 
 def parity_cpu_table(r: Results) -> str:
-    """Per model kind and variant: held-out loss, the gap to softmax, and the run's time against
-    softmax's in the same process (what the features cost on the CPU)."""
+    """Per model kind and variant: held-out loss and the gap to softmax trained on the same seed's
+    batches and initial weights (from any of the files)."""
+    records = [record for name in PARITY_CPU_FILES for record in r[name]["records"]]
+
+    def softmax(record: dict) -> dict:
+        return next(
+            x
+            for x in records
+            if x["variant"] == "softmax"
+            and (x["kind"], x["length"], x["seed"]) == tuple(record[key] for key in ("kind", "length", "seed"))
+        )
+
+    def features(variant: str) -> int:
+        return int(variant.partition("@")[2] or 111)
+
     labels = {"seq2seq": "seq2seq", "lm": "LM"}
+    names = {"softmax": "softmax", "favor": "FAVOR+", "favor++": "FAVOR++"}
+    ordered = sorted(records, key=lambda x: (x["kind"] != "seq2seq", x["variant"] != "softmax", features(x["variant"])))
     rows = []
-    for name in PARITY_CPU_FILES:
-        results = r[name]
-        for record in results["records"]:
-            kind, length, variant = record["kind"], record["length"], record["variant"]
-            softmax = next(x for x in results["records"] if (x["kind"], x["variant"]) == (kind, "softmax"))
-            base, _, features = variant.partition("@")
-            label = {"softmax": "softmax", "favor": "FAVOR+", "favor++": "FAVOR++"}[base]
-            if base != "softmax":
-                label += f" M={features or _features(results['settings'])}"
-            rows.append(
-                [
-                    labels[kind],
-                    length,
-                    label,
-                    f"{record['final_heldout_loss']:.3f}",
-                    ""
-                    if base == "softmax"
-                    else signed_percent(record["final_heldout_loss"] / softmax["final_heldout_loss"] - 1),
-                    f"{record['seconds'] / softmax['seconds']:.2f}x",
-                ]
-            )
-    header = ["model", "length", "attention", "held-out loss", "vs softmax", "training time vs softmax"]
-    return common.table(header, rows, align="lrlrrr")
+    for record in ordered:
+        base = record["variant"].partition("@")[0]
+        is_softmax = base == "softmax"
+        gap = record["final_heldout_loss"] / softmax(record)["final_heldout_loss"] - 1
+        rows.append(
+            [
+                labels[record["kind"]],
+                record["length"],
+                names[base] + ("" if is_softmax else f" M={features(record['variant'])}"),
+                f"{record['final_heldout_loss']:.3f}",
+                "" if is_softmax else signed_percent(gap),
+            ]
+        )
+    return common.table(["model", "length", "attention", "held-out loss", "vs softmax"], rows, align="lrlrr")
 
 
 # The README's rows: a label and the variants it shows, one list per setting, one entry per draw.
