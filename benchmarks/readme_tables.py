@@ -788,6 +788,18 @@ def _parity_gap(r: Results, kind: str, variant: str = "favor", length: int = 102
     return _summary(r, name, f"{kind}@{length} {variant} vs softmax")
 
 
+def _parity_cpu_gap(r: Results, kind: str, variant: str) -> float:
+    records = [x for name in PARITY_CPU_FILES for x in r[name]["records"] if x["kind"] == kind]
+    loss = {x["variant"]: x["final_heldout_loss"] for x in records}
+    return loss[variant] / loss["softmax"] - 1
+
+
+def _parity_cpu_cost(r: Results, kind: str) -> float:
+    """Seconds of the M=256 run over the M=111 run of the 8-step timing run (parity-cpu-cost)."""
+    seconds = {x["variant"]: x["seconds"] for x in r["parity-cpu-cost"]["records"] if x["kind"] == kind}
+    return seconds["favor++@256"] / seconds["favor++"]
+
+
 def _redraw(r: Results, variant: str) -> dict:
     return next(x for x in r["redraw"]["summary"] if x["variant"] == variant)
 
@@ -1128,6 +1140,19 @@ FIGURES: list[Figure] = [
     Figure(
         "the gap is {} (seq2seq) and {} (LM).",
         lambda r: tuple(percent(_parity_gap(r, kind, length=4096), 1) for kind in ("seq2seq", "lm")),
+    ),
+    # How many features
+    Figure(
+        "With M = 256 both land within 5% of softmax: the encoder-decoder at {} and the LM at {}",
+        lambda r: tuple(signed_percent(_parity_cpu_gap(r, kind, "favor++@256")) for kind in ("seq2seq", "lm")),
+    ),
+    Figure(
+        "with round(D ln D) = 111 the LM ends {} above softmax",
+        lambda r: percent(_parity_cpu_gap(r, "lm", "favor++"), 1),
+    ),
+    Figure(
+        "a training step of the `tiny` LM takes {}x as long with 256 features as with 111, the encoder-decoder's {}x",
+        lambda r: tuple(f"{_parity_cpu_cost(r, kind):.2f}" for kind in ("lm", "seq2seq")),
     ),
     # Redraws
     Figure(

@@ -9,8 +9,9 @@ data (`make pretrain`'s runs/data, 100 sentinels) stops at about L=1800, hence t
 The model is configs/tiny.yaml's: the `tiny` preset seq2seq (d_model 128, 4 heads of 32, 2 encoder +
 2 decoder layers, SwiGLU feed-forward, rotary positions, tied embeddings, the data's vocabulary),
 span corruption (input length L, decoder length about L/4.4: 512 -> 114), FAVOR+ with the
-preset's number of features (round(D ln D) = 111 for head dim 32: bidirectional in the encoder,
-causal in the decoder and cross) or exact softmax attention (SDPA) in the same places.
+trainer's default number of features (256 for head dim 32 since it became max(256, round(D ln D));
+the results file records the M it ran with: bidirectional in the encoder, causal in the decoder
+and cross) or exact softmax attention (SDPA) in the same places.
 The batch holds a constant number of input tokens per step and process (--tokens, 8192 by
 default: 32 rows of 256 ... 1 row of 8192), so tokens/s changes only with the length's cost.
 
