@@ -372,35 +372,39 @@ def parity_table(r: Results) -> str:
 PARITY_CPU_FILES = ("parity-cpu-seq2seq", "parity-cpu-lm", "parity-cpu-lm-m111")
 
 
+def _parity_cpu_records(r: Results) -> list[tuple[dict, dict]]:
+    """(record, its file's settings) of every CPU parity file."""
+    return [(record, r[name]["settings"]) for name in PARITY_CPU_FILES for record in r[name]["records"]]
+
+
+def _parity_cpu_gap(r: Results, kind: str, variant: str, length: int = 1024) -> float:
+    """A variant's held-out loss over softmax's, minus one, across the CPU parity files."""
+    merged = {"records": [record for record, _ in _parity_cpu_records(r)]}
+    return _parity_loss(merged, kind, length, variant) / _parity_loss(merged, kind, length, "softmax") - 1
+
+
 def parity_cpu_table(r: Results) -> str:
-    """Per model kind and variant: held-out loss and the gap to softmax trained on the same seed's
-    batches and initial weights (from any of the files)."""
-    records = [record for name in PARITY_CPU_FILES for record in r[name]["records"]]
+    """Per model kind and variant: held-out loss and the gap to softmax (from any of the files)."""
 
-    def softmax(record: dict) -> dict:
-        return next(
-            x
-            for x in records
-            if x["variant"] == "softmax"
-            and (x["kind"], x["length"], x["seed"]) == tuple(record[key] for key in ("kind", "length", "seed"))
-        )
-
-    def features(variant: str) -> int:
-        return int(variant.partition("@")[2] or 111)
+    def features(record: dict, settings: dict) -> int:
+        return int(record["variant"].partition("@")[2] or _features(settings))
 
     labels = {"seq2seq": "seq2seq", "lm": "LM"}
     names = {"softmax": "softmax", "favor": "FAVOR+", "favor++": "FAVOR++"}
-    ordered = sorted(records, key=lambda x: (x["kind"] != "seq2seq", x["variant"] != "softmax", features(x["variant"])))
+    ordered = sorted(
+        _parity_cpu_records(r),
+        key=lambda pair: (pair[0]["kind"] != "seq2seq", pair[0]["variant"] != "softmax", features(*pair)),
+    )
     rows = []
-    for record in ordered:
+    for record, settings in ordered:
         base = record["variant"].partition("@")[0]
         is_softmax = base == "softmax"
-        gap = record["final_heldout_loss"] / softmax(record)["final_heldout_loss"] - 1
+        gap = _parity_cpu_gap(r, record["kind"], record["variant"], record["length"])
         rows.append(
             [
                 labels[record["kind"]],
                 record["length"],
-                names[base] + ("" if is_softmax else f" M={features(record['variant'])}"),
+                names[base] + ("" if is_softmax else f" M={features(record, settings)}"),
                 f"{record['final_heldout_loss']:.3f}",
                 "" if is_softmax else signed_percent(gap),
             ]
@@ -786,12 +790,6 @@ def _parity_tokens(r: Results) -> tuple[str, ...]:
 
 def _parity_gap(r: Results, kind: str, variant: str = "favor", length: int = 1024, name: str = "parity") -> float:
     return _summary(r, name, f"{kind}@{length} {variant} vs softmax")
-
-
-def _parity_cpu_gap(r: Results, kind: str, variant: str) -> float:
-    records = [x for name in PARITY_CPU_FILES for x in r[name]["records"] if x["kind"] == kind]
-    loss = {x["variant"]: x["final_heldout_loss"] for x in records}
-    return loss[variant] / loss["softmax"] - 1
 
 
 def _parity_cpu_cost(r: Results, kind: str) -> float:

@@ -283,11 +283,11 @@ def _value_centre(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     whatever they hold, are left out."""
     batch, heads, _, head_dim = v.shape
     if keep is None:
-        total, count = v.sum(2, dtype=torch.float32), torch.full((batch,), v.shape[2], device=v.device)
+        centre = v.mean(2, dtype=torch.float32)
     else:
         total = v.masked_fill(keep[:, None, :, None] == 0, 0).sum(2, dtype=torch.float32)
-        count = keep.sum(1, dtype=torch.float32)
-    return (total / count.clamp(min=1)[:, None, None]).reshape(batch * heads, head_dim).contiguous()
+        centre = total / keep.sum(1, dtype=torch.float32).clamp(min=1)[:, None, None]
+    return centre.reshape(batch * heads, head_dim).contiguous()
 
 
 def _rows(x: torch.Tensor) -> tuple:
