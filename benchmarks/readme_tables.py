@@ -465,11 +465,16 @@ def redraw_table(r: Results) -> str:
 
 
 THROUGHPUT_ROWS = {
-    ("single", "favor"): "one process, FAVOR+",
+    ("single", "favor"): "one process, FAVOR+ M={}",
     ("single", "softmax"): "one process, softmax",
-    ("deepspeed", "favor"): "2 DeepSpeed ranks (ZeRO-1), FAVOR+",
+    ("deepspeed", "favor"): "2 DeepSpeed ranks (ZeRO-1), FAVOR+ M={}",
     ("deepspeed", "softmax"): "2 DeepSpeed ranks (ZeRO-1), softmax",
 }
+
+
+def _throughput_features(r: Results, name: str = "throughput") -> int:
+    """The number of features the throughput run's FAVOR+ models had (tiny.yaml's default)."""
+    return next(x["nb_features"] for x in r[name]["records"] if x["attention"] == "favor")
 
 
 def throughput_table(r: Results) -> str:
@@ -489,7 +494,9 @@ def throughput_table(r: Results) -> str:
                 for n in lengths
             ),
         ]
-        for (mode, attention), label in THROUGHPUT_ROWS.items()
+        for (mode, attention), label in (
+            (key, text.format(_throughput_features(r))) for key, text in THROUGHPUT_ROWS.items()
+        )
     ]
     header = ["training tokens/s", *(f"L={n}" if i == 0 else str(n) for i, n in enumerate(lengths))]
     return common.table(header, rows, align="l" + "r" * len(lengths))
@@ -825,10 +832,30 @@ def _throughput(r: Results, mode: str, attention: str, length: int) -> float:
     return _record(r, "throughput", mode=mode, attention=attention, length=length)["tokens_per_s"]
 
 
+def _throughput_favor(r: Results, name: str = "throughput") -> float:
+    """The median FAVOR+ tokens/s over every length and mode of a throughput run."""
+    return statistics.median(x["tokens_per_s"] for x in r[name]["records"] if x["attention"] == "favor")
+
+
 def _throughput_summary(r: Results) -> tuple[str, str]:
-    favor = statistics.median(x["tokens_per_s"] for x in r["throughput"]["records"] if x["attention"] == "favor")
     fall = statistics.mean(_throughput(r, m, "softmax", 256) / _throughput(r, m, "softmax", 8192) for m in MODES)
-    return f"{favor / 1e3:.0f}", f"{fall:.0f}"
+    return f"{_throughput_favor(r) / 1e3:.0f}", f"{fall:.0f}"
+
+
+def _throughput_crossovers(r: Results, name: str = "throughput") -> tuple[str, str]:
+    """Where FAVOR+ overtakes softmax, one process and 2 ranks, to the nearest 10 tokens."""
+    return tuple(f"{round(r[name]['summary'][m]['interpolated_length'], -1):.0f}" for m in MODES)
+
+
+def _throughput_feature_cost(r: Results) -> str:
+    """FAVOR+ tokens/s of today's run over the M=111 run, median over modes and lengths."""
+    ratios = [
+        x["tokens_per_s"]
+        / _record(r, "throughput-m111", mode=x["mode"], attention="favor", length=x["length"])["tokens_per_s"]
+        for x in r["throughput"]["records"]
+        if x["attention"] == "favor"
+    ]
+    return f"{statistics.median(ratios):.2f}"
 
 
 MODES = ("single", "deepspeed")
@@ -1186,12 +1213,22 @@ FIGURES: list[Figure] = [
     Figure("did not help at 256 tokens ({};", lambda r: f"{_redraw(r, 'fixed@256')['heldout_loss']:.3f}"),
     # Throughput, memory per rank, scale on paper
     Figure("{} input tokens per step and process, fp32,", lambda r: f"{r['throughput']['settings']['tokens']:,}"),
-    Figure("FAVOR+ holds ~{}k tokens/s at every length while softmax falls {}x", _throughput_summary),
     Figure(
-        "the crossover is at about {} tokens in one process and {} on 2 ranks",
-        lambda r: tuple(f"{round(r['throughput']['summary'][m]['interpolated_length'], -1):.0f}" for m in MODES),
+        "(FAVOR++ at the trainer's default M = {}) holds ~{}k tokens/s",
+        lambda r: (str(_throughput_features(r)), f"{_throughput_favor(r) / 1e3:.0f}"),
     ),
-    Figure("(level at {}, {}x at 1024, {}-{}x at 8192)", _throughput_ratios),
+    Figure("at every length while softmax falls {}x", lambda r: _throughput_summary(r)[1]),
+    Figure("the crossover is at about {} tokens in one process and {} on 2 ranks", _throughput_crossovers),
+    Figure("(FAVOR+ ahead from {} in one process, {}x at 1024, {}-{}x at 8192)", _throughput_ratios),
+    Figure(
+        "With M = {} (the default before, FAVOR+; `benchmarks/results/throughput-m111.md`) it held ~{}k",
+        lambda r: (
+            str(_throughput_features(r, "throughput-m111")),
+            f"{_throughput_favor(r, 'throughput-m111') / 1e3:.0f}",
+        ),
+    ),
+    Figure("and crossed at about {} / {} tokens", lambda r: _throughput_crossovers(r, "throughput-m111")),
+    Figure("256 features give {}x the tokens/s of 111", _throughput_feature_cost),
     Figure(
         "(the `small` preset, {} parameters, bf16, 2 ranks",
         lambda r: f"{r['zero_memory']['counts']['parameters'] / 1e6:.2f}M",
