@@ -367,9 +367,15 @@ def parity_table(r: Results) -> str:
     return common.table(header, rows, align="lrrrrr")
 
 
-# The CPU parity runs that chose the default M: the seq2seq, the LM, and the LM's M=111 run,
-# which ran beside the LM's first (on its own, without a softmax run of its own).
-PARITY_CPU_FILES = ("parity-cpu-seq2seq", "parity-cpu-lm", "parity-cpu-lm-m111")
+# The CPU parity runs that chose the default M: the seq2seq, the LM, the LM's M=111 run (which ran
+# beside the LM's first, without a softmax run of its own), and the LM's seeds 1 and 2.
+PARITY_CPU_FILES = (
+    "parity-cpu-seq2seq",
+    "parity-cpu-lm",
+    "parity-cpu-lm-m111",
+    "parity-cpu-lm-seed1",
+    "parity-cpu-lm-seed2",
+)
 
 
 def _parity_cpu_records(r: Results) -> list[tuple[dict, dict]]:
@@ -377,39 +383,71 @@ def _parity_cpu_records(r: Results) -> list[tuple[dict, dict]]:
     return [(record, r[name]["settings"]) for name in PARITY_CPU_FILES for record in r[name]["records"]]
 
 
+def _parity_cpu_losses(r: Results, kind: str, variant: str, length: int = 1024) -> dict[int, float]:
+    """Held-out loss by seed of one variant across the CPU parity files."""
+    return {
+        record.get("seed", 0): record["final_heldout_loss"]
+        for record, _ in _parity_cpu_records(r)
+        if (record["kind"], record["length"], record["variant"]) == (kind, length, variant)
+    }
+
+
+def _parity_cpu_gaps(r: Results, kind: str, variant: str, length: int = 1024) -> dict[int, float]:
+    """A variant's held-out loss over softmax's on the same seed, minus one, by seed."""
+    losses, softmax = _parity_cpu_losses(r, kind, variant, length), _parity_cpu_losses(r, kind, "softmax", length)
+    return {seed: loss / softmax[seed] - 1 for seed, loss in sorted(losses.items()) if seed in softmax}
+
+
 def _parity_cpu_gap(r: Results, kind: str, variant: str, length: int = 1024) -> float:
-    """A variant's held-out loss over softmax's, minus one, across the CPU parity files."""
-    merged = {"records": [record for record, _ in _parity_cpu_records(r)]}
-    return _parity_loss(merged, kind, length, variant) / _parity_loss(merged, kind, length, "softmax") - 1
+    """The gap to softmax, the mean over the seeds run for both."""
+    return statistics.mean(_parity_cpu_gaps(r, kind, variant, length).values())
+
+
+def _parity_cpu_gap_range(r: Results, kind: str, variant: str, length: int = 1024) -> tuple[str, str]:
+    gaps = _parity_cpu_gaps(r, kind, variant, length).values()
+    return signed_percent(min(gaps)), signed_percent(max(gaps))
 
 
 def parity_cpu_table(r: Results) -> str:
-    """Per model kind and variant: held-out loss and the gap to softmax (from any of the files)."""
+    """Per model kind and variant: held-out loss on each seed and the gap to softmax (mean, range)."""
 
     def features(record: dict, settings: dict) -> int:
         return int(record["variant"].partition("@")[2] or _features(settings))
 
     labels = {"seq2seq": "seq2seq", "lm": "LM"}
     names = {"softmax": "softmax", "favor": "FAVOR+", "favor++": "FAVOR++"}
+    configurations = {}  # (kind, length, variant) -> its first record and settings, in file order
+    for record, settings in _parity_cpu_records(r):
+        configurations.setdefault((record["kind"], record["length"], record["variant"]), (record, settings))
     ordered = sorted(
-        _parity_cpu_records(r),
+        configurations.values(),
         key=lambda pair: (pair[0]["kind"] != "seq2seq", pair[0]["variant"] != "softmax", features(*pair)),
     )
     rows = []
     for record, settings in ordered:
-        base = record["variant"].partition("@")[0]
-        is_softmax = base == "softmax"
-        gap = _parity_cpu_gap(r, record["kind"], record["variant"], record["length"])
+        kind, length, variant = record["kind"], record["length"], record["variant"]
+        base = variant.partition("@")[0]
+        losses = _parity_cpu_losses(r, kind, variant, length)
+        gaps = _parity_cpu_gaps(r, kind, variant, length)
+        if base == "softmax":
+            gap = ""
+        elif len(gaps) == 1:
+            gap = signed_percent(_parity_cpu_gap(r, kind, variant, length))
+        else:
+            low, high = _parity_cpu_gap_range(r, kind, variant, length)
+            gap = f"{signed_percent(_parity_cpu_gap(r, kind, variant, length))} ({low} to {high})"
         rows.append(
             [
-                labels[record["kind"]],
-                record["length"],
-                names[base] + ("" if is_softmax else f" M={features(record, settings)}"),
-                f"{record['final_heldout_loss']:.3f}",
-                "" if is_softmax else signed_percent(gap),
+                labels[kind],
+                length,
+                names[base] + ("" if base == "softmax" else f" M={features(record, settings)}"),
+                ", ".join(map(str, sorted(losses))),
+                " / ".join(f"{losses[seed]:.3f}" for seed in sorted(losses)),
+                gap,
             ]
         )
-    return common.table(["model", "length", "attention", "held-out loss", "vs softmax"], rows, align="lrlrr")
+    header = ["model", "length", "attention", "seeds", "held-out loss", "vs softmax (mean of seeds, range)"]
+    return common.table(header, rows, align="lrlrrr")
 
 
 # The README's rows: a label and the variants it shows, one list per setting, one entry per draw.
