@@ -406,11 +406,6 @@ def _parity_cpu_gap(r: Results, kind: str, variant: str, length: int = 1024) -> 
     return statistics.mean(_parity_cpu_gaps(r, kind, variant, length).values())
 
 
-def _parity_cpu_gap_range(r: Results, kind: str, variant: str, length: int = 1024) -> tuple[str, str]:
-    gaps = _parity_cpu_gaps(r, kind, variant, length).values()
-    return signed_percent(min(gaps)), signed_percent(max(gaps))
-
-
 def parity_cpu_table(r: Results) -> str:
     """Per model kind and variant: held-out loss on each seed and the gap to softmax (mean, range)."""
 
@@ -434,11 +429,10 @@ def parity_cpu_table(r: Results) -> str:
         gaps = _parity_cpu_gaps(r, kind, variant, length)
         if base == "softmax":
             gap = ""
-        elif len(gaps) == 1:
-            gap = signed_percent(_parity_cpu_gap(r, kind, variant, length))
         else:
-            low, high = _parity_cpu_gap_range(r, kind, variant, length)
-            gap = f"{signed_percent(_parity_cpu_gap(r, kind, variant, length))} ({low} to {high})"
+            gap = signed_percent(statistics.mean(gaps.values()))
+            if len(gaps) > 1:
+                gap += f" ({signed_percent(min(gaps.values()))} to {signed_percent(max(gaps.values()))})"
         rows.append(
             [
                 labels[kind],
