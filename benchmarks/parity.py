@@ -61,21 +61,25 @@ IGNORE = -100
 
 
 def pack(data_dir: Path) -> dict[str, np.ndarray]:
-    """Flat uint16 token arrays of the train and held-out splits, documents joined by eos."""
-    import tarfile
+    """Flat uint16 token arrays of the train and held-out splits, documents joined by eos.
 
-    from data.shards import Manifest
+    Each shard is verified against its manifest and read through its index, as the stream reads
+    it: a version-2 member pair holds a lengths array beside the tokens, which is not text.
+    """
+    from data.shards import Manifest, verify_shard
 
     arrays = {}
     for split in ("train", "heldout"):
         manifest = Manifest.load(data_dir / split / "manifest.json")
-        pieces = []
+        stored = np.dtype(manifest.dtype).newbyteorder("<")
         eos = np.array([manifest.special.eos_id], dtype=manifest.dtype)
+        pieces = []
         for shard in manifest.shards:
-            with tarfile.open(manifest.root / shard.path) as tar:
-                for member in tar:
-                    if member.isfile():
-                        pieces += [np.frombuffer(tar.extractfile(member).read(), dtype=manifest.dtype), eos]
+            index = verify_shard(manifest, shard)
+            data = np.memmap(manifest.shard_url(shard), dtype=np.uint8, mode="r")
+            for offset, length in zip(index.offsets.tolist(), np.asarray(index.lengths).tolist()):
+                document = data[offset : offset + length * index.itemsize]
+                pieces += [np.frombuffer(document, dtype=stored).astype(manifest.dtype), eos]
         arrays[split] = np.concatenate(pieces)
     arrays["special"] = np.array(json.dumps(dataclasses.asdict(manifest.special)))
     return arrays

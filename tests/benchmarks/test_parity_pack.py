@@ -1,0 +1,40 @@
+"""benchmarks/parity.py reads a prepared split as the documents it holds, joined by eos."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import parity  # noqa: E402
+from data.shards import ShardConfig, write_shards, write_shards_v1  # noqa: E402
+from data.tokenizer import SpecialTokens  # noqa: E402
+
+SPECIAL = SpecialTokens(vocab_size=600, num_sentinels=10)
+
+
+def documents(seed: int, count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(5, 590, size=int(n)) for n in rng.integers(1, 400, size=count)]
+
+
+@pytest.mark.parametrize("writer", [write_shards, write_shards_v1], ids=["version-2", "version-1"])
+def test_pack_joins_every_document_by_eos_and_nothing_else(tmp_path, writer):
+    splits = {"train": documents(0, 40), "heldout": documents(1, 7)}
+    for split, docs in splits.items():
+        # Several documents per member pair and several shards: the lengths arrays a version-2
+        # member pair holds beside its tokens must not be read as tokens.
+        writer(docs, tmp_path / split, split=split, special=SPECIAL, config=ShardConfig(max_samples_per_shard=15))
+
+    packed = parity.pack(tmp_path)
+
+    for split, docs in splits.items():
+        expected = np.concatenate([piece for doc in docs for piece in (doc, [SPECIAL.eos_id])])
+        assert packed[split].dtype == np.uint16
+        np.testing.assert_array_equal(packed[split], expected)
+    assert parity.special_tokens(packed) == SPECIAL
