@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -83,6 +84,16 @@ def pack(data_dir: Path) -> dict[str, np.ndarray]:
         arrays[split] = np.concatenate(pieces)
     arrays["special"] = np.array(json.dumps(dataclasses.asdict(manifest.special)))
     return arrays
+
+
+def corpus_fingerprint(packed: dict[str, np.ndarray]) -> str:
+    """sha256 (first 16 hex digits) of the packed token arrays: runs compare only on one corpus,
+    and a preparation with another tokenizer or other shards gives another."""
+    digest = hashlib.sha256()
+    for split in ("train", "heldout"):
+        tokens = packed[split]
+        digest.update(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def special_tokens(packed: dict[str, np.ndarray]):
@@ -346,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_batches": args.heldout_batches,
         "seeds": seeds,
         "nb_features": args.nb_features or "round(D ln D) = 111",
+        "corpus": corpus_fingerprint(packed),
     }
     machine = common.machine()  # taken once: the load average of the start, not of the last run
 

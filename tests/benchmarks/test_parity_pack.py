@@ -38,3 +38,14 @@ def test_pack_joins_every_document_by_eos_and_nothing_else(tmp_path, writer):
         assert packed[split].dtype == np.uint16
         np.testing.assert_array_equal(packed[split], expected)
     assert parity.special_tokens(packed) == SPECIAL
+
+
+def test_the_corpus_fingerprint_tells_corpora_apart(tmp_path):
+    for split, seed in (("train", 0), ("heldout", 1)):
+        write_shards(documents(seed, 12), tmp_path / split, split=split, special=SPECIAL)
+    packed = parity.pack(tmp_path)
+    changed = dict(packed, train=packed["train"].copy())
+    changed["train"][7] += 1
+
+    assert parity.corpus_fingerprint(packed) == parity.corpus_fingerprint(parity.pack(tmp_path))
+    assert parity.corpus_fingerprint(changed) != parity.corpus_fingerprint(packed)
