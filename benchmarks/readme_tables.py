@@ -413,7 +413,8 @@ def _parity_cpu_losses(r: Results, kind: str, variant: str, length: int = 1024) 
 def _parity_cpu_gaps(r: Results, kind: str, variant: str, length: int = 1024) -> dict[tuple[str, int], float]:
     """A variant's held-out loss over softmax's on the same seed and corpus, minus one, by (corpus, seed)."""
     losses, softmax = _parity_cpu_losses(r, kind, variant, length), _parity_cpu_losses(r, kind, "softmax", length)
-    return {run: loss / softmax[run] - 1 for run, loss in losses.items() if run in softmax}
+    runs = sorted((run for run in losses if run in softmax), key=_parity_cpu_run_order)
+    return {run: losses[run] / softmax[run] - 1 for run in runs}
 
 
 def _parity_cpu_gap(r: Results, kind: str, variant: str, length: int = 1024) -> float:
@@ -425,6 +426,19 @@ def _parity_cpu_run_order(run: tuple[str, int]) -> tuple[int, int]:
     """Seeds in order, a seed's earlier corpus first."""
     corpus, seed = run
     return seed, list(PARITY_CPU_CORPUS_MARK).index(corpus)
+
+
+def _parity_cpu_gap_spread(gaps: dict[tuple[str, int], float]) -> tuple[str, str, str]:
+    """The gaps' mean, smallest and largest, as signed percentages."""
+    return tuple(signed_percent(f(gaps.values())) for f in (statistics.mean, min, max))
+
+
+def _parity_cpu_softmax_preparations(r: Results, seed: int = 2) -> tuple[str, str, str]:
+    """The LM's softmax run on both preparations of the corpus: today's over the earlier's, minus
+    one, then the two losses."""
+    losses = _parity_cpu_losses(r, "lm", "softmax")
+    earlier, today = losses[("earlier", seed)], losses[("today", seed)]
+    return percent(today / earlier - 1, 1), f"{earlier:.3f}", f"{today:.3f}"
 
 
 def parity_cpu_table(r: Results) -> str:
@@ -452,9 +466,8 @@ def parity_cpu_table(r: Results) -> str:
         if base == "softmax":
             gap = ""
         else:
-            gap = signed_percent(statistics.mean(gaps.values()))
-            if len(gaps) > 1:
-                gap += f" ({signed_percent(min(gaps.values()))} to {signed_percent(max(gaps.values()))})"
+            mean, low, high = _parity_cpu_gap_spread(gaps)
+            gap = mean if len(gaps) == 1 else f"{mean} ({low} to {high})"
         rows.append(
             [
                 labels[kind],
@@ -1235,22 +1248,11 @@ FIGURES: list[Figure] = [
     ),
     Figure(
         "meets the target on the mean of 3 seeds, {} ({} to {})",
-        lambda r: tuple(
-            signed_percent(f(_parity_cpu_gaps(r, "lm", "favor++@512").values())) for f in (statistics.mean, min, max)
-        ),
+        lambda r: _parity_cpu_gap_spread(_parity_cpu_gaps(r, "lm", "favor++@512")),
     ),
     Figure(
         "two preparations' softmax runs end {} apart ({} and {})",
-        lambda r: (
-            percent(
-                _parity_cpu_losses(r, "lm", "softmax")[("today", 2)]
-                / _parity_cpu_losses(r, "lm", "softmax")[("earlier", 2)]
-                - 1,
-                1,
-            ),
-            f"{_parity_cpu_losses(r, 'lm', 'softmax')[('earlier', 2)]:.3f}",
-            f"{_parity_cpu_losses(r, 'lm', 'softmax')[('today', 2)]:.3f}",
-        ),
+        _parity_cpu_softmax_preparations,
     ),
     Figure(
         "with round(D ln D) = 111 the LM ends {} above softmax",
