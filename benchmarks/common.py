@@ -65,7 +65,7 @@ def cpu_model() -> str:
 def machine() -> dict:
     """Where the numbers come from: the commit, whether the tree was dirty, the command and the machine.
 
-    benchmarks/readme_tables.py reads "commit", "dirty", "command", "cpu_model", "cpu_count", "gpu"
+    benchmarks/readme/core.py reads "commit", "dirty", "command", "cpu_model", "cpu_count", "gpu"
     and "torch" for the line under each README table.
     """
     script = Path(sys.argv[0]).resolve()
