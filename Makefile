@@ -7,6 +7,8 @@ TORCH_VERSION ?= 2.13.0
 RANKS  ?= 2
 DATA   ?= runs/data
 RUN    ?= runs/tiny
+# More `--set key=value` overrides for the main job, e.g. SET="train.max_steps=100 model.nb_features=512".
+SET    ?=
 
 .PHONY: setup test pretrain data clean
 
@@ -42,7 +44,7 @@ data: $(DATA)/train/manifest.json
 # ranks (or GPUs), then export and a sample generation. Resumes if interrupted.
 pretrain: data
 	$(VENV)/bin/deepspeed --num_gpus $(RANKS) --module launcher.pretrain \
-	    --config configs/tiny.yaml --set data.manifest=$(DATA)/train train.output_dir=$(RUN) --resume auto
+	    --config configs/tiny.yaml --set data.manifest=$(DATA)/train train.output_dir=$(RUN) $(SET) --resume auto
 	$(VENV)/bin/performer export --checkpoint $(RUN) --out $(RUN)/export
 	$(VENV)/bin/performer generate --model $(RUN)/export --max-new-tokens 32 \
 	    --prompt "$$(printf 'def read_config(path):\n    with open(<extra_id_0>) as handle:\n        return <extra_id_1>(handle)')"
