@@ -76,7 +76,7 @@ def parity_table(r: Results) -> str:
 # The CPU parity runs that chose the default M, each with the corpus it trained on: the seq2seq, the
 # LM, the LM's M=111 run (beside the LM's first, without a softmax run of its own), the LM's seeds 1
 # and 2 and its M=512 on seeds 0 and 1 all on the stdlib corpus as an earlier preparation tokenized
-# it; the LM's M=512 on seed 2 and the seq2seq's seed 1 (softmax and M=256) on today's preparation
+# it; the LM's M=512 on seed 2 and the seq2seq's seeds 1 and 2 (softmax and M=256) on today's preparation
 # (parity.py's pack read version-2 shards wrongly until 68cdf64, so the earlier packed file could
 # not be rebuilt; parity.py records its corpus's fingerprint since). A FAVOR run is compared with
 # softmax on its seed and corpus.
@@ -92,6 +92,8 @@ PARITY_CPU_CORPUS = {
     "parity-cpu-lm-m512-seed2": "today",
     "parity-cpu-seq2seq-softmax-seed1-today": "today",
     "parity-cpu-seq2seq-seed1-today": "today",
+    "parity-cpu-seq2seq-softmax-seed2-today": "today",
+    "parity-cpu-seq2seq-seed2-today": "today",
 }
 PARITY_CPU_FILES = tuple(PARITY_CPU_CORPUS)
 # How the table marks a seed run on each corpus.
@@ -321,7 +323,8 @@ FIGURES: list[Figure] = [
     ),
     # How many features
     Figure(
-        "With M = 256 the encoder-decoder lands at {} (mean of 2 seeds: {} and {}) and the LM at {} (mean of 3 seeds)",
+        "With M = 256 the encoder-decoder lands at {} (mean of 3 seeds: {}, {} and {}) and the LM at {} "
+        "(mean of 3 seeds)",
         lambda r: (
             signed_percent(_parity_cpu_gap(r, "seq2seq", "favor++@256")),
             *(signed_percent(gap) for gap in _parity_cpu_gaps(r, "seq2seq", "favor++@256").values()),
