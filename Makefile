@@ -7,7 +7,9 @@ TORCH_VERSION ?= 2.13.0
 RANKS  ?= 2
 DATA   ?= runs/data
 RUN    ?= runs/tiny
-# More `--set key=value` overrides for the main job, e.g. SET="train.max_steps=100 model.nb_features=512".
+# More `--set key=value` overrides for the main job, space-separated, applied after the recipe's own
+# (leave train.output_dir and data.manifest to RUN and DATA). A run resumes only with the model it
+# saved, so a changed model takes its own RUN: make pretrain RUN=runs/m512 SET="model.nb_features=512".
 SET    ?=
 
 .PHONY: setup test pretrain data clean

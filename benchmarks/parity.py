@@ -172,8 +172,7 @@ def train(kind, variant, batches, heldout, args, vocab_size, device, seed) -> di
     model = build(kind, base_variant, vocab_size, seed, nb_features).to(device)
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
     autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    suffix = base_variant[base_variant.rfind("-") :] if "-" in base_variant else None
-    mode = {"-redraw": "swap", "-smooth": "smooth"}.get(suffix)
+    mode = redraw_mode(base_variant)
     redraws = RedrawSchedule(args.redraw_interval, mode) if mode else None
 
     def to_device(batch):
@@ -243,6 +242,12 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
+def redraw_mode(base_variant: str) -> str | None:
+    """The RedrawSchedule mode of a variant (favor-redraw swaps, favor++-smooth moves smoothly), or None."""
+    suffix = base_variant[base_variant.rfind("-") :] if "-" in base_variant else None
+    return {"-redraw": "swap", "-smooth": "smooth"}.get(suffix)
+
+
 def markdown(results: dict) -> str:
     settings = results["settings"]
     rows = []
@@ -276,11 +281,19 @@ def markdown(results: dict) -> str:
         if len(seeds) > 1
         else ""
     )
+    # Name the default M and the redraw interval only where a variant of this file uses them.
+    variants = {record["variant"] for record in results["records"]}
+    redrawing = sorted({variant.split("@")[0] for variant in variants if redraw_mode(variant.split("@")[0])})
+    features_text = (
+        f", M = {settings['nb_features']} features per head"
+        if any(variant != "softmax" and "@" not in variant for variant in variants)
+        else ""
+    )
+    redraw_text = f", redraw every {settings['redraw_interval']} steps ({', '.join(redrawing)})" if redrawing else ""
     return (
         f"`tiny` models (d_model 128, 4 heads, 2 + 2 layers; the LM 2 layers), {settings['steps_at_1024']} steps of "
-        f"{settings['tokens_per_step']:,} tokens at length 1024 (the same tokens per step at 4096), M = "
-        f"{settings['nb_features']} features per head, AdamW lr "
-        f"{settings['lr']}, redraw every {settings['redraw_interval']} steps, {settings['device']}"
+        f"{settings['tokens_per_step']:,} tokens at length 1024 (the same tokens per step at 4096){features_text}, "
+        f"AdamW lr {settings['lr']}{redraw_text}, {settings['device']}"
         f"{' (bf16 autocast)' if settings['device'] == 'cuda' else ' (fp32)'}; held-out loss on "
         f"{settings['heldout_batches']} fixed batches of the held-out split.{seeds_text} A variant named "
         "favor@M has M features per head."

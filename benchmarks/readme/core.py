@@ -173,7 +173,11 @@ class Figure:
         return (values,) if isinstance(values, str) else tuple(values)
 
 
+def low_high(values: list[float], digits: int) -> tuple[str, str]:
+    """The lowest and the highest of ``values``, to ``digits`` decimals."""
+    return f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+
+
 def both(function: Callable[[str], float], keys: tuple[str, ...], digits: int) -> tuple[str, str]:
     """The lowest and the highest of ``function`` over ``keys``, to ``digits`` decimals."""
-    values = [function(key) for key in keys]
-    return f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low_high([function(key) for key in keys], digits)

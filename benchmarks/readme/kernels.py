@@ -15,6 +15,7 @@ from benchmarks.readme.core import (
     duration,
     first_record,
     kilo,
+    low_high,
     memory,
     percent,
     ratio,
@@ -182,7 +183,7 @@ def _attention_gemm_share(r: Results) -> str:
 def _attention_growth(r: Results) -> tuple[str, str]:
     summary = r["attention"]["summary"]
     growth = [v for k, v in summary.items() if k.startswith("memory_growth") and not k.endswith("16384")]
-    return f"{min(growth):.1f}", f"{max(growth):.1f}"
+    return low_high(growth, 1)
 
 
 def _chunk_ratios(r: Results) -> tuple[str, str]:
@@ -193,7 +194,7 @@ def _chunk_ratios(r: Results) -> tuple[str, str]:
     ratios = [
         x["median_s"] / first_record(r, "attention", impl="ours-causal", length=x["length"])["median_s"] for x in others
     ]
-    return f"{min(ratios):.2f}", f"{max(ratios):.2f}"
+    return low_high(ratios, 2)
 
 
 def _gpu(r: Results, impl: str, length: int) -> dict:

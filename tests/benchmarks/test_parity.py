@@ -1,4 +1,5 @@
-"""benchmarks/parity.py reads a prepared split as the documents it holds, joined by eos."""
+"""benchmarks/parity.py: it reads a prepared split as the documents it holds, joined by eos, and its
+results table says only what its runs used."""
 
 from __future__ import annotations
 
@@ -49,3 +50,38 @@ def test_the_corpus_fingerprint_tells_corpora_apart(tmp_path):
 
     assert parity.corpus_fingerprint(packed) == parity.corpus_fingerprint(parity.pack(tmp_path))
     assert parity.corpus_fingerprint(changed) != parity.corpus_fingerprint(packed)
+
+
+def results_of(*variants: str) -> dict:
+    settings = {
+        "device": "cpu",
+        "steps_at_1024": 600,
+        "tokens_per_step": 16384,
+        "lr": 0.002,
+        "redraw_interval": 100,
+        "heldout_batches": 8,
+        "nb_features": "round(D ln D) = 111",
+    }
+    records = [
+        {"kind": "lm", "length": 1024, "variant": v, "final_heldout_loss": 3.5, "train_loss_last_50": 3.4}
+        for v in variants
+    ]
+    return {"settings": settings, "records": records, "summary": {}}
+
+
+@pytest.mark.parametrize(
+    "variants,default_features,redraws",
+    [
+        (("softmax", "favor++@256"), False, None),
+        (("softmax", "favor++"), True, None),
+        (("favor@256", "favor-smooth@256", "favor++-redraw"), True, "(favor++-redraw, favor-smooth)"),
+    ],
+)
+def test_the_table_names_the_default_features_and_the_redraw_interval_only_where_a_run_used_them(
+    variants, default_features, redraws
+):
+    header = parity.markdown(results_of(*variants)).split("\n")[0]
+    assert ("M = round(D ln D) = 111 features per head" in header) == default_features
+    assert ("redraw every 100 steps" in header) == (redraws is not None)
+    if redraws:
+        assert f"redraw every 100 steps {redraws}" in header
