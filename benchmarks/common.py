@@ -164,9 +164,12 @@ def run_trainer(
     """The real trainer under the deepspeed launcher on ``ranks`` ranks (CPU ranks or GPUs), writing
     into ``run_dir``; ``arguments`` go to launcher.pretrain after the settings (--resume auto).
 
-    Returns {"returncode", "wall_s", "metrics" (the run's metrics.jsonl records), "output_tail"},
-    or {"error": ...} when it overran ``timeout_s``.
+    Returns {"returncode", "wall_s", "metrics" (the records this launch added to the run's
+    metrics.jsonl: a resumed run appends to the file of the run it resumes), "output_tail"}, or
+    {"error": ...} when it overran ``timeout_s``.
     """
+    metrics_file = run_dir / "metrics.jsonl"
+    records_before = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
     port = free_port()
     command = [
         # The `deepspeed` launcher through this interpreter: also where deepspeed has no script on PATH.
@@ -194,8 +197,8 @@ def run_trainer(
         done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"over the {timeout_s:.0f} s limit"}
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
+    lines = metrics_file.read_text().splitlines()[records_before:] if metrics_file.is_file() else []
+    metrics = [json.loads(line) for line in lines]
     return {
         "returncode": done.returncode,
         "wall_s": time.perf_counter() - started,
