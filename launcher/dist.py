@@ -287,13 +287,25 @@ def init_distributed(timeout_s: float) -> Topology:
     topology = discover_topology()
     timeout = set_default_timeouts(timeout_s)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        # Before the first collective (the seed broadcast comes before DeepSpeed sets the device):
+        # NCCL runs a rank's collectives on its current GPU, and ranks sharing cuda:0 hang or fail.
+        torch.cuda.set_device(topology.local_rank)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
     return topology
 
 
+def collective_device() -> torch.device:
+    """Where the small tensors of this module's collectives live: NCCL reduces CUDA tensors only
+    (a CPU tensor raises "No backend type associated with device type cpu"), gloo CPU ones."""
+    if torch_dist.is_initialized() and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_int(value: int, source: int = 0) -> int:
     """``value`` from rank ``source`` on every rank (a 64-bit integer)."""
-    tensor = torch.tensor([value], dtype=torch.int64)
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.broadcast(tensor, src=source)
     return int(tensor.item())
@@ -301,7 +313,7 @@ def broadcast_int(value: int, source: int = 0) -> int:
 
 def any_rank(flags: list[bool]) -> list[bool]:
     """For each flag, whether any rank set it: one all-reduce however many flags."""
-    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64)
+    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64, device=collective_device())
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return [bool(value) for value in tensor.tolist()]
@@ -309,7 +321,7 @@ def any_rank(flags: list[bool]) -> list[bool]:
 
 def all_mean(values: list[float]) -> list[float]:
     """Element-wise mean over ranks."""
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.all_reduce(tensor)
         tensor /= torch_dist.get_world_size()

@@ -252,3 +252,32 @@ def test_a_given_dict_leaves_the_process_environment_alone(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     discover_topology({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"})
     assert not any(name in os.environ for name in PLACEMENT)
+
+
+def test_on_gpus_each_rank_takes_its_own_device_before_joining_and_collectives_use_it(monkeypatch):
+    """NCCL reduces CUDA tensors only, on the rank's current device: the trainer's first collective
+    (the seed broadcast) comes before DeepSpeed sets the device, so init_distributed sets it."""
+    import deepspeed
+    import torch
+    import torch.distributed as torch_dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend, **_: calls.append(("join", dist_backend)))
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # init_distributed sets these
+        monkeypatch.setattr(torch_dist.distributed_c10d, name, getattr(torch_dist.distributed_c10d, name))
+    environ = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "a", "MASTER_PORT": "1"}
+    monkeypatch.setattr(os, "environ", dict(environ))
+
+    topology = dist.init_distributed(timeout_s=60)
+
+    assert topology.local_rank == 3
+    assert calls == [("set_device", 3), ("join", "nccl")]
+    assert dist.collective_device() == torch.device("cpu")  # no group joined here
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch_dist, "get_backend", lambda *_: "nccl")
+    assert dist.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch_dist, "get_backend", lambda *_: "gloo")
+    assert dist.collective_device() == torch.device("cpu")
