@@ -24,8 +24,11 @@
 #                at M = 111 (round(D ln D) at head dim 32), 256 and 512, tiny LM and seq2seq at 1024
 #                tokens (parity-seeds-gpu): the seeds' spread around the one-seed CPU run that chose
 #                the default M (parity-cpu-*; the target: within 5% of softmax).
-# Results go to benchmarks/results/*-gpu*; with RESULTS_DIR they are also packed into
-# RESULTS_DIR/gpu-results.tar.gz beside the log (gpu_check.log), so that few files travel back.
+# Results go to benchmarks/results/*-gpu*; with RESULTS_DIR the files this run wrote are also
+# packed into RESULTS_DIR/gpu-results.tar.gz beside the log (gpu_check.log) after every phase, so
+# that a run stopped from outside still returns what its finished phases measured (and never the
+# committed results of an earlier run). Each phase has PHASE_TIMEOUT_S seconds (default 300): a
+# hung one does not take the rest.
 # Packages the GPU machine lacks (deepspeed, webdataset, flash-linear-attention...) are installed
 # from .whl/ when it is there (gpu_wheels.sh); nothing is fetched.
 set -uo pipefail
@@ -34,26 +37,43 @@ RESULTS_DIR=${1:-}
 PHASES=${PHASES:-"tests correctness attention model trainer"}
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-runs/data}
+PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-300}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=${RESULTS_DIR:+$RESULTS_DIR/gpu_check.log}
 LOG=${LOG:-benchmarks/results/gpu_check.log}
 mkdir -p "$(dirname "$LOG")"
 exec > >(tee "$LOG") 2>&1
 
+STAMP=$(mktemp)  # results files newer than this one are this run's
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .whl/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .whl/*.whl ||
+        echo "WARNING: installing .whl/ failed: the trainer phase (deepspeed) and fla-causal may fail"
     export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
+else
+    echo "WARNING: no .whl/ (run benchmarks/gpu_wheels.sh and carry .whl): deepspeed, webdataset and fla come only from the machine"
+fi
+if [[ " $PHASES " == *" trainer "* || " $PHASES " == *" parity "* ]] && [ ! -f "$DATA/train/manifest.json" ]; then
+    echo "WARNING: no prepared corpus at $DATA (carry runs/data, or set DATA): the trainer and parity phases will fail"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
+pack() {  # this run's results so far into RESULTS_DIR/gpu-results.tar.gz
+    [ -n "$RESULTS_DIR" ] || return 0
+    local files
+    mapfile -t files < <(find benchmarks/results -name '*-gpu*' -newer "$STAMP" -type f | sort)
+    [ ${#files[@]} -gt 0 ] && tar czf "$RESULTS_DIR/gpu-results.tar.gz" "${files[@]}"
+    return 0
+}
+
 failed=()
-phase() {  # phase NAME COMMAND...: run it, time it, remember a failure and go on
+phase() {  # phase NAME COMMAND...: run it (at most PHASE_TIMEOUT_S), time it, pack, remember a failure and go on
     local name=$1 started=$SECONDS
     shift
     echo "=== $name"
-    "$@" || failed+=("$name")
+    timeout --kill-after=10 "$PHASE_TIMEOUT_S" "$@" || failed+=("$name")
     echo "=== $name: $((SECONDS - started)) s"
+    pack
 }
 
 for name in $PHASES; do
@@ -81,9 +101,6 @@ for name in $PHASES; do
     esac
 done
 
-if [ -n "$RESULTS_DIR" ]; then
-    tar czf "$RESULTS_DIR/gpu-results.tar.gz" benchmarks/results/*-gpu*
-fi
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu check: FAILED phases: ${failed[*]}"
     exit 1
