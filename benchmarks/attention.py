@@ -25,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -173,9 +174,15 @@ def measure(args) -> dict:
     timing = common.median_seconds(step, repeats=repeats, device=device, warmup=0)
     added = (common.peak_resident_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()) - before
     record = {"impl": args.impl, "length": args.length, "first_call_s": first, **timing, "memory_bytes": added}
+    if device == "cuda" and args.impl.partition("@")[0] in ("ours-causal", "ours-bidirectional"):
+        # favor_attention falls back to the torch op where the Triton kernels cannot run: say which ran.
+        from performer.attention.fused import _triton_op
+
+        kernels = _triton_op()
+        record["kernels"] = "triton" if kernels is not None and kernels.use_triton(inputs[0]) else "torch op"
     if args.impl.startswith("ours") and chunk is not None:
         record["chunk"] = chunk
-        causal = not args.impl.startswith("ours-bidirectional")
+        causal = "bidirectional" not in args.impl
         flops = args.batch * args.heads * favor_flops(args.length, args.head_dim, args.nb_features, chunk, causal)
         record["flops"] = flops
         record["flop_rate"] = flops / timing["median_s"]
@@ -193,7 +200,9 @@ def predicted_seconds(previous: dict | None, implementation: str, length: int) -
     return previous["median_s"] * (ratio**2 if implementation in QUADRATIC else ratio)
 
 
-def sweep(args) -> dict:
+def sweep(args, progress: Callable[[dict], None] | None = None) -> dict:
+    """Every implementation at every length; ``progress`` gets the results so far after each
+    implementation (settings.complete false until the last)."""
     script = Path(__file__).resolve()
     shared = [
         "--device",
@@ -213,8 +222,26 @@ def sweep(args) -> dict:
         "--nb-features",
         str(args.nb_features),
     ]
+    dtype = DTYPES[args.dtype]
+    settings = {
+        key: getattr(args, key)
+        for key in ("device", "dtype", "threads", "repeats", "batch", "heads", "head_dim", "nb_features")
+    }
+    machine, gemm_flop_rate = common.machine(), common.gemm_rate(args.device, dtype)
     records = []
+
+    def results(complete: bool) -> dict:
+        return {
+            "settings": {**settings, "complete": complete},
+            "machine": machine,
+            "gemm_flop_rate": gemm_flop_rate,
+            "records": records,
+            "summary": summarise(records),
+        }
+
     for implementation in args.impls.split(","):
+        if progress is not None and records:
+            progress(results(complete=False))
         if args.device == "cuda":
             # One process per implementation: on a GPU the start-up, not the memory accounting
             # (peak statistics are reset per length), is what separate processes would cost.
@@ -250,18 +277,7 @@ def sweep(args) -> dict:
             previous = record if "median_s" in record else previous
             if "error" in record:
                 break  # out of memory or time at this length: longer ones will fail too
-    dtype = DTYPES[args.dtype]
-    settings = {
-        key: getattr(args, key)
-        for key in ("device", "dtype", "threads", "repeats", "batch", "heads", "head_dim", "nb_features")
-    }
-    return {
-        "settings": settings,
-        "machine": common.machine(),
-        "gemm_flop_rate": common.gemm_rate(args.device, dtype),
-        "records": records,
-        "summary": summarise(records),
-    }
+    return results(complete=True)
 
 
 def _cuda_lengths(script: Path, shared: list[str], implementation: str, args) -> list[dict]:
@@ -279,12 +295,14 @@ def _cuda_lengths(script: Path, shared: list[str], implementation: str, args) ->
         "--budget-s",
         str(args.budget_s),
     ]
+    # Each length stops within about the budget; the first call also compiles (and fla autotunes).
+    limit_s = args.budget_s * (2 + len(args.lengths.split(",")))
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.budget_s * 3, cwd=ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, cwd=ROOT)
         output, failure = done.stdout, None if done.returncode == 0 else f"exit {done.returncode}"
         tail = done.stderr[-600:]
     except subprocess.TimeoutExpired as timeout:
-        output, failure, tail = (timeout.stdout or b"").decode(), f"over the {args.budget_s * 3:.0f} s limit", ""
+        output, failure, tail = (timeout.stdout or b"").decode(), f"over the {limit_s:.0f} s limit", ""
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     for record in records:
         print(json.dumps(record), flush=True)
@@ -373,7 +391,9 @@ def markdown(results: dict) -> str:
         f"M={settings['nb_features']}, "
         f"{settings['dtype']} on {settings['device']} ({settings['threads']} threads); median of {settings['repeats']} "
         f"after a warm-up; memory = what the op adds. Dense matmul rate measured in the same run: "
-        f"{gemm / 1e9:,.0f} GFLOP/s.\n",
+        f"{gemm / 1e9:,.0f} GFLOP/s."
+        + ("" if settings.get("complete", True) else " **Incomplete: the run was stopped or is still going.**")
+        + "\n",
     ]
     header = ["implementation", *(f"n={n}" for n in lengths)]
     rows = []
@@ -480,9 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(args)))
         return 0
-    results = sweep(args)
+    results = sweep(args, lambda partial: common.write_results(args.name, partial, markdown(partial)))
     common.publish(args.name, results, markdown(results), plot)
-    return 0
+    # A failed run of our op fails the command (the GPU check reports the phase); the baselines'
+    # errors (out of memory, a missing package; the torch op and the unfused one among them) are results.
+    ours = ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits")
+    failures = [r for r in results["records"] if r["impl"].partition("@")[0] in ours and "error" in r]
+    for failure in failures:
+        print(f"FAILED: {failure['impl']} at {failure['length']}: {failure['error']}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
