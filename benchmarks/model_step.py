@@ -13,9 +13,10 @@ the decoder as many tokens as the encoder):
 * performer-pytorch:  performer-pytorch 1.1 PerformerEncDec of the same shape (GELU feed-forward,
                       untied embeddings), with nearly twice our parameters: 17.9M against 9.5M at
                       `small`, 13.7M against 7.4M outside embeddings (every record has both counts).
-tokens/s counts encoder + decoder tokens. On CUDA the report adds MFU: 6 x parameters (embeddings
-excluded) per token, plus the attention's own flops for softmax, over the bf16 dense matmul rate
-measured in the same run. Each (model, length) runs in its own process.
+tokens/s counts encoder + decoder tokens. On CUDA the report adds MFU: the trainer's count
+(`performer.models.training_flops`: 6 x the parameters each token passes through, attention's own
+products excluded, for softmax too) over the bf16 dense matmul rate measured in the same run. Each
+(model, length) runs in its own process.
 
 Writes benchmarks/results/<name>.json and <name>.md.
 """
@@ -136,7 +137,10 @@ def measure(args) -> dict:
         "non_embedding_parameters": parameters - embeddings,
         "memory_bytes": peak - before,
     }
-    record["model_flops_per_step"] = 6 * record["non_embedding_parameters"] * tokens
+    if args.model != "performer-pytorch":  # MFU is ours alone (its modules differ; it never runs on CUDA here)
+        from performer.models import training_flops
+
+        record["model_flops_per_step"] = training_flops(model, args.length, _decoder_length(args))
     return record
 
 
@@ -165,7 +169,7 @@ def markdown(results: dict) -> str:
                 cells.append("" if record is None else record.get("error", ""))
                 continue
             cell = f"{record['tokens_per_s']:,.0f} tok/s ({common.seconds(record['median_s'])}/step)"
-            if gemm:
+            if gemm and "model_flops_per_step" in record:
                 cell += f", MFU {record['model_flops_per_step'] / record['median_s'] / gemm:.0%}"
             cells.append(cell)
         parameters = next((r["parameters"] for r in records if r["model"] == model and "parameters" in r), None)
@@ -181,8 +185,10 @@ def markdown(results: dict) -> str:
     lines += [f"- {key}: {value:.3g}" for key, value in results["summary"].items()]
     if gemm:
         lines.append(
-            f"- MFU: 6 x non-embedding parameters x tokens per step (attention flops not counted) over "
-            f"the measured dense {settings['dtype']} matmul rate, {gemm / 1e12:,.1f} TFLOP/s"
+            f"- MFU: 6 x the parameters each token passes through (encoder tokens the encoder and the "
+            f"cross-attention keys and values, decoder tokens the rest and the vocabulary projection; "
+            f"attention's own products not counted) over the measured dense {settings['dtype']} matmul rate, "
+            f"{gemm / 1e12:,.1f} TFLOP/s"
         )
     return "\n".join(lines) + "\n"
 

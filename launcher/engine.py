@@ -45,19 +45,8 @@ def build_engine(config: RunConfig, model, world_size: int, load_universal: bool
 
 
 def flops_per_micro_batch(model, config: RunConfig, target_length: int) -> float:
-    """Counted training FLOPs: 6 x (parameters a token passes through) per token, attention excluded.
-
-    Encoder tokens pass the encoder; decoder tokens the decoder and the vocabulary projection.
-    """
-
-    def count(module) -> int:
-        return sum(p.numel() for p in module.parameters())
+    """Counted training FLOPs of one micro-batch (``performer.models.training_flops``)."""
+    from performer.models import training_flops
 
     batch = config.train.micro_batch_size
-    model_config = model.config
-    head = model_config.d_model * model_config.vocab_size
-    decoder_tokens = batch * target_length
-    flops = (count(model.decoder) + head) * decoder_tokens
-    if hasattr(model, "encoder"):
-        flops += count(model.encoder) * batch * config.data.input_length
-    return 6.0 * flops
+    return training_flops(model, batch * config.data.input_length, batch * target_length)

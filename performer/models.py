@@ -295,6 +295,34 @@ def _decode_loop(step, tokens, max_new_tokens, eos_id, pad_id, sampling, generat
 MODEL_CLASSES = {"seq2seq": PerformerSeq2Seq, "lm": PerformerLM, "encoder": PerformerEncoderModel}
 
 
+def training_flops(model: _PretrainingModel, encoder_tokens: int, decoder_tokens: int) -> float:
+    """Counted FLOPs of one training step (forward + backward) over these tokens: 6 x the parameters
+    each token passes through, attention's own products excluded (the usual MFU convention).
+
+    Encoder tokens pass the encoder and the cross-attention key and value projections (they read
+    the encoder's output); decoder tokens the rest of the decoder and the vocabulary projection (an
+    LM's tokens are decoder tokens; an encoder model's pass the encoder and the projection).
+    Counting every parameter for every token instead overstates a seq2seq step about twice.
+    """
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    head = model.config.d_model * model.config.vocab_size
+    decoder, encoder = getattr(model, "decoder", None), getattr(model, "encoder", None)
+    flops = 0
+    if decoder is not None:
+        memory_projections = sum(
+            count(module.k_proj) + count(module.v_proj)
+            for name, module in decoder.named_modules()
+            if name.rpartition(".")[2] == "cross_attention"
+        )
+        flops += (count(decoder) - memory_projections + head) * decoder_tokens + memory_projections * encoder_tokens
+    if encoder is not None:
+        flops += (count(encoder) + (head if decoder is None else 0)) * encoder_tokens
+    return 6.0 * flops
+
+
 def build_model(kind: str, config: ModelConfig) -> _PretrainingModel:
     """``kind``: seq2seq, lm or encoder."""
     if kind not in MODEL_CLASSES:

@@ -11,6 +11,7 @@ from performer.models import (
     PerformerSeq2Seq,
     build_model,
     load_weights,
+    training_flops,
 )
 
 VOCAB = 97
@@ -207,3 +208,36 @@ def test_absolute_positions_past_the_table_are_a_clear_error():
     model = PerformerLM(_config(position="absolute", max_positions=8))
     with pytest.raises(ValueError, match="max_positions"):
         model(torch.randint(1, VOCAB, (1, 9)))
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "lm", "encoder"])
+def test_training_flops_match_the_matmuls_torch_counts_in_a_step(kind):
+    """training_flops (6 x the parameters each token passes through) against torch's own count of
+    the matrix products of a forward + backward, softmax attention so that only its SDPA (counted
+    apart) is outside the products; what remains between them is norms and biases."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(kind, _config(attention_type="softmax"))
+    encoder_tokens, decoder_tokens = 2 * 48, 2 * 16
+    ids = torch.randint(5, VOCAB, (2, 48))
+    targets = torch.randint(5, VOCAB, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        if kind == "seq2seq":
+            loss = model(input_ids=ids, decoder_input_ids=targets, labels=targets).loss
+        elif kind == "lm":
+            loss = model(input_ids=targets, labels=targets).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    products = sum(
+        count
+        for op, count in counter.get_flop_counts()["Global"].items()
+        if op.__name__.split(".")[0] in ("mm", "addmm", "bmm")
+    )
+    encoder_tokens = encoder_tokens if kind != "lm" else 0
+    decoder_tokens = decoder_tokens if kind != "encoder" else 0
+    counted = training_flops(model, encoder_tokens, decoder_tokens)
+    assert counted == pytest.approx(products, rel=0.03)
+    if kind == "seq2seq":  # every parameter for every token: about twice too many here
+        everything = 6 * sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
+        assert everything * (encoder_tokens + decoder_tokens) > 1.3 * products
