@@ -65,6 +65,19 @@ def parameter_count(d_model: int, encoder_layers: int, decoder_layers: int, voca
     return 12 * d_model**2 * encoder_layers + 16 * d_model**2 * decoder_layers + vocab * d_model
 
 
+def training_flops(
+    d_model: int, encoder_layers: int, decoder_layers: int, vocab: int, input_tokens: int, target_tokens: int
+) -> float:
+    """Counted flops of one forward + backward, as performer.models.training_flops counts a built
+    model (and model_step.py the measured one): 6 x the parameters each token passes through.
+    Input tokens pass the encoder's layers (12 d^2) and every decoder layer's cross-attention keys
+    and values (2 d^2); target tokens the rest of each decoder layer (14 d^2) and the tied vocabulary
+    projection (V d)."""
+    per_input_token = 12 * d_model**2 * encoder_layers + 2 * d_model**2 * decoder_layers
+    per_target_token = 14 * d_model**2 * decoder_layers + vocab * d_model
+    return 6.0 * (per_input_token * input_tokens + per_target_token * target_tokens)
+
+
 def family(vocab: int, layers: int) -> list[dict]:
     """The models considered for 'largest that fits': `layers` + `layers` layers, width in steps of
     256, head dim 64."""
@@ -287,7 +300,7 @@ def favor_step_seconds(
 
 
 def measured_mfu(model_step: dict, tokens_per_step: int) -> tuple[float, dict]:
-    """MFU of our FAVOR+ model measured on the H200 (6 x non-embedding parameters per token over the
+    """MFU of our FAVOR+ model measured on the H200 (model_step.py's training flops per step over the
     measured bf16 GEMM rate), interpolated on log(tokens per step) to the projected step's tokens;
     clamped to the measured range."""
     rate = model_step["gemm_flop_rate"]
@@ -349,7 +362,14 @@ def compute(args) -> dict:
     large_non_embedding = large_parameters - args.vocab * large["d_model"]
     mfu, mfu_points = measured_mfu(model_step, tokens_per_micro)
     peak = model_step["gemm_flop_rate"]
-    step_flops = 6 * large_non_embedding * tokens_per_micro * (4 / 3 if args.large_checkpointing else 1)
+    step_flops = training_flops(
+        large["d_model"],
+        large["encoder_layers"],
+        large["decoder_layers"],
+        args.vocab,
+        args.micro_batch * args.input_length,
+        args.micro_batch * target,
+    ) * (4 / 3 if args.large_checkpointing else 1)
     favor_rates = favor_seconds_per_token_head(attention)
     favor_s = favor_step_seconds(
         favor_rates, args.micro_batch, args.input_length, target, large, args.large_checkpointing
@@ -545,8 +565,10 @@ def markdown(results: dict) -> str:
         f"during its recompute.",
         f"- Micro batch {s['micro_batch']}, input length {s['input_length']}, decoder length {s['target_length']} "
         f"(span corruption), as configs/large.yaml; ZeRO-3 adds two layers' gathered bf16 weights.",
-        f"- Compute: 6 x {large['non_embedding_parameters'] / 1e6:.0f}M non-embedding parameters x "
-        f"{large['tokens_per_gpu_step']:,} tokens per GPU per step"
+        f"- Compute: {large['flops_per_gpu_step'] / 1e12:.0f} TFLOP per GPU per step, 6 x the parameters each of "
+        f"the {large['tokens_per_gpu_step']:,} tokens passes through (input tokens the encoder and the "
+        f"cross-attention keys and values, target tokens the rest of the decoder and the vocabulary projection: "
+        f"performer.models.training_flops)"
         + (
             " x 4/3 (activation checkpointing recomputes the forward, as configs/large.yaml sets)"
             if s["large_checkpointing"]

@@ -126,11 +126,11 @@ def provenance(name: str, results: dict) -> str:
         commit = f"commit {short(machine['commit'])} ({tree})"
     else:
         commit = f"commit not recorded (results committed in {machine['committed_in']})"
-    edited = machine.get("edited_by_hand")
-    if edited:
+    edits = machine.get("edited_by_hand") or []
+    for edit in edits if isinstance(edits, list) else [edits]:  # one edit, or a list in order
         commit += (
-            f", edited by hand in {edited['commit']} ({edited['summary']}; "
-            f"{'figures edited' if edited['figures_edited'] else 'no figure edited'})"
+            f", edited by hand in {edit['commit']} ({edit['summary']}; "
+            f"{'figures edited' if edit['figures_edited'] else 'no figure edited'})"
         )
     text = f"`benchmarks/results/{name}.json`, {commit}, {where(machine)}: `{machine['command']}`"
     if machine.get("command_recorded") is False:
