@@ -164,7 +164,10 @@ def model_step_gpu_table(r: Results) -> str:
     for model, label in labels.items():
         cells = []
         for n in lengths:
-            record = first_record(r, "model_step-gpu", model=model, length=n)
+            record = next((x for x in results["records"] if x["model"] == model and x["length"] == n), {})
+            if "tokens_per_s" not in record:  # not run, or failed: what the run says instead
+                cells.append(record.get("error") or record.get("skipped") or "not run")
+                continue
             cells.append(f"{thousands(record['tokens_per_s'])} ({percent(_mfu(r, model, n), 1)})")
         rows.append([label, *cells])
     fraction = results["settings"]["decoder_fraction"]

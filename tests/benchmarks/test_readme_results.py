@@ -48,6 +48,22 @@ def test_new_results_change_the_readme(tmp_path):
     assert "| 10 | 9.12 |" in rendered and "Throughput: 18.1k tokens/s" in rendered
 
 
+def test_a_failed_gpu_step_shows_its_error_in_the_table(tmp_path):
+    """A GPU run that ran out of memory at one length still renders, with the error in its cell."""
+    results = tmp_path / "results"
+    shutil.copytree(readme_tables.RESULTS, results, ignore=shutil.ignore_patterns("*.png", "*.log"))
+    model_step = json.loads((results / "model_step-gpu.json").read_text())
+    failed = next(r for r in model_step["records"] if r["model"] == "ours" and r["length"] == 16384)
+    model_step["records"][model_step["records"].index(failed)] = {
+        "model": "ours",
+        "length": 16384,
+        "error": "out of GPU memory",
+    }
+    (results / "model_step-gpu.json").write_text(json.dumps(model_step))
+    rendered = readme_tables.render_block("model_step-gpu", readme_tables.Results(results))
+    assert "| ours (FAVOR+) | 67,742 (1.2%) | out of GPU memory |" in rendered
+
+
 def test_a_phrase_the_readme_no_longer_has_is_reported():
     text = readme_tables.README.read_text().replace("Throughput: ", "Speed: ", 1)
     _, problems = readme_tables.render(text)
