@@ -8,25 +8,10 @@ from benchmarks.readme.core import Block, Figure, Results
 
 def data_stream_table(r: Results) -> str:
     """Stream throughput by workers; with the layout of the shards when both layouts were measured."""
+    from benchmarks import data_stream
+
     results = r["data_stream"]
-    layouts = [("packed (v2)", x) for x in results["stream"]] + [
-        ("v1 (member per document)", x) for x in results.get("stream_v1", [])
-    ]
-    layouts.sort(key=lambda item: (item[1]["workers"], not item[0].startswith("packed")))
-    header = ["workers", "raw tokens/s", "input tokens/s", "batches/s", "startup (s)"]
-    rows = [
-        [
-            x["workers"],
-            f"{x['raw_tokens_per_s'] / 1e6:.2f} M",
-            f"{x['input_tokens_per_s'] / 1e6:.2f} M",
-            x["batches_per_s"],
-            x["startup_seconds"],
-        ]
-        for _, x in layouts
-    ]
-    if "stream_v1" not in results:
-        return common.table(header, rows, align="rrrrr")
-    return common.table(["shards", *header], [[name, *row] for (name, _), row in zip(layouts, rows)], align="lrrrrr")
+    return data_stream.stream_table(data_stream.stream_rows(results), with_layout="stream_v1" in results)
 
 
 def data_prepare_table(r: Results) -> str:
