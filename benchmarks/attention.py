@@ -176,10 +176,9 @@ def measure(args) -> dict:
     record = {"impl": args.impl, "length": args.length, "first_call_s": first, **timing, "memory_bytes": added}
     if device == "cuda" and args.impl.partition("@")[0] in ("ours-causal", "ours-bidirectional"):
         # favor_attention falls back to the torch op where the Triton kernels cannot run: say which ran.
-        from performer.attention.fused import _triton_op
+        from performer.attention.fused import triton_kernels_for
 
-        kernels = _triton_op()
-        record["kernels"] = "triton" if kernels is not None and kernels.use_triton(inputs[0]) else "torch op"
+        record["kernels"] = "triton" if triton_kernels_for(inputs[0], inputs[1]) is not None else "torch op"
     if args.impl.startswith("ours") and chunk is not None:
         record["chunk"] = chunk
         causal = "bidirectional" not in args.impl

@@ -283,7 +283,7 @@ def markdown(results: dict) -> str:
     )
     # Name the default M and the redraw interval only where a variant of this file uses them.
     variants = {record["variant"] for record in results["records"]}
-    redrawing = sorted({variant.split("@")[0] for variant in variants if redraw_mode(variant.split("@")[0])})
+    redrawing = sorted({base for base in (variant.partition("@")[0] for variant in variants) if redraw_mode(base)})
     features_text = (
         f", M = {settings['nb_features']} features per head"
         if any(variant != "softmax" and "@" not in variant for variant in variants)

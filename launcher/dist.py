@@ -157,7 +157,7 @@ ABORT_KEY = "performer/abort"
 
 def _default_store():
     """The rendezvous store of the default process group (hosted by rank 0), or None."""
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() < 2:
+    if not ranks_connected():
         return None
     return torch_dist.distributed_c10d._get_default_store()
 
@@ -306,7 +306,7 @@ def collective_device() -> torch.device:
 def broadcast_int(value: int, source: int = 0) -> int:
     """``value`` from rank ``source`` on every rank (a 64-bit integer)."""
     tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+    if ranks_connected():
         torch_dist.broadcast(tensor, src=source)
     return int(tensor.item())
 
@@ -314,7 +314,7 @@ def broadcast_int(value: int, source: int = 0) -> int:
 def any_rank(flags: list[bool]) -> list[bool]:
     """For each flag, whether any rank set it: one all-reduce however many flags."""
     tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64, device=collective_device())
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+    if ranks_connected():
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return [bool(value) for value in tensor.tolist()]
 
@@ -322,7 +322,7 @@ def any_rank(flags: list[bool]) -> list[bool]:
 def all_mean(values: list[float]) -> list[float]:
     """Element-wise mean over ranks."""
     tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+    if ranks_connected():
         torch_dist.all_reduce(tensor)
         tensor /= torch_dist.get_world_size()
     return tensor.tolist()

@@ -381,11 +381,19 @@ def favor_attention(
     variable PERFORMER_FAVOR_KERNEL=torch keeps them on this module's op), everything else to
     ``favor_attention_torch``.
     """
-    if q.is_cuda and q.numel() and k.numel():
-        kernels = _triton_op()
-        if kernels is not None and kernels.use_triton(q):
-            return kernels.favor_attention_triton(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
+    kernels = triton_kernels_for(q, k)
+    if kernels is not None:
+        return kernels.favor_attention_triton(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
     return favor_attention_torch(q, k, v, projection, key_padding_mask, causal, chunk_size, feature_a)
+
+
+def triton_kernels_for(q: torch.Tensor, k: torch.Tensor):
+    """``performer.attention.triton`` where ``favor_attention`` runs these inputs on its kernels
+    (CUDA, not empty, triton importable and not switched off), else None: the torch op runs."""
+    if not (q.is_cuda and q.numel() and k.numel()):
+        return None
+    kernels = _triton_op()
+    return kernels if kernels is not None and kernels.use_triton(q) else None
 
 
 def check_causal_lengths(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
