@@ -3,6 +3,7 @@ flash-linear-attention.
 
     python benchmarks/attention.py                  # CPU, fp32: the README's table and plot
     python benchmarks/attention.py --device cuda --dtype bf16 --name attention-gpu --lengths 4096,16384,65536
+    python benchmarks/attention.py --device cuda --dtype bf16 --impls ours-causal,ours-causal@c64w4s2  # plans
 
 B=1, H=8, D=64, M=256 random features unless told otherwise (--batch, --heads, --head-dim,
 --nb-features). fla-causal needs flash-linear-attention installed (a GPU baseline: its kernels are
@@ -13,6 +14,9 @@ the resident set once the inputs exist; CUDA: peak allocated minus allocated bef
 machine's dense matmul rate is measured in the same run, and our kernels' achieved rate is given
 against it, from an analytical count of the flops the chunk-parallel algorithm needs
 (recomputation in the backward not counted).
+An implementation named with "@" runs another plan: "@C" forces the chunk length, "@c64w4s2" the
+Triton kernels' chunk, num_warps and num_stages (m: the feature tile); the summary then names the
+fastest plan per length (the GPU check's tune phase).
 A configuration predicted (from the previous length) to take longer than --budget-s is skipped
 and recorded as such, never silently dropped.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -77,6 +82,27 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 # ----------------------------------------------------------------------------- one configuration (worker)
 
 
+# "ours-causal@c64w4s2": our Triton kernels with the plan's chunk, warps, stages or feature tile
+# (m) forced; "@128" alone is a chunk length (any op with chunks).
+PLAN_LETTERS = {"c": "chunk", "w": "num_warps", "s": "num_stages", "m": "block_m"}
+TRITON_IMPLEMENTATIONS = ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits")
+
+
+def plan_overrides(suffix: str) -> dict[str, int]:
+    """What an implementation's "@..." suffix forces: "" -> {}, "128" -> {"chunk": 128},
+    "c64w4s2" -> {"chunk": 64, "num_warps": 4, "num_stages": 2} ("m16": block_m)."""
+    if suffix.isdigit():
+        return {"chunk": int(suffix)}
+    pairs = re.findall(r"([cwsm])(\d+)", suffix)
+    letters = [letter for letter, _ in pairs]
+    if "".join(f"{letter}{number}" for letter, number in pairs) != suffix or len(set(letters)) != len(letters):
+        raise ValueError(
+            f"bad plan suffix @{suffix}: write @C (a chunk length) or letters with numbers, each at most once: "
+            "c (chunk), w (num_warps), s (num_stages), m (block_m), e.g. ours-causal@c64w4s2"
+        )
+    return {PLAN_LETTERS[letter]: int(number) for letter, number in pairs}
+
+
 def build(
     implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str, dtype: torch.dtype
 ):
@@ -87,11 +113,12 @@ def build(
     from performer.feature_maps import favor_features, gaussian_orthogonal_projection
 
     projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=0).to(device)
-    # "ours-causal@128": our causal op with the chunk length forced to 128.
-    implementation, _, forced_chunk = implementation.partition("@")
+    implementation, _, suffix = implementation.partition("@")
+    kernel_changes = plan_overrides(suffix)
+    forced_chunk = kernel_changes.pop("chunk", None)
     if forced_chunk:
-        chunk = int(forced_chunk)
-    elif device == "cuda" and implementation in ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits"):
+        chunk = forced_chunk
+    elif (device == "cuda" or kernel_changes) and implementation in TRITON_IMPLEMENTATIONS:
         from performer.attention.triton import default_chunk
 
         chunk = default_chunk(length, head_dim, low_precision=dtype == torch.bfloat16)
@@ -101,21 +128,33 @@ def build(
     def unchanged(q, k, v):
         return q, k, v
 
-    if implementation in ("ours-causal", "ours-bidirectional", "ours-torch-causal", "ours-torch-bidirectional"):
-        causal = implementation.endswith("-causal")
-        op = favor_attention_torch if "-torch-" in implementation else favor_attention
-        return (lambda q, k, v: op(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk, unchanged
-    if implementation == "ours-causal-bf16-logits":
+    if kernel_changes and implementation not in TRITON_IMPLEMENTATIONS:
+        raise ValueError(
+            f"@{suffix} sets the Triton kernels' plan: only {', '.join(TRITON_IMPLEMENTATIONS)} take it "
+            f"(@C alone forces the chunk of {implementation})"
+        )
+    if implementation == "ours-causal-bf16-logits" or kernel_changes:
         import dataclasses
 
         from performer.attention import triton as favor_triton
 
-        def single_part_logits(q, k, v):
-            plan = favor_triton.make_plan(q, k, v, nb_features, chunk)
-            plan = dataclasses.replace(plan, split_logits=False)
-            return favor_triton.favor_attention_planned(q, k, v, projection, None, True, None, plan)
+        if implementation == "ours-causal-bf16-logits":
+            kernel_changes["split_logits"] = False
+        causal = implementation != "ours-bidirectional"
+        # The chunk the kernels will take (make_plan rounds it and caps it for the dtype).
+        shape_only = torch.empty(1, heads, length, head_dim, dtype=dtype, device="meta")
+        chunk = favor_triton.make_plan(shape_only, shape_only, shape_only, nb_features, chunk).chunk
 
-        return single_part_logits, chunk, unchanged
+        def planned(q, k, v):
+            plan = favor_triton.make_plan(q, k, v, nb_features, chunk)
+            plan = dataclasses.replace(plan, **kernel_changes)
+            return favor_triton.favor_attention_planned(q, k, v, projection, None, causal, None, plan)
+
+        return planned, chunk, unchanged
+    if implementation in ("ours-causal", "ours-bidirectional", "ours-torch-causal", "ours-torch-bidirectional"):
+        causal = implementation.endswith("-causal")
+        op = favor_attention_torch if "-torch-" in implementation else favor_attention
+        return (lambda q, k, v: op(q, k, v, projection, causal=causal, chunk_size=chunk)), chunk, unchanged
     if implementation == "fla-causal":
         from fla.ops.linear_attn import chunk_linear_attn
 
@@ -174,11 +213,17 @@ def measure(args) -> dict:
     timing = common.median_seconds(step, repeats=repeats, device=device, warmup=0)
     added = (common.peak_resident_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()) - before
     record = {"impl": args.impl, "length": args.length, "first_call_s": first, **timing, "memory_bytes": added}
-    if device == "cuda" and args.impl.partition("@")[0] in ("ours-causal", "ours-bidirectional"):
-        # favor_attention falls back to the torch op where the Triton kernels cannot run: say which ran.
+    base, _, suffix = args.impl.partition("@")
+    forced = plan_overrides(suffix)
+    if forced:
+        record["forced_plan"] = forced
+    if device == "cuda" and base in ("ours-causal", "ours-bidirectional"):
+        # favor_attention falls back to the torch op where the Triton kernels cannot run: say which
+        # ran (a forced plan beyond the chunk calls the kernels themselves).
         from performer.attention.fused import triton_kernels_for
 
-        record["kernels"] = "triton" if triton_kernels_for(inputs[0], inputs[1]) is not None else "torch op"
+        by_kernels = set(forced) - {"chunk"} or triton_kernels_for(inputs[0], inputs[1]) is not None
+        record["kernels"] = "triton" if by_kernels else "torch op"
     if args.impl.startswith("ours") and chunk is not None:
         record["chunk"] = chunk
         causal = "bidirectional" not in args.impl
@@ -362,6 +407,19 @@ def summarise(records: list[dict]) -> dict:
         ours, sdpa = _lookup(records, "ours-bidirectional", length), _lookup(records, "sdpa", length)
         if ours and sdpa:
             summary[f"speedup_bidirectional_vs_sdpa@{length}"] = sdpa["median_s"] / ours["median_s"]
+    for base in ("ours-causal", "ours-bidirectional"):
+        for length in lengths:
+            # Plans tried at this length (--impls ours-causal@c64w4s2,...): the fastest, against the default's.
+            tried = [
+                r for r in records if r["impl"].partition("@")[0] == base and r["length"] == length and "median_s" in r
+            ]
+            if len(tried) < 2:
+                continue
+            best = min(tried, key=lambda record: record["median_s"])
+            summary[f"fastest_plan_{base}@{length}"] = best["impl"]
+            default = _lookup(records, base, length)
+            if default:
+                summary[f"fastest_plan_speedup_{base}@{length}"] = default["median_s"] / best["median_s"]
     crossover = None
     for length in lengths:
         ours, sdpa = _lookup(records, "ours-causal", length), _lookup(records, "sdpa-causal", length)
@@ -470,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--impls",
         default=",".join(IMPLEMENTATIONS),
-        help="comma-separated: " + ", ".join(IMPLEMENTATIONS) + "; ours-causal@C forces chunk length C",
+        help="comma-separated: "
+        + ", ".join(IMPLEMENTATIONS)
+        + "; ours-causal@C forces chunk length C, ours-causal@c64w4s2 the Triton kernels' chunk, "
+        "num_warps and num_stages (m: block_m)",
     )
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,65536")
     parser.add_argument("--device", default="cpu")

@@ -20,6 +20,10 @@
 #   trainer      deepspeed --num_gpus 1 with configs/medium.yaml, bf16, ZeRO-2 on NCCL: tokens/s,
 #                MFU, checkpoint, resume, export, bucket sizes (trainer-gpu; needs --data's
 #                prepared corpus: runs/data, carried or made by `performer data prepare`);
+#   tune         (not in the default run, about 3 minutes) the causal and bidirectional kernels
+#                under other plans at B1 H8 D64 M256 bf16, 1k / 16k / 64k tokens: chunk 32 / 64 /
+#                128, 4 or 8 warps, 2 to 4 pipeline stages (attention-tune-gpu: the fastest plan
+#                per length against make_plan's; the default's explicit twin gives the noise);
 #   parity       learning parity with 3 seeds, softmax against FAVOR++ (the trainer's feature map)
 #                at M = 111 (round(D ln D) at head dim 32), 256 and 512, tiny LM and seq2seq at 1024
 #                tokens (parity-seeds-gpu): the seeds' spread around the one-seed CPU run that chose
@@ -93,11 +97,16 @@ for name in $PHASES; do
             --models ours,ours-torch,ours-softmax --lengths 4096,16384,65536 --repeats 5 --budget-s 120
         ;;
     trainer) phase trainer "$PYTHON" benchmarks/gpu_trainer.py --data "$DATA" --steps 40 --name trainer-gpu ;;
+    tune)
+        phase tune "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-tune-gpu \
+            --impls ours-causal,ours-causal@c32w8s3,ours-causal@c64w8s3,ours-causal@c128w8s3,ours-causal@c64w8s2,ours-causal@c64w8s4,ours-causal@c64w4s3,ours-bidirectional,ours-bidirectional@c128w8s3,ours-bidirectional@c64w4s3 \
+            --lengths 1024,16384,65536 --repeats 10 --budget-s 20
+        ;;
     parity)
         phase parity "$PYTHON" benchmarks/parity.py --data "$DATA" --lengths 1024 --seeds 0,1,2 \
             --variants softmax,favor++@111,favor++@256,favor++@512 --name parity-seeds-gpu
         ;;
-    *) echo "unknown phase $name (tests correctness attention model trainer parity)"; failed+=("$name") ;;
+    *) echo "unknown phase $name (tests correctness attention model trainer tune parity)"; failed+=("$name") ;;
     esac
 done
 
