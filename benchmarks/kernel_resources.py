@@ -3,6 +3,7 @@
     python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64,128] [--name kernel_resources]
     python benchmarks/kernel_resources.py --quick --head-dims 64   # bf16 only, nothing written: what the tests compile
     python benchmarks/kernel_resources.py --chunk 128   # another chunk than the plan's: kernel_resources-chunk128
+    python benchmarks/kernel_resources.py --arch 80     # an A100's compile of the same plans: kernel_resources-sm80
 
 Triton compiles to a cubin for any NVIDIA architecture on a CPU machine (its wheel carries
 ptxas and cuobjdump); cuobjdump then reads each kernel's registers per thread, spilled bytes
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     }
     args.name = args.name or "kernel_resources" + "".join(
         f"-{field.replace('_', '')}{v}" for field, v in plan_changes.items()
-    )
+    ) + ("" if args.arch == 90 else f"-sm{args.arch}")
     head_dims = [int(d) for d in args.head_dims.split(",")]
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     rows = []
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
         print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     spilling = [row for row in rows if row.get("stack", 0) > 0]
     print(f"{len(rows)} kernels compiled for sm_{args.arch}; {len(spilling)} spill registers to local memory")
+    print(shared_memory_verdict(rows, args.arch))
     if not args.quick:
         results = {
             "arch": args.arch,
@@ -172,6 +174,23 @@ def main(argv=None) -> int:
         }
         common.write_results(args.name, results, render(rows, args.arch))
     return 0
+
+
+# Shared memory one block may use (bytes), by compute capability x 10: A100, A10/A40/RTX 30xx,
+# L4/L40/RTX 40xx, H100/H200 (CUDA programming guide, "Technical Specifications").
+BLOCK_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def shared_memory_verdict(rows, arch) -> str:
+    """One line: the largest shared memory a kernel asks for against what a block may have on ``arch``."""
+    largest = max(rows, key=lambda row: row.get("shared", 0) + row["dynamic_shared"])
+    need = largest.get("shared", 0) + largest["dynamic_shared"]
+    where = f"{largest['kernel']} at D={largest['D']} {largest['dtype']}"
+    if arch not in BLOCK_SHARED_LIMIT:
+        return f"Largest shared memory: {need} bytes ({where}); sm_{arch}'s per-block limit is not known here."
+    limit = BLOCK_SHARED_LIMIT[arch]
+    verdict = "fits" if need <= limit else "DOES NOT FIT: the launch would fail"
+    return f"Largest shared memory: {need} bytes ({where}), {verdict} in sm_{arch}'s {limit} bytes per block."
 
 
 def render(rows, arch) -> str:
@@ -197,6 +216,7 @@ def render(rows, arch) -> str:
             f"| {row['kernel']} | {row['D']} | {row['dtype']} | {row['C']} | {row['warps']} | {variant} | "
             f"{row.get('reg', '?')} | {row.get('stack', '?')} | {row.get('shared', 0)} + {row['dynamic_shared']} |"
         )
+    lines += ["", shared_memory_verdict(rows, arch)]
     return "\n".join(lines) + "\n"
 
 
