@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -83,8 +82,7 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 
 
 # "ours-causal@c64w4s2": our Triton kernels with the plan's chunk, warps, stages or feature tile
-# (m) forced; "@128" alone is a chunk length (any op with chunks).
-PLAN_LETTERS = {"c": "chunk", "w": "num_warps", "s": "num_stages", "m": "block_m"}
+# (m) forced (performer.attention.triton.parse_plan); "@128" alone is a chunk length (any op with chunks).
 TRITON_IMPLEMENTATIONS = ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits")
 
 
@@ -93,14 +91,9 @@ def plan_overrides(suffix: str) -> dict[str, int]:
     "c64w4s2" -> {"chunk": 64, "num_warps": 4, "num_stages": 2} ("m16": block_m)."""
     if suffix.isdigit():
         return {"chunk": int(suffix)}
-    pairs = re.findall(r"([cwsm])(\d+)", suffix)
-    letters = [letter for letter, _ in pairs]
-    if "".join(f"{letter}{number}" for letter, number in pairs) != suffix or len(set(letters)) != len(letters):
-        raise ValueError(
-            f"bad plan suffix @{suffix}: write @C (a chunk length) or letters with numbers, each at most once: "
-            "c (chunk), w (num_warps), s (num_stages), m (block_m), e.g. ours-causal@c64w4s2"
-        )
-    return {PLAN_LETTERS[letter]: int(number) for letter, number in pairs}
+    from performer.attention.triton import parse_plan
+
+    return parse_plan(suffix, source=f"the implementation's @{suffix}")
 
 
 def build(

@@ -22,9 +22,11 @@ the bf16 path).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,10 @@ from performer.feature_maps import feature_constants
 MAX_HEAD_DIM = 128
 # Environment switch: "torch" keeps CUDA tensors on the torch op (benchmarks, debugging).
 KERNEL_ENV = "PERFORMER_FAVOR_KERNEL"
+# Environment switch: a plan for this GPU, e.g. "c64w4s2" (chunk 64, 4 warps, 2 stages; m: feature
+# tile), as timed by benchmarks/attention.py (ours-causal@c64w4s2); letters left out keep make_plan's.
+PLAN_ENV = "PERFORMER_FAVOR_PLAN"
+PLAN_LETTERS = {"c": "chunk", "w": "num_warps", "s": "num_stages", "m": "block_m"}
 # Programs a sequential scan over chunks is spread over when the device cannot say (interpreter).
 INTERPRETER_SCAN_PROGRAMS = 8
 # Up to this much, the forward's key states stay alive for the backward instead of being
@@ -119,6 +125,26 @@ class KernelPlan:
         )
 
 
+def parse_plan(text: str, source: str = PLAN_ENV) -> dict[str, int]:
+    """KernelPlan fields from a plan's short form: "c64w4s2" -> chunk 64, num_warps 4, num_stages 2
+    ("m16": block_m); "" -> {}. Each letter at most once; warps and feature tiles powers of two."""
+    pairs = re.findall(r"([cwsm])(\d+)", text)
+    letters = [letter for letter, _ in pairs]
+    if "".join(f"{letter}{number}" for letter, number in pairs) != text or len(set(letters)) != len(letters):
+        raise ValueError(
+            f"bad plan {text!r} in {source}: write letters with numbers, each at most once: c (chunk), "
+            "w (num_warps), s (num_stages), m (block_m), e.g. c64w4s2"
+        )
+    plan = {PLAN_LETTERS[letter]: int(number) for letter, number in pairs}
+    for field in ("num_warps", "block_m"):
+        value = plan.get(field)
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"bad plan {text!r} in {source}: {field} must be a power of two, got {value}")
+    if plan.get("block_m", 16) < 16 or plan.get("num_stages", 1) < 1 or plan.get("chunk", 1) < 1:
+        raise ValueError(f"bad plan {text!r} in {source}: block_m is at least 16, num_stages and chunk at least 1")
+    return plan
+
+
 def _power_of_two_at_least(value: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(value, 1)))))
 
@@ -150,8 +176,13 @@ def default_chunk(length: int, head_dim: int, low_precision: bool = True) -> int
 def make_plan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb_features: int, chunk_size: int | None
 ) -> KernelPlan:
+    """The plan for one call: ``default_chunk`` unless the caller sets chunk_size, 16 features per
+    tile, 8 warps, bf16 operands for bf16 inputs; ``PERFORMER_FAVOR_PLAN`` overrides what it names."""
     length = max(q.shape[2], k.shape[2])
     low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
+    # A plan set for this GPU (PERFORMER_FAVOR_PLAN) wins over the caller's chunk and the defaults.
+    chosen = parse_plan(os.environ.get(PLAN_ENV, ""))
+    chunk_size = chosen.pop("chunk", chunk_size)
     largest_chunk = MAX_CHUNK if low_precision else MAX_FLOAT32_CHUNK
     if chunk_size:
         chunk = min(_power_of_two_at_least(chunk_size), largest_chunk)
@@ -169,7 +200,7 @@ def make_plan(
         scan_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         scan_programs = INTERPRETER_SCAN_PROGRAMS
-    return KernelPlan(
+    plan = KernelPlan(
         chunk=chunk,
         block_m=16,
         block_d=_power_of_two_at_least(q.shape[-1]),
@@ -182,6 +213,7 @@ def make_plan(
         # head dim 128 fit an H100's shared memory (they came within 3% of it pipelined).
         num_stages=3 if low_precision else 1,
     )
+    return dataclasses.replace(plan, **chosen)
 
 
 @dataclass

@@ -338,3 +338,34 @@ def test_dispatch(monkeypatch):
         favor_attention(q, k, v, projection, causal=True),
         favor_triton.favor_attention_triton(q, k, v, projection, causal=True),
     )
+
+
+def test_a_plan_set_in_the_environment_reaches_the_kernels_and_keeps_their_answer(monkeypatch):
+    """PERFORMER_FAVOR_PLAN (a plan timed with benchmarks/attention.py) overrides what it names,
+    the caller's chunk included, and computes what make_plan's plan computes."""
+    q, k, v, projection = _inputs(length=45, nb_features=40)
+    expected = _kernel(q, k, v, projection, causal=True, chunk_size=16)
+    monkeypatch.setenv(favor_triton.PLAN_ENV, "c32w4s2m32")
+    plan = favor_triton.make_plan(q, k, v, projection.shape[0], chunk_size=16)
+    assert (plan.chunk, plan.num_warps, plan.num_stages, plan.block_m) == (32, 4, 2, 32)
+    _assert_same(_kernel(q, k, v, projection, causal=True, chunk_size=16), expected)
+    monkeypatch.setenv(favor_triton.PLAN_ENV, "w2")
+    plan = favor_triton.make_plan(q, k, v, projection.shape[0], chunk_size=16)
+    assert (plan.chunk, plan.num_warps, plan.block_m) == (16, 2, 16)  # the rest as make_plan has it
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("c32w4x1", "letters with numbers"),
+        ("w4w8", "each at most once"),
+        ("w3", "num_warps must be a power of two"),
+        ("m8", "block_m is at least 16"),
+        ("s0", "num_stages and chunk at least 1"),
+    ],
+)
+def test_a_bad_plan_in_the_environment_is_refused_by_name(monkeypatch, text, problem):
+    q, k, v, projection = _inputs(length=8)
+    monkeypatch.setenv(favor_triton.PLAN_ENV, text)
+    with pytest.raises(ValueError, match=f"bad plan '{text}' in PERFORMER_FAVOR_PLAN.*{problem}"):
+        favor_triton.favor_attention_triton(q, k, v, projection, causal=True)
