@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -81,66 +82,67 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 # ----------------------------------------------------------------------------- one configuration (worker)
 
 
-# "ours-causal@c64w4s2": our Triton kernels with the plan's chunk, warps, stages or feature tile
-# (m) forced (performer.attention.triton.parse_plan); "@128" alone is a chunk length (any op with chunks).
+# "ours-causal@c64w4s2": our Triton kernels under that plan (performer.attention.triton.parse_plan:
+# chunk, warps, stages, m features per tile; the rest make_plan's, PERFORMER_FAVOR_PLAN ignored);
+# "@128" alone is a chunk length (of any op with chunks).
 TRITON_IMPLEMENTATIONS = ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits")
 
 
 def plan_overrides(suffix: str) -> dict[str, int]:
     """What an implementation's "@..." suffix forces: "" -> {}, "128" -> {"chunk": 128},
     "c64w4s2" -> {"chunk": 64, "num_warps": 4, "num_stages": 2} ("m16": block_m)."""
-    if suffix.isdigit():
-        return {"chunk": int(suffix)}
     from performer.attention.triton import parse_plan
 
-    return parse_plan(suffix, source=f"the implementation's @{suffix}")
+    return parse_plan(f"c{suffix}" if suffix.isdigit() else suffix, source=f"the implementation's @{suffix}")
 
 
 def build(
     implementation: str, length: int, heads: int, head_dim: int, nb_features: int, device: str, dtype: torch.dtype
 ):
-    """For one implementation: the attention (inputs...) -> out, its chunk length if any, and
-    ``prepare`` (q, k, v) -> the inputs it takes, made before the timing (leaves with gradients)."""
+    """For one implementation: the attention (inputs...) -> out, the chunk length it takes if any,
+    and ``prepare`` (q, k, v) -> the inputs it takes, made before the timing (leaves with gradients)."""
     from performer.attention.fused import default_chunk_size, favor_attention, favor_attention_torch
     from performer.attention.naive import causal_linear_attention
     from performer.feature_maps import favor_features, gaussian_orthogonal_projection
 
     projection = gaussian_orthogonal_projection(nb_features, head_dim, seed=0).to(device)
     implementation, _, suffix = implementation.partition("@")
-    kernel_changes = plan_overrides(suffix)
-    forced_chunk = kernel_changes.pop("chunk", None)
-    if forced_chunk:
-        chunk = forced_chunk
-    elif (device == "cuda" or kernel_changes) and implementation in TRITON_IMPLEMENTATIONS:
-        from performer.attention.triton import default_chunk
-
-        chunk = default_chunk(length, head_dim, low_precision=dtype == torch.bfloat16)
-    else:
-        chunk = default_chunk_size(nb_features)
-
-    def unchanged(q, k, v):
-        return q, k, v
-
-    if kernel_changes and implementation not in TRITON_IMPLEMENTATIONS:
+    forced = plan_overrides(suffix)
+    kernel_fields = set(forced) - {"chunk"}
+    in_triton = implementation in TRITON_IMPLEMENTATIONS
+    if kernel_fields and not in_triton:
         raise ValueError(
             f"@{suffix} sets the Triton kernels' plan: only {', '.join(TRITON_IMPLEMENTATIONS)} take it "
             f"(@C alone forces the chunk of {implementation})"
         )
-    if implementation == "ours-causal-bf16-logits" or kernel_changes:
+    # A named plan runs the kernels under it (on the CPU: in the interpreter); None: make_plan's own
+    # plan, with PERFORMER_FAVOR_PLAN if set, as users get it.
+    named_plan = suffix if in_triton and forced and (device == "cuda" or kernel_fields) else None
+    if named_plan and suffix.isdigit():
+        named_plan = f"c{suffix}"
+    if in_triton and (device == "cuda" or named_plan):
+        from performer.attention import triton as favor_triton
+
+        # The chunk the kernels will take (make_plan rounds it and caps it for the dtype).
+        shape_only = torch.empty(1, heads, length, head_dim, dtype=dtype, device="meta")
+        chunk = favor_triton.make_plan(shape_only, shape_only, shape_only, nb_features, None, named_plan).chunk
+    else:
+        chunk = forced.get("chunk") or default_chunk_size(nb_features)
+
+    def unchanged(q, k, v):
+        return q, k, v
+
+    if named_plan or implementation == "ours-causal-bf16-logits":
         import dataclasses
 
         from performer.attention import triton as favor_triton
 
-        if implementation == "ours-causal-bf16-logits":
-            kernel_changes["split_logits"] = False
+        changes = {"split_logits": False} if implementation == "ours-causal-bf16-logits" else {}
         causal = implementation != "ours-bidirectional"
-        # The chunk the kernels will take (make_plan rounds it and caps it for the dtype).
-        shape_only = torch.empty(1, heads, length, head_dim, dtype=dtype, device="meta")
-        chunk = favor_triton.make_plan(shape_only, shape_only, shape_only, nb_features, chunk).chunk
 
         def planned(q, k, v):
-            plan = favor_triton.make_plan(q, k, v, nb_features, chunk)
-            plan = dataclasses.replace(plan, **kernel_changes)
+            plan = favor_triton.make_plan(q, k, v, nb_features, None, named_plan)
+            plan = dataclasses.replace(plan, **changes)
             return favor_triton.favor_attention_planned(q, k, v, projection, None, causal, None, plan)
 
         return planned, chunk, unchanged
@@ -201,8 +203,10 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     first = common.median_seconds(step, repeats=1, device=device, warmup=0)["median_s"]
+    # On a GPU the first call also compiles (Triton) or autotunes (fla): a second one says how long a call takes.
+    typical = first if device == "cpu" else common.median_seconds(step, repeats=1, device=device, warmup=0)["median_s"]
     # Slow baselines (performer-pytorch's causal path takes minutes at 16k) get fewer repeats.
-    repeats = args.repeats if first < args.slow_call_s else max(1, args.repeats // 3)
+    repeats = args.repeats if typical < args.slow_call_s else max(1, args.repeats // 3)
     timing = common.median_seconds(step, repeats=repeats, device=device, warmup=0)
     added = (common.peak_resident_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()) - before
     record = {"impl": args.impl, "length": args.length, "first_call_s": first, **timing, "memory_bytes": added}
@@ -210,12 +214,17 @@ def measure(args) -> dict:
     forced = plan_overrides(suffix)
     if forced:
         record["forced_plan"] = forced
+    if base in TRITON_IMPLEMENTATIONS and not forced:
+        from performer.attention.triton import PLAN_ENV
+
+        if os.environ.get(PLAN_ENV):
+            record["environment_plan"] = os.environ[PLAN_ENV]
     if device == "cuda" and base in ("ours-causal", "ours-bidirectional"):
         # favor_attention falls back to the torch op where the Triton kernels cannot run: say which
-        # ran (a forced plan beyond the chunk calls the kernels themselves).
+        # ran (a named plan calls the kernels themselves).
         from performer.attention.fused import triton_kernels_for
 
-        by_kernels = set(forced) - {"chunk"} or triton_kernels_for(inputs[0], inputs[1]) is not None
+        by_kernels = bool(forced) or triton_kernels_for(inputs[0], inputs[1]) is not None
         record["kernels"] = "triton" if by_kernels else "torch op"
     if args.impl.startswith("ours") and chunk is not None:
         record["chunk"] = chunk

@@ -20,10 +20,11 @@
 #   trainer      deepspeed --num_gpus 1 with configs/medium.yaml, bf16, ZeRO-2 on NCCL: tokens/s,
 #                MFU, checkpoint, resume, export, bucket sizes (trainer-gpu; needs --data's
 #                prepared corpus: runs/data, carried or made by `performer data prepare`);
-#   tune         (not in the default run, about 3 minutes) the causal and bidirectional kernels
+#   tune         (not in the default run, about 3-4 minutes) the causal and bidirectional kernels
 #                under other plans at B1 H8 D64 M256 bf16, 1k / 16k / 64k tokens: chunk 32 / 64 /
 #                128, 4 or 8 warps, 2 to 4 pipeline stages (attention-tune-gpu: the fastest plan
-#                per length against make_plan's; the default's explicit twin gives the noise);
+#                per length against make_plan's; the defaults' explicit twins, c64w8s3 below 32k
+#                tokens and c128w8s3 from 32k on, give the noise; 450 s at most);
 #   parity       learning parity with 3 seeds, softmax against FAVOR++ (the trainer's feature map)
 #                at M = 111 (round(D ln D) at head dim 32), 256 and 512, tiny LM and seq2seq at 1024
 #                tokens (parity-seeds-gpu): the seeds' spread around the one-seed CPU run that chose
@@ -98,8 +99,8 @@ for name in $PHASES; do
         ;;
     trainer) phase trainer "$PYTHON" benchmarks/gpu_trainer.py --data "$DATA" --steps 40 --name trainer-gpu ;;
     tune)
-        phase tune "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-tune-gpu \
-            --impls ours-causal,ours-causal@c32w8s3,ours-causal@c64w8s3,ours-causal@c128w8s3,ours-causal@c64w8s2,ours-causal@c64w8s4,ours-causal@c64w4s3,ours-bidirectional,ours-bidirectional@c128w8s3,ours-bidirectional@c64w4s3 \
+        PHASE_TIMEOUT_S=$((PHASE_TIMEOUT_S + 150)) phase tune "$PYTHON" benchmarks/attention.py --device cuda --dtype bf16 --name attention-tune-gpu \
+            --impls ours-causal,ours-causal@c32w8s3,ours-causal@c64w8s3,ours-causal@c128w8s3,ours-causal@c64w8s2,ours-causal@c64w8s4,ours-causal@c64w4s3,ours-bidirectional,ours-bidirectional@c64w8s3,ours-bidirectional@c128w8s3,ours-bidirectional@c64w4s3 \
             --lengths 1024,16384,65536 --repeats 10 --budget-s 20
         ;;
     parity)

@@ -51,7 +51,8 @@ def variants(head_dims, dtypes, plan_changes, length=16384, nb_features=256):
     for dtype in dtypes:
         for head_dim in head_dims:
             q = torch.empty(1, 1, length, head_dim, dtype=dtype, device="meta")
-            plan = dataclasses.replace(favor_triton.make_plan(q, q, q, nb_features, None), **plan_changes)
+            # plan="": make_plan's own plan, whatever PERFORMER_FAVOR_PLAN says (changes come from the flags).
+            plan = dataclasses.replace(favor_triton.make_plan(q, q, q, nb_features, None, plan=""), **plan_changes)
             base = {
                 "D": head_dim,
                 "dtype": TRITON_TYPE_NAMES[dtype],

@@ -174,14 +174,21 @@ def default_chunk(length: int, head_dim: int, low_precision: bool = True) -> int
 
 
 def make_plan(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nb_features: int, chunk_size: int | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    nb_features: int,
+    chunk_size: int | None,
+    plan: str | None = None,
 ) -> KernelPlan:
     """The plan for one call: ``default_chunk`` unless the caller sets chunk_size, 16 features per
-    tile, 8 warps, bf16 operands for bf16 inputs; ``PERFORMER_FAVOR_PLAN`` overrides what it names."""
+    tile, 8 warps, bf16 operands for bf16 inputs. ``plan`` (short form, ``parse_plan``; None: the
+    ``PERFORMER_FAVOR_PLAN`` environment variable) overrides what it names, chunk_size included."""
     length = max(q.shape[2], k.shape[2])
     low_precision = all(x.dtype == torch.bfloat16 for x in (q, k, v))
-    # A plan set for this GPU (PERFORMER_FAVOR_PLAN) wins over the caller's chunk and the defaults.
-    chosen = parse_plan(os.environ.get(PLAN_ENV, ""))
+    source = PLAN_ENV if plan is None else f"the plan {plan!r}"
+    chosen = parse_plan(os.environ.get(PLAN_ENV, "") if plan is None else plan, source)
+    chunk_advice = f"set c{{}} in {source}" if "chunk" in chosen else "pass chunk_size={}"
     chunk_size = chosen.pop("chunk", chunk_size)
     largest_chunk = MAX_CHUNK if low_precision else MAX_FLOAT32_CHUNK
     if chunk_size:
@@ -191,7 +198,7 @@ def make_plan(
     if triton.cdiv(length, chunk) > MAX_CHUNKS:
         raise ValueError(
             f"{length} tokens in chunks of {chunk} make more than {MAX_CHUNKS} chunks, a CUDA grid's limit: "
-            f"pass chunk_size={largest_chunk}"
+            + chunk_advice.format(largest_chunk)
             if chunk < largest_chunk
             else f"{length} tokens is beyond the kernels' grid"
             + ("" if low_precision else " in float32 (bf16 inputs take chunks of 128: twice as many tokens)")
@@ -200,7 +207,7 @@ def make_plan(
         scan_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         scan_programs = INTERPRETER_SCAN_PROGRAMS
-    plan = KernelPlan(
+    defaults = KernelPlan(
         chunk=chunk,
         block_m=16,
         block_d=_power_of_two_at_least(q.shape[-1]),
@@ -213,7 +220,7 @@ def make_plan(
         # head dim 128 fit an H100's shared memory (they came within 3% of it pipelined).
         num_stages=3 if low_precision else 1,
     )
-    return dataclasses.replace(plan, **chosen)
+    return dataclasses.replace(defaults, **chosen)
 
 
 @dataclass

@@ -33,9 +33,9 @@ def test_a_plan_suffix_reads_as_written(suffix, forced):
     assert attention.plan_overrides(suffix) == forced
 
 
-@pytest.mark.parametrize("suffix", ["c64x4", "c64c32", "w", "64w4", "c64 w4"])
+@pytest.mark.parametrize("suffix", ["c64x4", "c64c32", "w", "64w4", "c64 w4", "0", "w3"])
 def test_a_malformed_plan_suffix_says_how_to_write_one(suffix):
-    with pytest.raises(ValueError, match="c \\(chunk\\), w \\(num_warps\\)"):
+    with pytest.raises(ValueError, match=f"bad plan .* in the implementation's @{suffix}"):
         attention.plan_overrides(suffix)
 
 
@@ -71,23 +71,44 @@ def test_a_forced_plan_reaches_the_kernels_and_computes_the_default_ops_answer(i
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU tensors")
-def test_a_measured_forced_plan_records_what_it_forced():
+@pytest.mark.parametrize(
+    ("implementation", "chunk"),
+    [("ours-causal@c24w4", 32), ("ours-causal@c128w4", 64), ("ours-bidirectional@s2", 64), ("ours-causal@24", 24)],
+)
+def test_the_chunk_recorded_is_the_one_the_kernels_take(implementation, chunk, monkeypatch):
+    """make_plan rounds a chunk up to a power of two and caps float32 at 64; a named plan ignores
+    PERFORMER_FAVOR_PLAN (here c16). On the CPU, "@24" alone is the torch op's chunk, as given."""
+    monkeypatch.setenv(favor_triton.PLAN_ENV, "c16")
+    plans = []
+    planned = favor_triton.favor_attention_planned
+    monkeypatch.setattr(favor_triton, "favor_attention_planned", lambda *args: plans.append(args[-1]) or planned(*args))
+    op, recorded, prepare = attention.build(implementation, 40, 1, 16, 16, "cpu", torch.float32)
+    op(*prepare(*(torch.randn(1, 1, 40, 16) for _ in range(3))))
+    assert recorded == chunk
+    assert [plan.chunk for plan in plans] == ([] if implementation.endswith("@24") else [chunk])
+
+
+def _measure(implementation):
+    """benchmarks/attention.py's worker on a tiny causal shape, in the interpreter (one repeat)."""
     args = argparse.Namespace(
-        impl="ours-causal@c16w4",
-        length=32,
-        threads=1,
-        device="cpu",
-        dtype="fp32",
-        batch=1,
-        heads=1,
-        head_dim=16,
-        nb_features=16,
-        repeats=1,
-        slow_call_s=10.0,
-    )
-    record = attention.measure(args)
+        impl=implementation, length=32, threads=1, device="cpu", dtype="fp32", batch=1, heads=1,
+        head_dim=16, nb_features=16, repeats=1, slow_call_s=10.0,
+    )  # fmt: skip
+    return attention.measure(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU tensors")
+def test_a_measured_forced_plan_records_what_it_forced():
+    record = _measure("ours-causal@c16w4")
     assert record["forced_plan"] == {"chunk": 16, "num_warps": 4}
     assert record["chunk"] == 16 and record["median_s"] > 0
+    assert "environment_plan" not in record
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU tensors")
+def test_a_measurement_under_an_environment_plan_says_so(monkeypatch):
+    monkeypatch.setenv(favor_triton.PLAN_ENV, "w4")
+    assert _measure("ours-causal")["environment_plan"] == "w4"
 
 
 def test_the_summary_names_the_fastest_plan_per_length_against_the_default():

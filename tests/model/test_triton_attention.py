@@ -306,6 +306,12 @@ def test_plan_limits(monkeypatch):
     monkeypatch.setattr(favor_triton, "MAX_CHUNKS", 2)
     with pytest.raises(ValueError, match="a CUDA grid's limit: pass chunk_size=64"):
         favor_triton.make_plan(q, k, v, 24, 16)
+    monkeypatch.setenv(favor_triton.PLAN_ENV, "c16w4")  # the chunk came from the environment: say so
+    with pytest.raises(ValueError, match="a CUDA grid's limit: set c64 in PERFORMER_FAVOR_PLAN"):
+        favor_triton.make_plan(q, k, v, 24, 64)
+    with pytest.raises(ValueError, match="a CUDA grid's limit: set c64 in the plan 'c16'"):
+        favor_triton.make_plan(q, k, v, 24, 64, plan="c16")
+    monkeypatch.delenv(favor_triton.PLAN_ENV)
     longer = torch.empty(1, 1, 200, 16, device="meta")
     with pytest.raises(ValueError, match="beyond the kernels' grid in float32"):
         favor_triton.make_plan(longer, longer, longer, 24, 64)
@@ -352,6 +358,9 @@ def test_a_plan_set_in_the_environment_reaches_the_kernels_and_keeps_their_answe
     monkeypatch.setenv(favor_triton.PLAN_ENV, "w2")
     plan = favor_triton.make_plan(q, k, v, projection.shape[0], chunk_size=16)
     assert (plan.chunk, plan.num_warps, plan.block_m) == (16, 2, 16)  # the rest as make_plan has it
+    # A plan given to make_plan (benchmarks/attention.py's @plans) replaces the environment's whole.
+    plan = favor_triton.make_plan(q, k, v, projection.shape[0], chunk_size=16, plan="s2")
+    assert (plan.chunk, plan.num_warps, plan.num_stages) == (16, 8, 2)
 
 
 @pytest.mark.parametrize(
