@@ -170,7 +170,9 @@ def summarise(label: str, records: list[dict]) -> dict:
     return row
 
 
-def markdown(results: dict) -> str:
+def table(results: dict) -> str:
+    """The rows as a markdown table (also the README's)."""
+
     def share(value):
         return "0" if value == 0 else f"{value:.2%}" if value >= 1e-4 else f"{value:.1e}"
 
@@ -194,13 +196,17 @@ def markdown(results: dict) -> str:
                 f"{share(stats['rows_lost_max'])}, {error(stats['error_median_max'])} / {error(stats['error_p99_max'])}"
             )
         rows.append(cells)
+    return common.table(header, rows)
+
+
+def markdown(results: dict) -> str:
     machine = results["machine"]
     return (
         "Key features of FAVOR+ attention calls and what 16-bit operands make of them: shares of the "
         "real keys' features that overflow, flush to zero or lose precision (subnormal); output rows "
         "lost (non-finite or no key left) and the relative error of the rest, worst call of each "
         "source. float16 spans 12 decades (6e-8 .. 65504, subnormals included), bfloat16 78.\n\n"
-        + common.table(header, rows)
+        + table(results)
         + f"\n\nMachine: {machine['cpu']}, torch {machine['torch']}.\n"
     )
 

@@ -143,6 +143,13 @@ def kernel_resources_table(r: Results) -> str:
     return kernel_resources.readme_table(r["kernel_resources"])
 
 
+def fp16_features_table(r: Results) -> str:
+    """What float16 and bfloat16 operands make of FAVOR+'s key features."""
+    from benchmarks import fp16_features
+
+    return fp16_features.table(r["fp16_features"])
+
+
 def attention_gpu_table(r: Results) -> str:
     results = r["attention-gpu"]
     lengths = sorted({x["length"] for x in results["records"]})
@@ -219,6 +226,7 @@ BLOCKS: dict[str, Block] = {
     "decode": Block(("decode",), decode_table),
     "model_step": Block(MODEL_STEP_FILES, model_step_table),
     "kernel_resources": Block(("kernel_resources",), kernel_resources_table),
+    "fp16_features": Block(("fp16_features",), fp16_features_table),
     "attention-gpu": Block(("attention-gpu",), attention_gpu_table),
     "model_step-gpu": Block(("model_step-gpu",), model_step_gpu_table),
 }
