@@ -38,3 +38,25 @@ def test_gaussian_keys_at_head_dim_64_break_float16_and_not_bfloat16():
     assert record["float16"]["rows_lost"] > 0.1 and record["float16"]["error_median"] > 0.1
     row = fp16_features.summarise("gaussian", [record])
     assert row["decades"] > 12  # more than float16 spans, subnormals included
+    # Even the best global shift (largest key feature at 2^15) leaves float16 tens of percent off.
+    shifted = record["float16, best shift"]
+    assert shifted["overflow"] == 0 and shifted["error_median"] > 0.1
+
+
+@pytest.mark.parametrize(("causal", "query_length"), [(True, 24), (False, 24), (False, 9)])
+def test_the_float32_reference_is_what_favor_attention_computes(causal, query_length):
+    """The benchmark's reference (features of performer.feature_maps, the explicit kernel matrix)
+    against the op the model runs: causal, bidirectional and cross attention, with padded keys."""
+    from performer.attention.fused import favor_attention_torch
+    from performer.feature_maps import favor_features, favorpp_default_a, gaussian_orthogonal_projection
+
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, query_length, 16, generator=generator)
+    k, v = (torch.randn(2, 3, 24, 16, generator=generator) for _ in range(2))
+    projection, a = gaussian_orthogonal_projection(32, 16, seed=1), favorpp_default_a(16)
+    key_valid = torch.ones(2, 24, dtype=torch.bool)
+    key_valid[1, 17:] = False
+    phi_q, phi_k = favor_features(q, projection, True, a), favor_features(k, projection, False, a)
+    out, _ = fp16_features.attention_from_features(phi_q, phi_k, v, key_valid, causal)
+    expected = favor_attention_torch(q, k, v, projection, key_valid, causal, None, a)
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=1e-4)
