@@ -88,12 +88,17 @@ def favor_flops(length: int, head_dim: int, nb_features: int, chunk: int, causal
 TRITON_IMPLEMENTATIONS = ("ours-causal", "ours-bidirectional", "ours-causal-bf16-logits")
 
 
+def plan_text(suffix: str) -> str:
+    """An implementation's "@..." suffix as a plan's short form: "128" (a chunk alone) -> "c128"."""
+    return f"c{suffix}" if suffix.isdigit() else suffix
+
+
 def plan_overrides(suffix: str) -> dict[str, int]:
     """What an implementation's "@..." suffix forces: "" -> {}, "128" -> {"chunk": 128},
     "c64w4s2" -> {"chunk": 64, "num_warps": 4, "num_stages": 2} ("m16": block_m)."""
     from performer.attention.triton import parse_plan
 
-    return parse_plan(f"c{suffix}" if suffix.isdigit() else suffix, source=f"the implementation's @{suffix}")
+    return parse_plan(plan_text(suffix), source=f"the implementation's @{suffix}")
 
 
 def build(
@@ -117,9 +122,7 @@ def build(
         )
     # A named plan runs the kernels under it (on the CPU: in the interpreter); None: make_plan's own
     # plan, with PERFORMER_FAVOR_PLAN if set, as users get it.
-    named_plan = suffix if in_triton and forced and (device == "cuda" or kernel_fields) else None
-    if named_plan and suffix.isdigit():
-        named_plan = f"c{suffix}"
+    named_plan = plan_text(suffix) if in_triton and forced and (device == "cuda" or kernel_fields) else None
     if in_triton and (device == "cuda" or named_plan):
         from performer.attention import triton as favor_triton
 

@@ -128,6 +128,12 @@ class KernelPlan:
 def parse_plan(text: str, source: str = PLAN_ENV) -> dict[str, int]:
     """KernelPlan fields from a plan's short form: "c64w4s2" -> chunk 64, num_warps 4, num_stages 2
     ("m16": block_m); "" -> {}. Each letter at most once; warps and feature tiles powers of two."""
+    return dict(_parsed_plan(text, source))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_plan(text: str, source: str) -> tuple[tuple[str, int], ...]:
+    # Cached: make_plan reads the environment's plan on every attention call.
     pairs = re.findall(r"([cwsm])(\d+)", text)
     letters = [letter for letter, _ in pairs]
     if "".join(f"{letter}{number}" for letter, number in pairs) != text or len(set(letters)) != len(letters):
@@ -142,7 +148,7 @@ def parse_plan(text: str, source: str = PLAN_ENV) -> dict[str, int]:
             raise ValueError(f"bad plan {text!r} in {source}: {field} must be a power of two, got {value}")
     if plan.get("block_m", 16) < 16 or plan.get("num_stages", 1) < 1 or plan.get("chunk", 1) < 1:
         raise ValueError(f"bad plan {text!r} in {source}: block_m is at least 16, num_stages and chunk at least 1")
-    return plan
+    return tuple(plan.items())
 
 
 def _power_of_two_at_least(value: int, floor: int = 16) -> int:
